@@ -1,0 +1,17 @@
+//! Schema migrations for zonecast, run at start-up and by `zonecast migrate`.
+//!
+//! Tests build their schema through these migrations, never from the entities, so the
+//! schema that tests prove is the schema that production runs.
+
+pub use sea_orm_migration::prelude::*;
+
+mod m20261124_000001_create_stock_and_log;
+
+pub struct Migrator;
+
+#[async_trait::async_trait]
+impl MigratorTrait for Migrator {
+    fn migrations() -> Vec<Box<dyn MigrationTrait>> {
+        vec![Box::new(m20261124_000001_create_stock_and_log::Migration)]
+    }
+}

@@ -1,0 +1,125 @@
+//! REST bodies. Separate from the entities and the domain types so the wire shape is
+//! chosen here, once; times are written as `…Z` like the events.
+
+use poem_openapi::Object;
+
+use crate::domain::{Item, Snapshot, Zone, format_time};
+use crate::service::ItemChange;
+
+#[derive(Debug, Object)]
+pub struct ZoneBody {
+    pub id: i32,
+    pub name: String,
+    pub created_at: String,
+}
+
+impl From<Zone> for ZoneBody {
+    fn from(z: Zone) -> Self {
+        ZoneBody {
+            id: z.id,
+            name: z.name,
+            created_at: format_time(&z.created_at),
+        }
+    }
+}
+
+#[derive(Debug, Object)]
+pub struct CreateZone {
+    pub name: String,
+}
+
+#[derive(Debug, Object)]
+pub struct ItemBody {
+    pub id: i32,
+    pub zone_id: i32,
+    pub sku: String,
+    pub name: String,
+    pub quantity: i64,
+    pub low_stock_threshold: i64,
+    /// `quantity <= low_stock_threshold`.
+    pub low_stock: bool,
+    pub version: i64,
+    pub updated_at: String,
+}
+
+impl From<Item> for ItemBody {
+    fn from(i: Item) -> Self {
+        ItemBody {
+            low_stock: i.is_low(),
+            id: i.id,
+            zone_id: i.zone_id,
+            sku: i.sku,
+            name: i.name,
+            quantity: i.quantity,
+            low_stock_threshold: i.low_stock_threshold,
+            version: i.version,
+            updated_at: format_time(&i.updated_at),
+        }
+    }
+}
+
+/// The zone's items exactly as of event `last_event_id`: subscribe with
+/// `Last-Event-ID: last_event_id` to continue from it.
+#[derive(Debug, Object)]
+pub struct SnapshotBody {
+    pub zone_id: i32,
+    pub last_event_id: u64,
+    pub items: Vec<ItemBody>,
+}
+
+impl From<Snapshot> for SnapshotBody {
+    fn from(s: Snapshot) -> Self {
+        SnapshotBody {
+            zone_id: s.zone_id,
+            last_event_id: s.last_event_id,
+            items: s.items.into_iter().map(Into::into).collect(),
+        }
+    }
+}
+
+#[derive(Debug, Object)]
+pub struct CreateItem {
+    pub sku: String,
+    pub name: String,
+    #[oai(default)]
+    pub quantity: i64,
+    #[oai(default)]
+    pub low_stock_threshold: i64,
+}
+
+/// Give `quantity` (absolute) or `delta` (relative), and/or `name`,
+/// `low_stock_threshold`. `expected_version` makes it a compare-and-set.
+#[derive(Debug, Object)]
+pub struct PatchItem {
+    pub quantity: Option<i64>,
+    pub delta: Option<i64>,
+    pub expected_version: Option<i64>,
+    pub reason: Option<String>,
+    pub name: Option<String>,
+    pub low_stock_threshold: Option<i64>,
+}
+
+/// An applied change: the event it appended and the item after it.
+#[derive(Debug, Object)]
+pub struct ItemChangeBody {
+    pub event_id: u64,
+    pub item: ItemBody,
+}
+
+impl From<ItemChange> for ItemChangeBody {
+    fn from(c: ItemChange) -> Self {
+        ItemChangeBody {
+            event_id: c.event_id,
+            item: c.item.into(),
+        }
+    }
+}
+
+/// A page of a zone's change log; continue with `after=next_after`.
+#[derive(Debug, Object)]
+pub struct EventsPage {
+    pub zone_id: i32,
+    /// Event JSON objects, as sent on SSE and WebSocket.
+    pub events: Vec<serde_json::Value>,
+    pub next_after: u64,
+}

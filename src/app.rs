@@ -1,0 +1,163 @@
+//! Builds the server from its configuration (store, broker, service, routes), binds the
+//! listener (port 0 works, for tests), and runs it until a shutdown signal.
+
+use std::future::Future;
+use std::net::SocketAddr;
+use std::sync::Arc;
+
+use poem::endpoint::make_sync;
+use poem::listener::{Acceptor, Listener, TcpAcceptor, TcpListener};
+use poem::web::Html;
+use poem::{EndpointExt, Route, Server, get};
+use tokio::sync::watch;
+
+use crate::broker::Broker;
+use crate::config::ServeArgs;
+use crate::domain::Zone;
+use crate::service::{Service, ServiceError};
+use crate::store::{Store, StoreError};
+use crate::{api, transport};
+
+#[derive(Debug, thiserror::Error)]
+pub enum StartError {
+    #[error("cannot open the database: {0}")]
+    Store(#[from] StoreError),
+    #[error("cannot prepare the demo data: {0}")]
+    Demo(#[from] ServiceError),
+    #[error("cannot listen on {addr}: {source}")]
+    Bind {
+        addr: SocketAddr,
+        source: std::io::Error,
+    },
+}
+
+/// Shared by every request handler.
+#[derive(Clone)]
+pub struct AppState {
+    pub service: Service,
+    pub config: Arc<ServeArgs>,
+    /// Turns `true` once shutdown starts; every open stream watches it and ends, so
+    /// graceful shutdown does not wait out its grace on streams that never end.
+    pub shutdown: watch::Receiver<bool>,
+}
+
+pub struct Application {
+    acceptor: TcpAcceptor,
+    addr: SocketAddr,
+    state: AppState,
+    stop: watch::Sender<bool>,
+    demo: Option<Zone>,
+}
+
+impl Application {
+    pub async fn build(config: ServeArgs) -> Result<Self, StartError> {
+        let store = Store::open(&config.database_url).await?;
+        let broker = Broker::new(config.bus_capacity, config.cache_events);
+        let service = Service::new(store, broker);
+        let demo = if config.no_demo {
+            None
+        } else {
+            service.seed_demo().await?
+        };
+        let acceptor = TcpListener::bind(config.bind)
+            .into_acceptor()
+            .await
+            .map_err(|source| StartError::Bind {
+                addr: config.bind,
+                source,
+            })?;
+        let addr = acceptor
+            .local_addr()
+            .first()
+            .and_then(|a| a.as_socket_addr().copied())
+            .unwrap_or(config.bind);
+        let (stop, shutdown) = watch::channel(false);
+        Ok(Application {
+            acceptor,
+            addr,
+            state: AppState {
+                service,
+                config: Arc::new(config),
+                shutdown,
+            },
+            stop,
+            demo,
+        })
+    }
+
+    pub fn addr(&self) -> SocketAddr {
+        self.addr
+    }
+
+    pub fn port(&self) -> u16 {
+        self.addr.port()
+    }
+
+    pub fn service(&self) -> &Service {
+        &self.state.service
+    }
+
+    /// The demo zone, if this start created it.
+    pub fn demo_zone(&self) -> Option<&Zone> {
+        self.demo.as_ref()
+    }
+
+    /// Serves until `signal` completes, then ends every stream and waits up to the
+    /// configured grace for connections to close.
+    pub async fn run_until_stopped(
+        self,
+        signal: impl Future<Output = ()> + Send,
+    ) -> std::io::Result<()> {
+        let state = self.state;
+        let pruner = tokio::spawn(prune_forever(state.clone()));
+        let grace = state.config.shutdown_grace;
+        let stop = self.stop;
+        let signal = async move {
+            signal.await;
+            tracing::info!("shutting down");
+            let _ = stop.send(true);
+        };
+        tracing::info!(addr = %self.addr, "listening");
+        let result = Server::new_with_acceptor(self.acceptor)
+            .run_with_graceful_shutdown(routes(state), signal, Some(grace))
+            .await;
+        pruner.abort();
+        result
+    }
+}
+
+pub fn routes(state: AppState) -> impl poem::Endpoint {
+    let api = api::service(state.service.clone());
+    let docs = api.swagger_ui();
+    let spec = api.spec_endpoint();
+    Route::new()
+        .nest("/api", api)
+        .nest("/docs", docs)
+        .at("/openapi.json", spec)
+        .at("/sse/zones/:zone_id/stock", get(transport::sse::zone_stock))
+        .at("/sse/alerts", get(transport::sse::alerts))
+        .at("/healthz", get(make_sync(|_| "ok")))
+        .at(
+            "/",
+            get(make_sync(|_| Html(include_str!("../static/index.html")))),
+        )
+        .around(api::problem::problems)
+        .data(state)
+}
+
+async fn prune_forever(state: AppState) {
+    let cfg = &state.config;
+    let mut tick = tokio::time::interval(cfg.prune_interval);
+    loop {
+        tick.tick().await;
+        match state
+            .service
+            .prune(cfg.retention, cfg.retention_events)
+            .await
+        {
+            Ok(0) => {}
+            Ok(n) => tracing::info!(deleted = n, "pruned the change log"),
+            Err(e) => tracing::warn!(error = %e, "pruning failed; will retry"),
+        }
+    }
+}

@@ -1,0 +1,102 @@
+//! Command line and environment. Every flag can also be set by an environment variable
+//! named `ZONECAST_…`; invalid values fail at start with clap's message.
+
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use clap::{Args, Parser, Subcommand};
+
+pub const DEFAULT_DATABASE_URL: &str = "sqlite://zonecast.db?mode=rwc";
+
+#[derive(Debug, Parser)]
+#[command(
+    name = "zonecast",
+    version,
+    about = "Real-time stock notification server"
+)]
+#[command(args_conflicts_with_subcommands = true)]
+pub struct Cli {
+    #[command(subcommand)]
+    pub command: Option<Command>,
+    #[command(flatten)]
+    pub serve: ServeArgs,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Serve HTTP, SSE and WebSocket (the default).
+    Serve(ServeArgs),
+    /// Apply pending database migrations and exit.
+    Migrate {
+        #[arg(long, env = "ZONECAST_DATABASE_URL", default_value = DEFAULT_DATABASE_URL)]
+        database_url: String,
+    },
+}
+
+fn duration(s: &str) -> Result<Duration, String> {
+    humantime::parse_duration(s).map_err(|e| format!("{e} (examples: 15s, 500ms, 7d)"))
+}
+
+#[derive(Debug, Clone, Args)]
+pub struct ServeArgs {
+    /// Address to listen on (port 0 picks a free port).
+    #[arg(long, env = "ZONECAST_BIND", default_value = "127.0.0.1:8080")]
+    pub bind: SocketAddr,
+
+    /// SQLite (`sqlite://FILE?mode=rwc`) or PostgreSQL (`postgres://…`) URL.
+    #[arg(long, env = "ZONECAST_DATABASE_URL", default_value = DEFAULT_DATABASE_URL)]
+    pub database_url: String,
+
+    /// Interval of SSE `heartbeat` events.
+    #[arg(long, env = "ZONECAST_HEARTBEAT", default_value = "15s", value_parser = duration)]
+    pub heartbeat: Duration,
+
+    /// Reconnect delay suggested to SSE clients (`retry:`).
+    #[arg(long, env = "ZONECAST_SSE_RETRY", default_value = "2s", value_parser = duration)]
+    pub sse_retry: Duration,
+
+    /// Keep change-log events at least this long; older ones are pruned.
+    #[arg(long, env = "ZONECAST_RETENTION", default_value = "7d", value_parser = duration)]
+    pub retention: Duration,
+
+    /// Keep at most this many events per stream.
+    #[arg(long, env = "ZONECAST_RETENTION_EVENTS", default_value_t = 100_000)]
+    pub retention_events: u64,
+
+    /// How often retention pruning runs.
+    #[arg(long, env = "ZONECAST_PRUNE_INTERVAL", default_value = "5m", value_parser = duration)]
+    pub prune_interval: Duration,
+
+    /// Do not create the demo zone on an empty database.
+    #[arg(long, env = "ZONECAST_NO_DEMO")]
+    pub no_demo: bool,
+
+    /// Events per stream a subscriber may fall behind on the in-process bus before it
+    /// is caught up from the cache or the log.
+    #[arg(long, env = "ZONECAST_BUS_CAPACITY", default_value_t = 1024)]
+    pub bus_capacity: usize,
+
+    /// Recent events per stream kept in memory for replays.
+    #[arg(long, env = "ZONECAST_CACHE_EVENTS", default_value_t = 2048)]
+    pub cache_events: usize,
+
+    /// How long shutdown waits for connections to finish.
+    #[arg(long, env = "ZONECAST_SHUTDOWN_GRACE", default_value = "10s", value_parser = duration)]
+    pub shutdown_grace: Duration,
+}
+
+impl ServeArgs {
+    /// Flags for an embedded server (tests, benchmarks): parsed like the command line.
+    pub fn from_flags<I: IntoIterator<Item = S>, S: Into<std::ffi::OsString> + Clone>(
+        flags: I,
+    ) -> Result<Self, clap::Error> {
+        #[derive(Parser)]
+        struct Only {
+            #[command(flatten)]
+            serve: ServeArgs,
+        }
+        let args = std::iter::once(std::ffi::OsString::from("zonecast"))
+            .chain(flags.into_iter().map(Into::into));
+        Only::try_parse_from(args).map(|o| o.serve)
+    }
+}

@@ -1,0 +1,381 @@
+//! Validated domain types: stream keys, zones, items and the changes that may be made
+//! to them. "Parse, don't validate": a value of these types has passed its checks, so
+//! the store and the transports never re-check. No SQL and no HTTP types here.
+
+use std::fmt;
+
+use chrono::{DateTime, SubsecRound, Utc};
+use serde::{Deserialize, Serialize};
+
+/// Why a requested change was refused. Transports map each to their own wire form
+/// (problem+json status, WS error code) in one place each.
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum DomainError {
+    #[error("{0} not found")]
+    NotFound(&'static str),
+    #[error("{0}")]
+    Invalid(String),
+    #[error("expected version {expected} but the item is at version {actual}")]
+    VersionConflict { expected: i64, actual: i64 },
+    #[error("quantity would become {would_be}; stock cannot go below zero")]
+    InsufficientStock { quantity: i64, would_be: i64 },
+    #[error("{0}")]
+    Conflict(String),
+}
+
+/// A stream of the change log: its events carry consecutive seqs starting at 1.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub enum StreamKey {
+    Zone(i32),
+    User(String),
+    Alerts,
+}
+
+impl StreamKey {
+    pub fn parse(s: &str) -> Result<Self, DomainError> {
+        if s == "alerts" {
+            return Ok(StreamKey::Alerts);
+        }
+        if let Some(id) = s.strip_prefix("zone:") {
+            return id
+                .parse::<i32>()
+                .ok()
+                .filter(|id| *id > 0)
+                .map(StreamKey::Zone)
+                .ok_or_else(|| DomainError::Invalid(format!("bad zone stream {s:?}")));
+        }
+        if let Some(user) = s.strip_prefix("user:") {
+            if !user.is_empty() && user.len() <= 128 {
+                return Ok(StreamKey::User(user.to_owned()));
+            }
+        }
+        Err(DomainError::Invalid(format!(
+            "unknown stream {s:?}: expected zone:N, user:ID or alerts"
+        )))
+    }
+}
+
+impl fmt::Display for StreamKey {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            StreamKey::Zone(id) => write!(f, "zone:{id}"),
+            StreamKey::User(id) => write!(f, "user:{id}"),
+            StreamKey::Alerts => f.write_str("alerts"),
+        }
+    }
+}
+
+/// Wall-clock time as stored and sent: UTC, millisecond precision, so an event read back
+/// from either database renders to the same bytes as when it was published.
+pub fn now() -> DateTime<Utc> {
+    Utc::now().trunc_subsecs(3)
+}
+
+/// The one wire format for times (DESIGN §4): `2026-11-24T12:00:00.123Z`.
+pub fn format_time(at: &DateTime<Utc>) -> String {
+    at.format("%Y-%m-%dT%H:%M:%S%.3fZ").to_string()
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Zone {
+    pub id: i32,
+    pub name: String,
+    pub created_at: DateTime<Utc>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Item {
+    pub id: i32,
+    pub zone_id: i32,
+    pub sku: String,
+    pub name: String,
+    pub quantity: i64,
+    pub low_stock_threshold: i64,
+    pub version: i64,
+    pub updated_at: DateTime<Utc>,
+}
+
+impl Item {
+    pub fn is_low(&self) -> bool {
+        self.quantity <= self.low_stock_threshold
+    }
+}
+
+/// A consistent view of a zone: exactly the state after event `last_event_id`.
+#[derive(Debug, Clone)]
+pub struct Snapshot {
+    pub zone_id: i32,
+    pub last_event_id: u64,
+    pub items: Vec<Item>,
+}
+
+fn text(field: &str, value: &str, max: usize) -> Result<String, DomainError> {
+    let v = value.trim();
+    if v.is_empty() {
+        return Err(DomainError::Invalid(format!("{field} must not be empty")));
+    }
+    if v.chars().count() > max {
+        return Err(DomainError::Invalid(format!(
+            "{field} must be at most {max} characters"
+        )));
+    }
+    Ok(v.to_owned())
+}
+
+fn non_negative(field: &str, v: i64) -> Result<i64, DomainError> {
+    if v < 0 {
+        return Err(DomainError::Invalid(format!("{field} must be >= 0")));
+    }
+    Ok(v)
+}
+
+pub fn zone_name(name: &str) -> Result<String, DomainError> {
+    text("name", name, 200)
+}
+
+/// An item to create, checked.
+#[derive(Debug, Clone)]
+pub struct NewItem {
+    pub sku: String,
+    pub name: String,
+    pub quantity: i64,
+    pub low_stock_threshold: i64,
+}
+
+impl NewItem {
+    pub fn parse(
+        sku: &str,
+        name: &str,
+        quantity: i64,
+        low_stock_threshold: i64,
+    ) -> Result<Self, DomainError> {
+        Ok(NewItem {
+            sku: text("sku", sku, 64)?,
+            name: text("name", name, 200)?,
+            quantity: non_negative("quantity", quantity)?,
+            low_stock_threshold: non_negative("low_stock_threshold", low_stock_threshold)?,
+        })
+    }
+}
+
+/// How a quantity changes: to an absolute value, or by a relative delta.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum QuantityTarget {
+    Absolute(i64),
+    Delta(i64),
+}
+
+/// A change to one item: quantity and/or name/threshold, all applied in one event.
+#[derive(Debug, Clone, Default)]
+pub struct ItemPatch {
+    pub quantity: Option<QuantityTarget>,
+    pub name: Option<String>,
+    pub low_stock_threshold: Option<i64>,
+    pub expected_version: Option<i64>,
+    pub reason: Option<String>,
+}
+
+impl ItemPatch {
+    pub fn parse(
+        quantity: Option<i64>,
+        delta: Option<i64>,
+        name: Option<&str>,
+        low_stock_threshold: Option<i64>,
+        expected_version: Option<i64>,
+        reason: Option<&str>,
+    ) -> Result<Self, DomainError> {
+        let quantity = match (quantity, delta) {
+            (Some(_), Some(_)) => {
+                return Err(DomainError::Invalid(
+                    "give either quantity or delta, not both".into(),
+                ));
+            }
+            (Some(q), None) => Some(QuantityTarget::Absolute(non_negative("quantity", q)?)),
+            (None, Some(d)) => Some(QuantityTarget::Delta(d)),
+            (None, None) => None,
+        };
+        let patch = ItemPatch {
+            quantity,
+            name: name.map(|n| text("name", n, 200)).transpose()?,
+            low_stock_threshold: low_stock_threshold
+                .map(|t| non_negative("low_stock_threshold", t))
+                .transpose()?,
+            expected_version,
+            reason: reason.map(|r| text("reason", r, 500)).transpose()?,
+        };
+        if patch.quantity.is_none() && patch.name.is_none() && patch.low_stock_threshold.is_none() {
+            return Err(DomainError::Invalid(
+                "nothing to change: give quantity, delta, name or low_stock_threshold".into(),
+            ));
+        }
+        Ok(patch)
+    }
+
+    /// Applies the patch to `item`, returning the new state; refuses a stale
+    /// `expected_version` and a quantity below zero.
+    pub fn apply(&self, item: &Item, at: DateTime<Utc>) -> Result<Item, DomainError> {
+        if let Some(expected) = self.expected_version {
+            if expected != item.version {
+                return Err(DomainError::VersionConflict {
+                    expected,
+                    actual: item.version,
+                });
+            }
+        }
+        let quantity = match self.quantity {
+            None => item.quantity,
+            Some(QuantityTarget::Absolute(q)) => q,
+            Some(QuantityTarget::Delta(d)) => {
+                let would_be = item
+                    .quantity
+                    .checked_add(d)
+                    .ok_or_else(|| DomainError::Invalid("delta overflows the quantity".into()))?;
+                if would_be < 0 {
+                    return Err(DomainError::InsufficientStock {
+                        quantity: item.quantity,
+                        would_be,
+                    });
+                }
+                would_be
+            }
+        };
+        Ok(Item {
+            quantity,
+            name: self.name.clone().unwrap_or_else(|| item.name.clone()),
+            low_stock_threshold: self.low_stock_threshold.unwrap_or(item.low_stock_threshold),
+            version: item.version + 1,
+            updated_at: at,
+            ..item.clone()
+        })
+    }
+}
+
+/// An idempotency key (`Idempotency-Key` header, WS `request_id`).
+pub fn request_id(key: Option<&str>) -> Result<Option<String>, DomainError> {
+    key.map(|k| text("idempotency key", k, 200)).transpose()
+}
+
+/// The `data` of the zone stream's item events. It carries the whole item, so a
+/// repeated idempotency key can answer with exactly the original result, rebuilt from
+/// the logged event.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct ItemEventData {
+    pub item_id: i32,
+    pub zone_id: i32,
+    pub sku: String,
+    pub name: String,
+    pub quantity: i64,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub previous_quantity: Option<i64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub delta: Option<i64>,
+    pub version: i64,
+    pub low_stock_threshold: i64,
+    pub low_stock: bool,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub reason: Option<String>,
+    pub actor: String,
+}
+
+impl ItemEventData {
+    pub fn new(item: &Item, previous: Option<&Item>, reason: Option<String>, actor: &str) -> Self {
+        ItemEventData {
+            item_id: item.id,
+            zone_id: item.zone_id,
+            sku: item.sku.clone(),
+            name: item.name.clone(),
+            quantity: item.quantity,
+            previous_quantity: previous.map(|p| p.quantity),
+            delta: previous.map(|p| item.quantity - p.quantity),
+            version: item.version,
+            low_stock_threshold: item.low_stock_threshold,
+            low_stock: item.is_low(),
+            reason,
+            actor: actor.to_owned(),
+        }
+    }
+
+    pub fn item(&self, at: DateTime<Utc>) -> Item {
+        Item {
+            id: self.item_id,
+            zone_id: self.zone_id,
+            sku: self.sku.clone(),
+            name: self.name.clone(),
+            quantity: self.quantity,
+            low_stock_threshold: self.low_stock_threshold,
+            version: self.version,
+            updated_at: at,
+        }
+    }
+}
+
+/// `data` of a `low_stock_alert` on the alerts stream.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct LowStockData {
+    pub zone_id: i32,
+    pub item_id: i32,
+    pub sku: String,
+    pub name: String,
+    pub quantity: i64,
+    pub low_stock_threshold: i64,
+    pub zone_event_id: u64,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn item(q: i64) -> Item {
+        Item {
+            id: 1,
+            zone_id: 1,
+            sku: "A".into(),
+            name: "a".into(),
+            quantity: q,
+            low_stock_threshold: 2,
+            version: 3,
+            updated_at: now(),
+        }
+    }
+
+    #[test]
+    fn delta_below_zero_is_insufficient_stock() {
+        let p = ItemPatch::parse(None, Some(-5), None, None, None, None).unwrap();
+        assert_eq!(
+            p.apply(&item(4), now()),
+            Err(DomainError::InsufficientStock {
+                quantity: 4,
+                would_be: -1
+            })
+        );
+    }
+
+    #[test]
+    fn stale_expected_version_is_a_conflict() {
+        let p = ItemPatch::parse(Some(1), None, None, None, Some(2), None).unwrap();
+        assert!(matches!(
+            p.apply(&item(4), now()),
+            Err(DomainError::VersionConflict { .. })
+        ));
+        let p = ItemPatch::parse(Some(1), None, None, None, Some(3), None).unwrap();
+        let next = p.apply(&item(4), now()).unwrap();
+        assert_eq!((next.quantity, next.version), (1, 4));
+    }
+
+    #[test]
+    fn quantity_and_delta_together_are_refused() {
+        assert!(ItemPatch::parse(Some(1), Some(1), None, None, None, None).is_err());
+        assert!(ItemPatch::parse(None, None, None, None, None, None).is_err());
+        assert!(ItemPatch::parse(Some(-1), None, None, None, None, None).is_err());
+    }
+
+    #[test]
+    fn stream_keys_round_trip() {
+        for s in ["zone:7", "user:alice", "alerts"] {
+            assert_eq!(StreamKey::parse(s).unwrap().to_string(), s);
+        }
+        for s in ["zone:x", "zone:0", "user:", "bogus", ""] {
+            assert!(StreamKey::parse(s).is_err(), "{s}");
+        }
+    }
+}

@@ -1,0 +1,35 @@
+//! zonecast: a real-time stock notification server.
+//!
+//! Every change is one transaction that updates the rows and appends one event with
+//! the next gapless seq of its stream; after commit the event is published; every
+//! subscriber reads through a cursor that emits seqs strictly consecutively, filling
+//! any gap from the recent-event cache or the change log (DESIGN §1).
+//!
+//! Map of the modules, in the order data flows:
+//! - `config`: command line and environment.
+//! - `domain`: validated types (zones, items, changes, stream keys).
+//! - `store`: the only place with SQL: stock rows and the change log.
+//! - `service`: one transaction per change, publish after commit.
+//! - `event`: an event rendered once (JSON + SSE frame).
+//! - `broker`: where committed events enter the node: cache + hub.
+//! - `cache`: recent events per stream, for replays without queries.
+//! - `hub`: one broadcast channel per live stream; no DB, no HTTP.
+//! - `cursor`: the gapless per-subscriber feed, transport-agnostic.
+//! - `transport::sse`: SSE streams.
+//! - `api`: REST (OpenAPI) and problem+json.
+//! - `app`: wiring, binding, graceful shutdown.
+//! - `telemetry`: logging setup.
+
+pub mod api;
+pub mod app;
+pub mod broker;
+pub mod cache;
+pub mod config;
+pub mod cursor;
+pub mod domain;
+pub mod event;
+pub mod hub;
+pub mod service;
+pub mod store;
+pub mod telemetry;
+pub mod transport;

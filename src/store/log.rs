@@ -1,0 +1,172 @@
+//! The change log: `streams.last_seq` hands out each stream's next seq under the
+//! stream row's lock, in the same transaction as the event insert, so commit order is
+//! seq order and there are no gaps.
+
+use chrono::{DateTime, Utc};
+use entity::event;
+use sea_orm::{
+    ColumnTrait, ConnectionTrait, DatabaseTransaction, EntityTrait, QueryFilter, QueryOrder,
+    QuerySelect, Set,
+};
+
+use super::{Store, StoreError, exec, stmt};
+use crate::event::Event;
+
+/// What the log holds for one stream.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct LogBounds {
+    /// Oldest kept seq, `None` if nothing is kept.
+    pub earliest: Option<u64>,
+    /// Latest seq handed out (0 for a stream with no events yet).
+    pub last: u64,
+}
+
+impl LogBounds {
+    /// The first seq that a resume could still read.
+    pub fn first_available(&self) -> u64 {
+        self.earliest.unwrap_or(self.last + 1)
+    }
+}
+
+fn to_u64(v: i64, what: &str) -> Result<u64, StoreError> {
+    u64::try_from(v).map_err(|_| StoreError::Corrupt(format!("negative {what}: {v}")))
+}
+
+fn to_event(m: event::Model) -> Result<Event, StoreError> {
+    let seq = to_u64(m.seq, "seq")?;
+    Ok(Event::render(&m.stream, seq, &m.kind, m.created_at, m.data))
+}
+
+const ENSURE_STREAM: &str =
+    "INSERT INTO streams (key, last_seq) VALUES ($1, 0) ON CONFLICT (key) DO NOTHING";
+
+impl Store {
+    pub async fn ensure_stream(&self, key: &str) -> Result<(), StoreError> {
+        exec(&self.db, ENSURE_STREAM, vec![key.into()]).await?;
+        Ok(())
+    }
+
+    pub(crate) async fn ensure_stream_in(
+        txn: &DatabaseTransaction,
+        key: &str,
+    ) -> Result<(), StoreError> {
+        exec(txn, ENSURE_STREAM, vec![key.into()]).await?;
+        Ok(())
+    }
+
+    /// Takes the next seq of `key`, locking the stream row until the transaction ends.
+    pub(crate) async fn next_seq(txn: &DatabaseTransaction, key: &str) -> Result<u64, StoreError> {
+        let sql = "UPDATE streams SET last_seq = last_seq + 1 WHERE key = $1 RETURNING last_seq";
+        for _ in 0..2 {
+            let row = txn
+                .query_one_raw(stmt(txn.get_database_backend(), sql, vec![key.into()]))
+                .await?;
+            if let Some(row) = row {
+                return to_u64(row.try_get_by_index::<i64>(0)?, "last_seq");
+            }
+            Self::ensure_stream_in(txn, key).await?;
+        }
+        Err(StoreError::Corrupt(format!(
+            "stream {key} cannot be created"
+        )))
+    }
+
+    /// Appends one event; `seq` must come from `next_seq` in the same transaction.
+    pub(crate) async fn append(
+        txn: &DatabaseTransaction,
+        stream: &str,
+        seq: u64,
+        kind: &str,
+        data: String,
+        request_id: Option<String>,
+        at: DateTime<Utc>,
+    ) -> Result<Event, StoreError> {
+        let seq_i = i64::try_from(seq).map_err(|_| StoreError::Corrupt("seq overflow".into()))?;
+        event::Entity::insert(event::ActiveModel {
+            stream: Set(stream.to_owned()),
+            seq: Set(seq_i),
+            kind: Set(kind.to_owned()),
+            data: Set(data.clone()),
+            request_id: Set(request_id),
+            created_at: Set(at),
+        })
+        .exec_without_returning(txn)
+        .await?;
+        Ok(Event::render(stream, seq, kind, at, data))
+    }
+
+    /// The event an idempotency key already produced in this stream, if any.
+    pub(crate) async fn find_by_request(
+        txn: &DatabaseTransaction,
+        stream: &str,
+        request_id: &str,
+    ) -> Result<Option<Event>, StoreError> {
+        event::Entity::find()
+            .filter(event::Column::Stream.eq(stream))
+            .filter(event::Column::RequestId.eq(request_id))
+            .one(txn)
+            .await?
+            .map(to_event)
+            .transpose()
+    }
+
+    /// Up to `limit` events of `stream` with seq ≥ `from`, in order.
+    pub async fn read_from(
+        &self,
+        stream: &str,
+        from: u64,
+        limit: u64,
+    ) -> Result<Vec<Event>, StoreError> {
+        let from = i64::try_from(from).unwrap_or(i64::MAX);
+        event::Entity::find()
+            .filter(event::Column::Stream.eq(stream))
+            .filter(event::Column::Seq.gte(from))
+            .order_by_asc(event::Column::Seq)
+            .limit(limit)
+            .all(&self.db)
+            .await?
+            .into_iter()
+            .map(to_event)
+            .collect()
+    }
+
+    pub async fn bounds(&self, stream: &str) -> Result<LogBounds, StoreError> {
+        let sql = "SELECT s.last_seq, (SELECT MIN(e.seq) FROM events e WHERE e.stream = s.key) \
+                   FROM streams s WHERE s.key = $1";
+        let row = self
+            .db
+            .query_one_raw(stmt(self.backend(), sql, vec![stream.into()]))
+            .await?;
+        let Some(row) = row else {
+            return Ok(LogBounds {
+                earliest: None,
+                last: 0,
+            });
+        };
+        let last = to_u64(row.try_get_by_index::<i64>(0)?, "last_seq")?;
+        let earliest = row
+            .try_get_by_index::<Option<i64>>(1)?
+            .map(|e| to_u64(e, "seq"))
+            .transpose()?;
+        Ok(LogBounds { earliest, last })
+    }
+
+    /// Deletes events older than `older_than` and all but the newest `keep` of each
+    /// stream. Returns how many were deleted.
+    pub async fn prune(&self, older_than: DateTime<Utc>, keep: u64) -> Result<u64, StoreError> {
+        let by_age = event::Entity::delete_many()
+            .filter(event::Column::CreatedAt.lt(older_than))
+            .exec(&self.db)
+            .await?
+            .rows_affected;
+        let keep = i64::try_from(keep).unwrap_or(i64::MAX);
+        let by_count = exec(
+            &self.db,
+            "DELETE FROM events WHERE seq <= \
+             (SELECT s.last_seq FROM streams s WHERE s.key = events.stream) - $1",
+            vec![keep.into()],
+        )
+        .await?;
+        Ok(by_age + by_count)
+    }
+}

@@ -1,0 +1,146 @@
+//! The only place with SQL. Opens SQLite (default) or PostgreSQL, runs the migrations,
+//! and offers the transactions the service layer composes: every write is one
+//! transaction that also appends to the change log (`log.rs`).
+//!
+//! Must not publish anything: publishing happens after commit, in the service layer.
+
+mod log;
+mod stock;
+
+use std::time::Duration;
+
+use migration::{Migrator, MigratorTrait};
+use sea_orm::sqlx::sqlite::{SqliteJournalMode, SqliteSynchronous};
+use sea_orm::{
+    AccessMode, ConnectOptions, ConnectionTrait, Database, DatabaseConnection, DatabaseTransaction,
+    DbBackend, DbErr, IsolationLevel, SqliteTransactionMode, Statement, TransactionOptions,
+    TransactionTrait, Value,
+};
+
+pub use log::LogBounds;
+
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    #[error("database error: {0}")]
+    Db(#[from] DbErr),
+    #[error("corrupt row: {0}")]
+    Corrupt(String),
+}
+
+#[derive(Clone, Debug)]
+pub struct Store {
+    db: DatabaseConnection,
+}
+
+impl Store {
+    /// Connects and applies pending migrations.
+    pub async fn open(url: &str) -> Result<Self, StoreError> {
+        let mut opts = ConnectOptions::new(url.to_owned());
+        opts.sqlx_logging(false)
+            .connect_timeout(Duration::from_secs(5))
+            .acquire_timeout(Duration::from_secs(10));
+        if url.starts_with("sqlite:") {
+            // WAL lets readers (snapshots, replays) run beside the one writer; writers
+            // queue on the busy timeout instead of failing with "database is locked".
+            opts.max_connections(8)
+                .min_connections(1)
+                .map_sqlx_sqlite_opts(|o| {
+                    o.journal_mode(SqliteJournalMode::Wal)
+                        .synchronous(SqliteSynchronous::Normal)
+                        .busy_timeout(Duration::from_secs(10))
+                        .foreign_keys(true)
+                        .create_if_missing(true)
+                });
+        } else {
+            opts.max_connections(16).min_connections(1);
+        }
+        let db = Database::connect(opts).await?;
+        Migrator::up(&db, None).await?;
+        let store = Store { db };
+        store.ensure_stream("alerts").await?;
+        Ok(store)
+    }
+
+    /// Applies pending migrations and returns their count (for `zonecast migrate`).
+    pub async fn migrate(url: &str) -> Result<usize, StoreError> {
+        let db = Database::connect(ConnectOptions::new(url.to_owned())).await?;
+        let pending = Migrator::get_pending_migrations(&db).await?.len();
+        Migrator::up(&db, None).await?;
+        Ok(pending)
+    }
+
+    pub fn backend(&self) -> DbBackend {
+        self.db.get_database_backend()
+    }
+
+    pub fn connection(&self) -> &DatabaseConnection {
+        &self.db
+    }
+
+    /// A write transaction. On SQLite it takes the write lock at BEGIN (IMMEDIATE), so two
+    /// writers never both read and then fail to upgrade; on PostgreSQL the stream row
+    /// lock taken by `next_seq` orders writers.
+    pub(crate) async fn begin_write(&self) -> Result<DatabaseTransaction, StoreError> {
+        Ok(self
+            .db
+            .begin_with_options(TransactionOptions {
+                sqlite_transaction_mode: Some(SqliteTransactionMode::Immediate),
+                ..Default::default()
+            })
+            .await?)
+    }
+
+    /// A read transaction that sees one point in time: SQLite's WAL snapshot, or
+    /// REPEATABLE READ on PostgreSQL (READ COMMITTED would let the snapshot's items and
+    /// its `last_event_id` come from different moments).
+    pub(crate) async fn begin_read(&self) -> Result<DatabaseTransaction, StoreError> {
+        let opts = match self.backend() {
+            DbBackend::Postgres => TransactionOptions {
+                isolation_level: Some(IsolationLevel::RepeatableRead),
+                access_mode: Some(AccessMode::ReadOnly),
+                ..Default::default()
+            },
+            _ => TransactionOptions::default(),
+        };
+        Ok(self.db.begin_with_options(opts).await?)
+    }
+
+    /// Is the database answering?
+    pub async fn ping(&self) -> bool {
+        self.db.ping().await.is_ok()
+    }
+}
+
+/// A statement written with `$1, $2, …` placeholders, each used once and in order, for
+/// either backend.
+pub(crate) fn stmt(backend: DbBackend, sql: &str, values: Vec<Value>) -> Statement {
+    let sql = match backend {
+        DbBackend::Postgres => sql.to_owned(),
+        _ => {
+            let mut out = String::with_capacity(sql.len());
+            let mut chars = sql.chars().peekable();
+            while let Some(c) = chars.next() {
+                if c == '$' && chars.peek().is_some_and(|d| d.is_ascii_digit()) {
+                    while chars.peek().is_some_and(|d| d.is_ascii_digit()) {
+                        chars.next();
+                    }
+                    out.push('?');
+                } else {
+                    out.push(c);
+                }
+            }
+            out
+        }
+    };
+    Statement::from_sql_and_values(backend, sql, values)
+}
+
+pub(crate) async fn exec<C: ConnectionTrait>(
+    c: &C,
+    sql: &str,
+    values: Vec<Value>,
+) -> Result<u64, StoreError> {
+    Ok(c.execute_raw(stmt(c.get_database_backend(), sql, values))
+        .await?
+        .rows_affected())
+}

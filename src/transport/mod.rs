@@ -1,0 +1,4 @@
+//! Transports: how cursors reach clients. They parse requests, open cursors and write
+//! frames; they hold no state of their own beyond one connection.
+
+pub mod sse;

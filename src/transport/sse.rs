@@ -1,0 +1,190 @@
+//! Server-sent events (DESIGN §5).
+//!
+//! The body is built by hand rather than with poem's `SSE` type: events arrive already
+//! rendered as SSE frames (shared `Bytes`), and everything ready is drained into one
+//! chunk, so a burst costs one socket write per subscriber, not one per event.
+//!
+//! Once a stream has started, errors cannot become HTTP statuses: a storage failure
+//! ends the stream (the client reconnects with `Last-Event-ID`), shutdown ends it after
+//! the last complete frame.
+
+use std::time::Duration;
+
+use bytes::{Bytes, BytesMut};
+use poem::http::StatusCode;
+use poem::web::{Data, Path, Query};
+use poem::{Body, Request, Response, handler};
+use serde::Deserialize;
+use tokio::time::{Instant, MissedTickBehavior, interval_at};
+
+use crate::api::problem::Problem;
+use crate::app::AppState;
+use crate::cursor::{Cursor, Item, Start};
+use crate::domain::{StreamKey, format_time, now};
+use crate::event::sse_frame;
+use crate::service::ServiceError;
+
+/// Upper bound of one coalesced write.
+const MAX_CHUNK: usize = 64 * 1024;
+
+#[derive(Debug, Default, Deserialize)]
+pub struct SseQuery {
+    last_event_id: Option<String>,
+    snapshot: Option<String>,
+}
+
+fn truthy(v: Option<&str>) -> bool {
+    matches!(v, Some("1" | "true" | "yes"))
+}
+
+fn header_resume_point(req: &Request) -> Option<String> {
+    req.header("Last-Event-ID").map(str::to_owned)
+}
+
+fn service_problem(e: ServiceError) -> Response {
+    let api: crate::api::problem::ApiError = e.into();
+    poem::IntoResponse::into_response(api)
+}
+
+fn unavailable(e: impl std::fmt::Display) -> Response {
+    tracing::error!(error = %e, "cannot open stream");
+    Problem::new(
+        StatusCode::SERVICE_UNAVAILABLE,
+        "unavailable",
+        "the change log cannot be read right now; retry",
+    )
+    .response()
+}
+
+/// `GET /sse/zones/{zone_id}/stock`
+#[handler]
+pub async fn zone_stock(
+    req: &Request,
+    Path(zone_id): Path<i32>,
+    Query(q): Query<SseQuery>,
+    Data(state): Data<&AppState>,
+) -> Response {
+    let service = &state.service;
+    if let Err(e) = service.zone(zone_id).await {
+        return service_problem(e);
+    }
+    let stream = StreamKey::Zone(zone_id).to_string();
+    let mut cursor = Cursor::subscribe(&service.broker, &service.store, &stream);
+    let mut first = BytesMut::from(retry_line(state.config.sse_retry).as_bytes());
+    // A reconnecting EventSource repeats the URL (with `snapshot=1`) and sends
+    // `Last-Event-ID`: it already has the state, so the header wins over a snapshot.
+    let start = match header_resume_point(req) {
+        Some(h) => Start::from_resume_point(Some(&h)),
+        None if truthy(q.snapshot.as_deref()) => {
+            let snap = match service.snapshot(zone_id).await {
+                Ok(s) => s,
+                Err(e) => return service_problem(e),
+            };
+            let body = crate::api::dto::SnapshotBody::from(snap);
+            let json = poem_openapi::types::ToJSON::to_json_string(&body);
+            first.extend_from_slice(&sse_frame(
+                Some(body.last_event_id),
+                "stock_snapshot",
+                json.as_bytes(),
+            ));
+            Start::Snapshot(body.last_event_id)
+        }
+        None => Start::from_resume_point(q.last_event_id.as_deref()),
+    };
+    if let Err(e) = cursor.seek(start).await {
+        return unavailable(e);
+    }
+    stream_response(state, cursor, first.freeze())
+}
+
+/// `GET /sse/alerts`
+#[handler]
+pub async fn alerts(
+    req: &Request,
+    Query(q): Query<SseQuery>,
+    Data(state): Data<&AppState>,
+) -> Response {
+    let service = &state.service;
+    let stream = StreamKey::Alerts.to_string();
+    let mut cursor = Cursor::subscribe(&service.broker, &service.store, &stream);
+    let raw = header_resume_point(req).or(q.last_event_id);
+    if let Err(e) = cursor.seek(Start::from_resume_point(raw.as_deref())).await {
+        return unavailable(e);
+    }
+    let first = Bytes::from(retry_line(state.config.sse_retry));
+    stream_response(state, cursor, first)
+}
+
+fn retry_line(retry: Duration) -> String {
+    format!("retry: {}\n\n", retry.as_millis())
+}
+
+fn heartbeat_frame() -> Bytes {
+    let data = format!("{{\"at\":\"{}\"}}", format_time(&now()));
+    sse_frame(None, "heartbeat", data.as_bytes())
+}
+
+/// The frame of one cursor item: the shared pre-rendered bytes for an event.
+pub fn frame(item: &Item) -> Bytes {
+    match item {
+        Item::Event(ev) => ev.sse.clone(),
+        Item::Reset(r) => {
+            let data = serde_json::to_vec(r).unwrap_or_default();
+            sse_frame(None, "reset", &data)
+        }
+    }
+}
+
+fn stream_response(state: &AppState, mut cursor: Cursor, first: Bytes) -> Response {
+    let heartbeat = state.config.heartbeat;
+    let mut shutdown = state.shutdown.clone();
+    let body = async_stream::stream! {
+        yield Ok::<Bytes, std::io::Error>(first);
+        let mut beat = interval_at(Instant::now() + heartbeat, heartbeat);
+        beat.set_missed_tick_behavior(MissedTickBehavior::Delay);
+        loop {
+            tokio::select! {
+                biased;
+                _ = stopping(&mut shutdown) => break,
+                item = cursor.next() => match item {
+                    Ok(item) => yield Ok(drain(&mut cursor, frame(&item))),
+                    Err(e) => {
+                        tracing::warn!(stream = cursor.stream(), error = %e, "ending SSE stream");
+                        break;
+                    }
+                },
+                _ = beat.tick() => yield Ok(heartbeat_frame()),
+            }
+        }
+    };
+    Response::builder()
+        .status(StatusCode::OK)
+        .content_type("text/event-stream")
+        .header("Cache-Control", "no-cache")
+        .header("X-Accel-Buffering", "no")
+        .body(Body::from_bytes_stream(body))
+}
+
+/// Completes once shutdown starts (or the server is gone).
+pub async fn stopping(shutdown: &mut tokio::sync::watch::Receiver<bool>) {
+    // The returned guard is dropped at once: it must not live across an await.
+    let _ = shutdown.wait_for(|stop| *stop).await.map(|_| ());
+}
+
+/// Appends everything else that is ready to `first`, up to `MAX_CHUNK`. A lone frame is
+/// passed on as the shared bytes, without a copy.
+fn drain(cursor: &mut Cursor, first: Bytes) -> Bytes {
+    let Some(second) = cursor.try_next() else {
+        return first;
+    };
+    let mut buf = BytesMut::with_capacity(MAX_CHUNK.min(first.len() * 16));
+    buf.extend_from_slice(&first);
+    buf.extend_from_slice(&frame(&second));
+    while buf.len() < MAX_CHUNK {
+        match cursor.try_next() {
+            Some(item) => buf.extend_from_slice(&frame(&item)),
+            None => break,
+        }
+    }
+    buf.freeze()
+}
