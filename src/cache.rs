@@ -50,16 +50,12 @@ impl Cache {
         let Some(run) = streams.get(stream) else {
             return Vec::new();
         };
-        let mut out = Vec::new();
-        let mut want = from;
-        for (&seq, ev) in run.range(from..) {
-            if seq != want || out.len() >= max {
-                break;
-            }
-            out.push(ev.clone());
-            want += 1;
-        }
-        out
+        run.range(from..)
+            .zip(from..)
+            .take_while(|((seq, _), want)| *seq == want)
+            .take(max)
+            .map(|((_, ev), _)| ev.clone())
+            .collect()
     }
 
     /// The newest seq cached for `stream`: a seq known to be committed.

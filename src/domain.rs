@@ -44,10 +44,11 @@ impl StreamKey {
                 .map(StreamKey::Zone)
                 .ok_or_else(|| DomainError::Invalid(format!("bad zone stream {s:?}")));
         }
-        if let Some(user) = s.strip_prefix("user:") {
-            if !user.is_empty() && user.len() <= 128 {
-                return Ok(StreamKey::User(user.to_owned()));
-            }
+        if let Some(user) = s.strip_prefix("user:")
+            && !user.is_empty()
+            && user.len() <= 128
+        {
+            return Ok(StreamKey::User(user.to_owned()));
         }
         Err(DomainError::Invalid(format!(
             "unknown stream {s:?}: expected zone:N, user:ID or alerts"
@@ -214,13 +215,13 @@ impl ItemPatch {
     /// Applies the patch to `item`, returning the new state; refuses a stale
     /// `expected_version` and a quantity below zero.
     pub fn apply(&self, item: &Item, at: DateTime<Utc>) -> Result<Item, DomainError> {
-        if let Some(expected) = self.expected_version {
-            if expected != item.version {
-                return Err(DomainError::VersionConflict {
-                    expected,
-                    actual: item.version,
-                });
-            }
+        if let Some(expected) = self.expected_version
+            && expected != item.version
+        {
+            return Err(DomainError::VersionConflict {
+                expected,
+                actual: item.version,
+            });
         }
         let quantity = match self.quantity {
             None => item.quantity,

@@ -45,6 +45,13 @@ impl Subscription {
         &self.stream
     }
 
+    /// The raw receiver, for measuring publish instants in the fan-out benchmark;
+    /// anything that must not miss events reads through a `Cursor` instead.
+    #[doc(hidden)]
+    pub fn receiver_for_bench(&mut self) -> &mut broadcast::Receiver<Arc<Event>> {
+        self.receiver()
+    }
+
     pub(crate) fn receiver(&mut self) -> &mut broadcast::Receiver<Arc<Event>> {
         // Only `Drop` takes the receiver out.
         self.rx.as_mut().expect("receiver present until drop")

@@ -81,6 +81,12 @@ impl Service {
     {
         let txn = self.store.begin_write().await?;
         match body(&txn).await {
+            // A replayed idempotency key appends nothing: roll back, or the seq taken
+            // under the lock would be committed without its event, leaving a gap.
+            Ok((value, events)) if events.is_empty() => {
+                txn.rollback().await?;
+                Ok(value)
+            }
             Ok((value, events)) => {
                 txn.commit().await?;
                 let events: Vec<Arc<Event>> = events.into_iter().map(Arc::new).collect();

@@ -1,0 +1,158 @@
+use std::collections::HashMap;
+
+use zonecast::cursor::{Cursor, Item, Start};
+use zonecast::domain::ItemPatch;
+
+use crate::helpers::*;
+
+/// A tiny deterministic generator, so a failing run can be repeated.
+fn lcg(state: &mut u64) -> u64 {
+    *state = state
+        .wrapping_mul(6364136223846793005)
+        .wrapping_add(1442695040888963407);
+    *state >> 33
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn concurrent_writers_and_many_subscribers_see_every_seq_once_in_order() {
+    const WRITERS: u64 = 8;
+    const WRITES: u64 = 200;
+    const SUBSCRIBERS: usize = 50;
+    const ITEMS: usize = 4;
+    const START_QTY: i64 = 100_000;
+    for db in test_dbs().await {
+        let app = spawn_app(&db, &[]).await;
+        let zone = app.create_zone("Busy").await;
+        let mut items = Vec::new();
+        for i in 0..ITEMS {
+            items.push(app.create_item(zone, &format!("I{i}"), START_QTY, 0).await);
+        }
+        let last = ITEMS as u64 + WRITERS * WRITES;
+        let path = format!("/sse/zones/{zone}/stock");
+
+        let mut watchers = Vec::new();
+        for _ in 0..SUBSCRIBERS {
+            let mut sse = app.sse(&path, Some("0")).await;
+            watchers.push(tokio::spawn(async move {
+                let mut seqs = Vec::new();
+                while seqs.last() != Some(&last) {
+                    seqs.push(sse.next().await.seq());
+                }
+                seqs
+            }));
+        }
+
+        let mut writers = Vec::new();
+        for w in 0..WRITERS {
+            let http = app.http.clone();
+            let base = app.base.clone();
+            let items = items.clone();
+            writers.push(tokio::spawn(async move {
+                let mut rng = 0x5eed + w;
+                let mut applied: HashMap<i64, i64> = HashMap::new();
+                for _ in 0..WRITES {
+                    let item = items[(lcg(&mut rng) % items.len() as u64) as usize];
+                    let delta = (lcg(&mut rng) % 21) as i64 - 10;
+                    let resp = http
+                        .patch(format!("{base}/api/items/{item}"))
+                        .json(&serde_json::json!({ "delta": delta }))
+                        .send()
+                        .await
+                        .expect("send");
+                    assert_eq!(resp.status().as_u16(), 200);
+                    *applied.entry(item).or_default() += delta;
+                }
+                applied
+            }));
+        }
+        let mut expected: HashMap<i64, i64> = items.iter().map(|i| (*i, START_QTY)).collect();
+        for w in writers {
+            for (item, d) in within("writers", w).await.expect("writer") {
+                *expected.get_mut(&item).expect("known item") += d;
+            }
+        }
+        for w in watchers {
+            let seqs = within("subscribers", w).await.expect("subscriber");
+            let want: Vec<u64> = (1..=last).collect();
+            assert_eq!(seqs, want, "a subscriber saw a gap or a duplicate");
+        }
+        let snap = app.snapshot(zone).await;
+        assert_eq!(snap["last_event_id"], last);
+        for it in snap["items"].as_array().expect("items") {
+            let id = it["id"].as_i64().expect("id");
+            assert_eq!(it["quantity"].as_i64(), Some(expected[&id]), "item {id}");
+        }
+        app.stop().await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_slow_subscriber_gets_every_event_and_does_not_hold_back_others() {
+    const CHANGES: u64 = 600;
+    for db in test_dbs().await {
+        // A bus of 2 events and a cache of 16: the slow reader must be filled from the
+        // cache and the change log.
+        let app = spawn_app(&db, &["--bus-capacity", "2", "--cache-events", "16"]).await;
+        let zone = app.create_zone("A").await;
+        let item = app.create_item(zone, "S", 0, 0).await;
+        let path = format!("/sse/zones/{zone}/stock");
+        let mut slow = app.sse(&path, None).await;
+        let mut fast = app.sse(&path, None).await;
+        let reason = "r".repeat(400);
+        let writer = {
+            let service = app.service.clone();
+            tokio::spawn(async move {
+                for _ in 0..CHANGES {
+                    let patch = ItemPatch::parse(None, Some(1), None, None, None, Some(&reason))
+                        .expect("valid patch");
+                    service
+                        .update_item(item as i32, patch, None, "test")
+                        .await
+                        .expect("change applies");
+                }
+            })
+        };
+        // The fast reader gets everything while the slow one has read nothing.
+        let frames = fast.take(CHANGES as usize).await;
+        assert_consecutive(&frames, 2, &format!("zone:{zone}"));
+        within("writer", writer).await.expect("writer");
+        let frames = slow.take(CHANGES as usize).await;
+        assert_consecutive(&frames, 2, &format!("zone:{zone}"));
+        assert_eq!(
+            frames.last().map(|f| f.data["data"]["quantity"].clone()),
+            Some(600.into())
+        );
+        app.stop().await;
+    }
+}
+
+#[tokio::test]
+async fn a_lagged_cursor_is_filled_from_the_cache_and_the_log() {
+    for db in test_dbs().await {
+        let app = spawn_app(&db, &["--bus-capacity", "2", "--cache-events", "8"]).await;
+        let zone = app.create_zone("A").await;
+        let item = app.create_item(zone, "S", 0, 0).await as i32;
+        let s = &app.service;
+        let stream = format!("zone:{zone}");
+        let mut cursor = Cursor::subscribe(&s.broker, &s.store, &stream);
+        cursor.seek(Start::Live).await.expect("seek");
+        // 40 events published while the cursor is not read: its receiver lags.
+        for _ in 0..40 {
+            let p = ItemPatch::parse(None, Some(1), None, None, None, None).expect("patch");
+            s.update_item(item, p, None, "test").await.expect("applies");
+        }
+        let mut seqs = Vec::new();
+        while seqs.len() < 40 {
+            match within("cursor", cursor.next()).await.expect("cursor") {
+                Item::Event(ev) => seqs.push(ev.seq),
+                Item::Reset(r) => panic!("unexpected reset {r:?}"),
+            }
+        }
+        assert_eq!(seqs, (2..=41).collect::<Vec<u64>>());
+        assert!(
+            cursor.try_next().is_none(),
+            "nothing beyond the last change"
+        );
+        app.stop().await;
+    }
+}

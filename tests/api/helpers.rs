@@ -1,0 +1,399 @@
+//! Test harness: a real zonecast on 127.0.0.1:0 over a real database (a fresh SQLite
+//! file, and a fresh PostgreSQL database when `ZONECAST_TEST_POSTGRES_URL` is set),
+//! with typed HTTP and SSE helpers. Every wait is bounded.
+
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Duration;
+
+use eventsource_stream::Eventsource;
+use futures_util::{Stream, StreamExt};
+use sea_orm::{ConnectionTrait, Database};
+use serde_json::{Value, json};
+use tokio::sync::oneshot;
+use tokio::task::JoinHandle;
+use zonecast::app::Application;
+use zonecast::config::ServeArgs;
+use zonecast::service::Service;
+
+pub const WAIT: Duration = Duration::from_secs(20);
+
+/// Awaits `f`, failing the test if it takes longer than `WAIT`.
+pub async fn within<T>(what: &str, f: impl Future<Output = T>) -> T {
+    match tokio::time::timeout(WAIT, f).await {
+        Ok(v) => v,
+        Err(_) => panic!("timed out waiting for {what}"),
+    }
+}
+
+fn unique(prefix: &str) -> String {
+    static N: AtomicU64 = AtomicU64::new(0);
+    let nanos = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_nanos())
+        .unwrap_or(0);
+    format!(
+        "{prefix}_{}_{}_{}",
+        std::process::id(),
+        nanos % 1_000_000_000,
+        N.fetch_add(1, Ordering::Relaxed)
+    )
+}
+
+/// A database of its own for one test.
+pub struct TestDb {
+    pub url: String,
+    _dir: Option<tempfile::TempDir>,
+    pg_admin: Option<(String, String)>,
+}
+
+impl TestDb {
+    pub async fn sqlite() -> TestDb {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let url = format!(
+            "sqlite://{}?mode=rwc",
+            dir.path().join("zonecast.db").display()
+        );
+        TestDb {
+            url,
+            _dir: Some(dir),
+            pg_admin: None,
+        }
+    }
+
+    async fn postgres(admin_url: &str) -> TestDb {
+        let name = unique("zc");
+        let admin = Database::connect(admin_url)
+            .await
+            .expect("connect to postgres");
+        admin
+            .execute_unprepared(&format!("CREATE DATABASE {name}"))
+            .await
+            .expect("create test database");
+        let base = admin_url.rsplit_once('/').map_or(admin_url, |(b, _)| b);
+        TestDb {
+            url: format!("{base}/{name}"),
+            _dir: None,
+            pg_admin: Some((admin_url.to_owned(), name)),
+        }
+    }
+}
+
+impl Drop for TestDb {
+    /// Drops a PostgreSQL test database (SQLite's goes with its temp dir), also when
+    /// the test panicked. Runs on a thread of its own: `Drop` cannot await.
+    fn drop(&mut self) {
+        let Some((admin_url, name)) = self.pg_admin.take() else {
+            return;
+        };
+        let _ = std::thread::spawn(move || {
+            let Ok(rt) = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+            else {
+                return;
+            };
+            rt.block_on(async {
+                if let Ok(admin) = Database::connect(admin_url.as_str()).await {
+                    let sql = format!("DROP DATABASE IF EXISTS {name} WITH (FORCE)");
+                    let _ = admin.execute_unprepared(&sql).await;
+                }
+            });
+        })
+        .join();
+    }
+}
+
+/// SQLite always; PostgreSQL too when `ZONECAST_TEST_POSTGRES_URL` is set.
+pub async fn test_dbs() -> Vec<TestDb> {
+    let mut dbs = vec![TestDb::sqlite().await];
+    if let Ok(url) = std::env::var("ZONECAST_TEST_POSTGRES_URL")
+        && !url.is_empty()
+    {
+        dbs.push(TestDb::postgres(&url).await);
+    }
+    dbs
+}
+
+pub struct TestApp {
+    pub base: String,
+    pub service: Service,
+    pub http: reqwest::Client,
+    stop: Option<oneshot::Sender<()>>,
+    task: Option<JoinHandle<std::io::Result<()>>>,
+}
+
+/// Starts zonecast on `db` with `--no-demo` plus `flags`.
+pub async fn spawn_app(db: &TestDb, flags: &[&str]) -> TestApp {
+    let mut all = vec![
+        "--bind",
+        "127.0.0.1:0",
+        "--database-url",
+        &db.url,
+        "--no-demo",
+    ];
+    all.extend_from_slice(flags);
+    let config = ServeArgs::from_flags(all).expect("valid flags");
+    let app = Application::build(config).await.expect("app starts");
+    let base = format!("http://{}", app.addr());
+    let service = app.service().clone();
+    let (stop, stopped) = oneshot::channel::<()>();
+    let task = tokio::spawn(app.run_until_stopped(async move {
+        let _ = stopped.await;
+    }));
+    TestApp {
+        base,
+        service,
+        http: reqwest::Client::new(),
+        stop: Some(stop),
+        task: Some(task),
+    }
+}
+
+pub struct Reply {
+    pub status: u16,
+    pub content_type: String,
+    pub text: String,
+}
+
+impl Reply {
+    pub fn json(&self) -> Value {
+        serde_json::from_str(&self.text).unwrap_or_else(|e| panic!("not JSON ({e}): {}", self.text))
+    }
+
+    /// Asserts an RFC 9457 problem with this status and code.
+    pub fn assert_problem(&self, status: u16, code: &str) {
+        assert_eq!(self.status, status, "{}", self.text);
+        assert!(
+            self.content_type.starts_with("application/problem+json"),
+            "content type {} for {}",
+            self.content_type,
+            self.text
+        );
+        let p = self.json();
+        assert_eq!(p["status"], status);
+        assert_eq!(p["code"], code, "{p}");
+        assert!(p["title"].is_string() && p["type"].is_string() && p["detail"].is_string());
+    }
+}
+
+impl TestApp {
+    /// Stops the server gracefully and waits for it to finish.
+    pub async fn stop(mut self) {
+        if let Some(s) = self.stop.take() {
+            let _ = s.send(());
+        }
+        if let Some(t) = self.task.take() {
+            within("server shutdown", t)
+                .await
+                .expect("server task")
+                .expect("server ran");
+        }
+    }
+
+    pub async fn request(
+        &self,
+        method: reqwest::Method,
+        path: &str,
+        body: Option<&str>,
+        headers: &[(&str, &str)],
+    ) -> Reply {
+        let mut req = self.http.request(method, format!("{}{path}", self.base));
+        if let Some(b) = body {
+            req = req
+                .header("content-type", "application/json")
+                .body(b.to_owned());
+        }
+        for (k, v) in headers {
+            req = req.header(*k, *v);
+        }
+        let resp = within(path, req.send()).await.expect("request sent");
+        let status = resp.status().as_u16();
+        let content_type = resp
+            .headers()
+            .get("content-type")
+            .and_then(|v| v.to_str().ok())
+            .unwrap_or("")
+            .to_owned();
+        let text = within(path, resp.text()).await.expect("body");
+        Reply {
+            status,
+            content_type,
+            text,
+        }
+    }
+
+    pub async fn get(&self, path: &str) -> Reply {
+        self.request(reqwest::Method::GET, path, None, &[]).await
+    }
+
+    pub async fn post(&self, path: &str, body: Value) -> Reply {
+        self.request(reqwest::Method::POST, path, Some(&body.to_string()), &[])
+            .await
+    }
+
+    pub async fn patch(&self, path: &str, body: Value, headers: &[(&str, &str)]) -> Reply {
+        self.request(
+            reqwest::Method::PATCH,
+            path,
+            Some(&body.to_string()),
+            headers,
+        )
+        .await
+    }
+
+    pub async fn create_zone(&self, name: &str) -> i64 {
+        let r = self.post("/api/zones", json!({ "name": name })).await;
+        assert_eq!(r.status, 201, "{}", r.text);
+        r.json()["id"].as_i64().expect("zone id")
+    }
+
+    pub async fn create_item(&self, zone: i64, sku: &str, quantity: i64, low: i64) -> i64 {
+        let r = self
+            .post(
+                &format!("/api/zones/{zone}/items"),
+                json!({"sku": sku, "name": format!("Item {sku}"), "quantity": quantity, "low_stock_threshold": low}),
+            )
+            .await;
+        assert_eq!(r.status, 201, "{}", r.text);
+        r.json()["item"]["id"].as_i64().expect("item id")
+    }
+
+    /// Applies a delta; returns the reply's JSON after asserting 200.
+    pub async fn delta(&self, item: i64, delta: i64) -> Value {
+        let r = self
+            .patch(
+                &format!("/api/items/{item}"),
+                json!({ "delta": delta }),
+                &[],
+            )
+            .await;
+        assert_eq!(r.status, 200, "{}", r.text);
+        r.json()
+    }
+
+    pub async fn snapshot(&self, zone: i64) -> Value {
+        let r = self.get(&format!("/api/zones/{zone}/items")).await;
+        assert_eq!(r.status, 200, "{}", r.text);
+        r.json()
+    }
+
+    /// Opens an SSE stream; `last_event_id` is sent as the `Last-Event-ID` header.
+    pub async fn sse(&self, path: &str, last_event_id: Option<&str>) -> Sse {
+        let mut req = self.http.get(format!("{}{path}", self.base));
+        if let Some(id) = last_event_id {
+            req = req.header("Last-Event-ID", id);
+        }
+        let resp = within("SSE open", req.send()).await.expect("SSE request");
+        assert_eq!(resp.status().as_u16(), 200, "SSE {path}");
+        let headers = resp.headers();
+        assert_eq!(headers["content-type"], "text/event-stream");
+        assert_eq!(headers["cache-control"], "no-cache");
+        assert_eq!(headers["x-accel-buffering"], "no");
+        Sse {
+            events: Box::pin(resp.bytes_stream().eventsource()),
+        }
+    }
+}
+
+type Events = Pin<
+    Box<
+        dyn Stream<
+                Item = Result<
+                    eventsource_stream::Event,
+                    eventsource_stream::EventStreamError<reqwest::Error>,
+                >,
+            > + Send,
+    >,
+>;
+
+/// An SSE client on top of a standard parser (eventsource-stream).
+pub struct Sse {
+    events: Events,
+}
+
+/// One parsed frame.
+#[derive(Debug, Clone)]
+pub struct Frame {
+    pub id: String,
+    pub event: String,
+    pub data: Value,
+}
+
+impl Frame {
+    pub fn seq(&self) -> u64 {
+        self.id
+            .parse()
+            .unwrap_or_else(|_| panic!("frame id {:?}", self.id))
+    }
+}
+
+impl Sse {
+    /// The next frame of any kind, heartbeats included; `None` when the stream ended.
+    pub async fn next_any(&mut self) -> Option<Frame> {
+        loop {
+            let ev = within("an SSE frame", self.events.next()).await?;
+            let ev = ev.expect("well-formed SSE");
+            if ev.event.is_empty() && ev.data.is_empty() {
+                continue; // the `retry:` preamble
+            }
+            let data = serde_json::from_str(&ev.data)
+                .unwrap_or_else(|e| panic!("data is not JSON ({e}): {}", ev.data));
+            return Some(Frame {
+                id: ev.id,
+                event: ev.event,
+                data,
+            });
+        }
+    }
+
+    /// The next frame that is not a heartbeat (bounded as a whole, so heartbeats
+    /// cannot keep a missing event waiting forever).
+    pub async fn next(&mut self) -> Frame {
+        within("an SSE event", async {
+            loop {
+                let f = self.next_any().await.expect("stream still open");
+                if f.event != "heartbeat" {
+                    return f;
+                }
+            }
+        })
+        .await
+    }
+
+    /// The next `n` non-heartbeat frames.
+    pub async fn take(&mut self, n: usize) -> Vec<Frame> {
+        let mut out = Vec::with_capacity(n);
+        for _ in 0..n {
+            out.push(self.next().await);
+        }
+        out
+    }
+
+    /// Waits for the server to end the stream (heartbeats are skipped).
+    pub async fn assert_ends(&mut self) {
+        within("the stream to end", async {
+            loop {
+                match self.events.next().await {
+                    None | Some(Err(_)) => return,
+                    Some(Ok(ev)) if ev.event == "heartbeat" || ev.event.is_empty() => continue,
+                    Some(Ok(ev)) => panic!("expected the stream to end, got {ev:?}"),
+                }
+            }
+        })
+        .await
+    }
+}
+
+/// Asserts frames are events with consecutive ids starting at `first`, each carrying
+/// the DESIGN §4 JSON with a matching id.
+pub fn assert_consecutive(frames: &[Frame], first: u64, stream: &str) {
+    for (i, f) in frames.iter().enumerate() {
+        let want = first + i as u64;
+        assert_eq!(f.seq(), want, "frame {i}: {f:?}");
+        assert_eq!(f.data["id"], want);
+        assert_eq!(f.data["stream"], stream);
+        assert_eq!(f.data["type"], f.event.as_str());
+    }
+}

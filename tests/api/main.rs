@@ -1,0 +1,8 @@
+//! zonecast's integration tests: one binary, a real server per test (see `helpers`).
+
+mod helpers;
+
+mod concurrency;
+mod rest;
+mod restart;
+mod sse;
