@@ -80,6 +80,16 @@ pub struct ServeArgs {
     #[arg(long, env = "ZONECAST_CACHE_EVENTS", default_value_t = 2048)]
     pub cache_events: usize,
 
+    /// Interval of WebSocket protocol pings; a client silent for two intervals is
+    /// closed (1001).
+    #[arg(long, env = "ZONECAST_WS_PING", default_value = "30s", value_parser = duration)]
+    pub ws_ping: Duration,
+
+    /// Outgoing messages queued per WebSocket connection before its subscriptions
+    /// stop reading (and later catch up from the cache or the log).
+    #[arg(long, env = "ZONECAST_WS_QUEUE", default_value_t = 256)]
+    pub ws_queue: usize,
+
     /// How long shutdown waits for connections to finish.
     #[arg(long, env = "ZONECAST_SHUTDOWN_GRACE", default_value = "10s", value_parser = duration)]
     pub shutdown_grace: Duration,

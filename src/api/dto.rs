@@ -2,6 +2,7 @@
 //! chosen here, once; times are written as `…Z` like the events.
 
 use poem_openapi::Object;
+use serde::Serialize;
 
 use crate::domain::{Item, Snapshot, Zone, format_time};
 use crate::service::ItemChange;
@@ -28,7 +29,7 @@ pub struct CreateZone {
     pub name: String,
 }
 
-#[derive(Debug, Object)]
+#[derive(Debug, Object, Serialize)]
 pub struct ItemBody {
     pub id: i32,
     pub zone_id: i32,
@@ -60,7 +61,7 @@ impl From<Item> for ItemBody {
 
 /// The zone's items exactly as of event `last_event_id`: subscribe with
 /// `Last-Event-ID: last_event_id` to continue from it.
-#[derive(Debug, Object)]
+#[derive(Debug, Object, Serialize)]
 pub struct SnapshotBody {
     pub zone_id: i32,
     pub last_event_id: u64,

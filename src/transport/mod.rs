@@ -2,3 +2,5 @@
 //! frames; they hold no state of their own beyond one connection.
 
 pub mod sse;
+pub mod ws;
+pub mod ws_protocol;

@@ -41,7 +41,7 @@ fn header_resume_point(req: &Request) -> Option<String> {
     req.header("Last-Event-ID").map(str::to_owned)
 }
 
-fn service_problem(e: ServiceError) -> Response {
+pub fn service_problem(e: ServiceError) -> Response {
     let api: crate::api::problem::ApiError = e.into();
     poem::IntoResponse::into_response(api)
 }
@@ -81,7 +81,7 @@ pub async fn zone_stock(
                 Err(e) => return service_problem(e),
             };
             let body = crate::api::dto::SnapshotBody::from(snap);
-            let json = poem_openapi::types::ToJSON::to_json_string(&body);
+            let json = serde_json::to_string(&body).unwrap_or_default();
             first.extend_from_slice(&sse_frame(
                 Some(body.last_event_id),
                 "stock_snapshot",

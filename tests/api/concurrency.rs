@@ -67,12 +67,14 @@ async fn concurrent_writers_and_many_subscribers_see_every_seq_once_in_order() {
         }
         let mut expected: HashMap<i64, i64> = items.iter().map(|i| (*i, START_QTY)).collect();
         for w in writers {
-            for (item, d) in within("writers", w).await.expect("writer") {
+            for (item, d) in within_for(LOAD_WAIT, "writers", w).await.expect("writer") {
                 *expected.get_mut(&item).expect("known item") += d;
             }
         }
         for w in watchers {
-            let seqs = within("subscribers", w).await.expect("subscriber");
+            let seqs = within_for(LOAD_WAIT, "subscribers", w)
+                .await
+                .expect("subscriber");
             let want: Vec<u64> = (1..=last).collect();
             assert_eq!(seqs, want, "a subscriber saw a gap or a duplicate");
         }
@@ -115,7 +117,9 @@ async fn a_slow_subscriber_gets_every_event_and_does_not_hold_back_others() {
         // The fast reader gets everything while the slow one has read nothing.
         let frames = fast.take(CHANGES as usize).await;
         assert_consecutive(&frames, 2, &format!("zone:{zone}"));
-        within("writer", writer).await.expect("writer");
+        within_for(LOAD_WAIT, "writer", writer)
+            .await
+            .expect("writer");
         let frames = slow.take(CHANGES as usize).await;
         assert_consecutive(&frames, 2, &format!("zone:{zone}"));
         assert_eq!(

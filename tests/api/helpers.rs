@@ -19,9 +19,17 @@ use zonecast::service::Service;
 
 pub const WAIT: Duration = Duration::from_secs(20);
 
+/// Bound for whole load runs (thousands of writes on a busy 2-core machine).
+pub const LOAD_WAIT: Duration = Duration::from_secs(180);
+
 /// Awaits `f`, failing the test if it takes longer than `WAIT`.
 pub async fn within<T>(what: &str, f: impl Future<Output = T>) -> T {
-    match tokio::time::timeout(WAIT, f).await {
+    within_for(WAIT, what, f).await
+}
+
+/// Awaits `f`, failing the test if it takes longer than `limit`.
+pub async fn within_for<T>(limit: Duration, what: &str, f: impl Future<Output = T>) -> T {
+    match tokio::time::timeout(limit, f).await {
         Ok(v) => v,
         Err(_) => panic!("timed out waiting for {what}"),
     }
@@ -395,5 +403,84 @@ pub fn assert_consecutive(frames: &[Frame], first: u64, stream: &str) {
         assert_eq!(f.data["id"], want);
         assert_eq!(f.data["stream"], stream);
         assert_eq!(f.data["type"], f.event.as_str());
+    }
+}
+
+pub type WsStream =
+    tokio_tungstenite::WebSocketStream<tokio_tungstenite::MaybeTlsStream<tokio::net::TcpStream>>;
+
+/// A WebSocket client (tokio-tungstenite).
+pub struct Ws {
+    pub inner: WsStream,
+}
+
+impl TestApp {
+    pub async fn ws(&self, path: &str) -> Ws {
+        let url = format!("{}{path}", self.base.replacen("http", "ws", 1));
+        let (inner, _) = within("WS connect", tokio_tungstenite::connect_async(url))
+            .await
+            .expect("WS handshake");
+        Ws { inner }
+    }
+
+    /// A WS client that has read its `welcome`.
+    pub async fn ws_welcomed(&self, path: &str) -> (Ws, Value) {
+        let mut ws = self.ws(path).await;
+        let welcome = ws.recv().await;
+        assert_eq!(welcome["type"], "welcome", "{welcome}");
+        (ws, welcome)
+    }
+}
+
+impl Ws {
+    pub async fn send(&mut self, v: Value) {
+        self.send_text(&v.to_string()).await;
+    }
+
+    pub async fn send_text(&mut self, text: &str) {
+        use futures_util::SinkExt;
+        within(
+            "WS send",
+            self.inner
+                .send(tokio_tungstenite::tungstenite::Message::text(text)),
+        )
+        .await
+        .expect("WS send");
+    }
+
+    /// The next text message (pings and pongs skipped), as received.
+    pub async fn recv_text(&mut self) -> String {
+        use tokio_tungstenite::tungstenite::Message;
+        within("a WS message", async {
+            loop {
+                match self.inner.next().await {
+                    Some(Ok(Message::Text(t))) => return t.to_string(),
+                    Some(Ok(Message::Ping(_) | Message::Pong(_))) => continue,
+                    other => panic!("expected a text message, got {other:?}"),
+                }
+            }
+        })
+        .await
+    }
+
+    pub async fn recv(&mut self) -> Value {
+        let text = self.recv_text().await;
+        serde_json::from_str(&text).unwrap_or_else(|e| panic!("not JSON ({e}): {text}"))
+    }
+
+    /// Waits for the server's close frame and returns its code.
+    pub async fn close_code(&mut self) -> u16 {
+        use tokio_tungstenite::tungstenite::Message;
+        within("a close frame", async {
+            loop {
+                match self.inner.next().await {
+                    Some(Ok(Message::Close(Some(f)))) => return u16::from(f.code),
+                    Some(Ok(Message::Close(None))) | None => panic!("closed without a code"),
+                    Some(Err(e)) => panic!("error before close frame: {e}"),
+                    Some(Ok(_)) => continue,
+                }
+            }
+        })
+        .await
     }
 }

@@ -6,3 +6,4 @@ mod concurrency;
 mod rest;
 mod restart;
 mod sse;
+mod ws;

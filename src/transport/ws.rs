@@ -1,0 +1,334 @@
+//! WebSocket connections (DESIGN §6): the same cursors as SSE, plus requests.
+//!
+//! One connection = a reader loop (requests, pings, shutdown), one writer task that
+//! owns the socket's sending half, and one feeder task per subscription. Everything
+//! outgoing goes through one bounded queue: when a client stops reading, the queue
+//! fills, feeders stop pulling from their cursors, and those catch up later from the
+//! cache or the log (or say `reset`). Memory per connection stays bounded.
+//!
+//! Close codes: 1001 client silent for two ping intervals, 1009 frame over 64 KiB,
+//! 1012 server shutting down. Every other error is an `error` message and the
+//! connection stays open.
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Duration;
+
+use futures_util::{SinkExt, StreamExt};
+use poem::web::websocket::{CloseCode, Message, WebSocket, WebSocketConfig, WebSocketStream};
+use poem::web::{Data, Path, Query};
+use poem::{IntoResponse, Response, handler};
+use serde::Deserialize;
+use serde_json::Value;
+use tokio::sync::mpsc;
+use tokio::task::JoinHandle;
+use tokio::time::{Instant, MissedTickBehavior, interval_at};
+use tracing::Instrument;
+
+use super::sse::{service_problem, stopping};
+use super::ws_protocol::{self as proto, Code, Refusal, Request};
+use crate::app::AppState;
+use crate::cursor::{Cursor, Start};
+use crate::domain::StreamKey;
+
+/// Largest text frame a client may send.
+pub const MAX_MESSAGE: usize = 64 * 1024;
+
+static NEXT_CONNECTION: AtomicU64 = AtomicU64::new(1);
+
+#[derive(Debug, Default, Deserialize)]
+pub struct WsQuery {
+    last_event_id: Option<String>,
+}
+
+fn config() -> WebSocketConfig {
+    // A 4 KiB read buffer and no write buffer instead of tungstenite's 128 KiB keep an
+    // idle connection small; frames above 64 KiB are refused.
+    WebSocketConfig::default()
+        .read_buffer_size(4096)
+        .write_buffer_size(0)
+        .max_message_size(Some(MAX_MESSAGE))
+        .max_frame_size(Some(MAX_MESSAGE))
+}
+
+/// `GET /ws`
+#[handler]
+pub fn plain_socket(ws: WebSocket, Data(state): Data<&AppState>) -> Response {
+    let state = state.clone();
+    ws.config(config())
+        .on_upgrade(move |socket| run(socket, state, None))
+        .into_response()
+}
+
+/// `GET /ws/zones/{zone_id}`: already subscribed to the zone (`?last_event_id=N`).
+#[handler]
+pub async fn zone_socket(
+    ws: WebSocket,
+    Path(zone_id): Path<i32>,
+    Query(q): Query<WsQuery>,
+    Data(state): Data<&AppState>,
+) -> Response {
+    if let Err(e) = state.service.zone(zone_id).await {
+        return service_problem(e);
+    }
+    let start = Start::from_resume_point(q.last_event_id.as_deref());
+    let state = state.clone();
+    ws.config(config())
+        .on_upgrade(move |socket| run(socket, state, Some((zone_id, start))))
+        .into_response()
+}
+
+/// Aborts a feeder when its subscription is dropped.
+struct Feeder(JoinHandle<()>);
+
+impl Drop for Feeder {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
+}
+
+struct Connection {
+    state: AppState,
+    out: mpsc::Sender<Message>,
+    subscriptions: HashMap<String, Feeder>,
+    /// The zone of the `/ws/zones/{id}` path, the default for `request_stock`.
+    zone: Option<i32>,
+    /// How long a send to the outgoing queue may wait before the client is taken
+    /// for gone.
+    send_patience: Duration,
+}
+
+async fn run(socket: WebSocketStream, state: AppState, zone: Option<(i32, Start)>) {
+    let id = format!("ws-{}", NEXT_CONNECTION.fetch_add(1, Ordering::Relaxed));
+    let span = tracing::info_span!("ws", connection = %id);
+    serve(socket, state, zone, id).instrument(span).await
+}
+
+async fn serve(socket: WebSocketStream, state: AppState, zone: Option<(i32, Start)>, id: String) {
+    let (mut sink, mut incoming) = socket.split();
+    let (out, mut queue) = mpsc::channel::<Message>(state.config.ws_queue.max(8));
+    let writer = tokio::spawn(async move {
+        while let Some(msg) = queue.recv().await {
+            let closing = matches!(msg, Message::Close(_));
+            if sink.send(msg).await.is_err() || closing {
+                break;
+            }
+        }
+        let _ = sink.close().await;
+    });
+    let ping_every = state.config.ws_ping;
+    let mut shutdown = state.shutdown.clone();
+    let mut conn = Connection {
+        out,
+        subscriptions: HashMap::new(),
+        zone: zone.map(|z| z.0),
+        send_patience: ping_every * 2,
+        state,
+    };
+    tracing::debug!("connected");
+
+    // The path subscription is opened before `welcome` so the welcome can list it,
+    // and fed only after, so `welcome` is always the first message.
+    let mut first = None;
+    if let Some((zone_id, start)) = zone {
+        let stream = StreamKey::Zone(zone_id).to_string();
+        match conn.open(&stream, start).await {
+            Ok(cursor) => first = Some(cursor),
+            Err(r) => tracing::warn!(error = %r.message, "cannot open the path subscription"),
+        }
+    }
+    let subs: Vec<String> = first.iter().map(|c| c.stream().to_owned()).collect();
+    let welcome = proto::welcome(&id, &subs, ping_every.as_millis());
+    let mut open = conn.send(welcome).await;
+    if let Some(cursor) = first {
+        conn.feed(cursor);
+    }
+
+    let mut ping = interval_at(Instant::now() + ping_every, ping_every);
+    ping.set_missed_tick_behavior(MissedTickBehavior::Delay);
+    let mut last_heard = Instant::now();
+    while open {
+        tokio::select! {
+            biased;
+            _ = stopping(&mut shutdown) => {
+                conn.close(CloseCode::Restart, "server restarting").await;
+                break;
+            }
+            msg = incoming.next() => {
+                last_heard = Instant::now();
+                match msg {
+                    None | Some(Ok(Message::Close(_))) => break,
+                    Some(Ok(Message::Text(text))) => open = conn.handle(&text).await,
+                    Some(Ok(Message::Binary(_))) => {
+                        let r = Refusal::new(Code::BadMessage, "binary frames are not accepted; send JSON text");
+                        open = conn.send(proto::error(None, &r)).await;
+                    }
+                    Some(Ok(_)) => {} // ping / pong: being heard is all that counts
+                    Some(Err(e)) => {
+                        if e.to_string().contains("too long") {
+                            conn.close(CloseCode::Size, "message over 64 KiB").await;
+                        } else {
+                            tracing::debug!(error = %e, "read failed");
+                        }
+                        break;
+                    }
+                }
+            }
+            _ = ping.tick() => {
+                if last_heard.elapsed() >= ping_every * 2 {
+                    conn.close(CloseCode::Away, "no response to pings").await;
+                    break;
+                }
+                // A full queue means the client is not reading; the check above will
+                // close it if it does not answer either.
+                let _ = conn.out.try_send(Message::Ping(Vec::new()));
+            }
+        }
+    }
+    // Feeders stop with their subscriptions; the writer drains the queue (ending with
+    // any close frame) and finishes.
+    drop(conn);
+    if tokio::time::timeout(Duration::from_secs(5), writer)
+        .await
+        .is_err()
+    {
+        tracing::debug!("writer did not finish; dropping the socket");
+    }
+    tracing::debug!("disconnected");
+}
+
+impl Connection {
+    /// Queues a message; `false` when the client is gone or has not read for too long.
+    async fn send(&self, text: String) -> bool {
+        self.out
+            .send_timeout(Message::Text(text), self.send_patience)
+            .await
+            .is_ok()
+    }
+
+    async fn close(&self, code: CloseCode, reason: &str) {
+        let _ = self
+            .out
+            .send_timeout(
+                Message::Close(Some((code, reason.into()))),
+                Duration::from_secs(1),
+            )
+            .await;
+    }
+
+    /// Handles one text frame; `false` ends the connection.
+    async fn handle(&mut self, text: &str) -> bool {
+        let parsed = proto::parse(text);
+        let rid = parsed.request_id.as_ref();
+        let reply = match parsed.request {
+            Ok(request) => self.answer(request, rid).await,
+            Err(r) => Err(r),
+        };
+        let text = reply.unwrap_or_else(|r| proto::error(rid, &r));
+        // An empty reply was already queued by the handler (`subscribed`).
+        text.is_empty() || self.send(text).await
+    }
+
+    async fn answer(&mut self, request: Request, rid: Option<&Value>) -> Result<String, Refusal> {
+        let service = &self.state.service;
+        match request {
+            Request::Ping => Ok(proto::pong(rid)),
+            Request::RequestStock { zone_id } => {
+                let zone_id = zone_id
+                    .or(self.zone)
+                    .ok_or_else(|| Refusal::new(Code::Invalid, "zone_id is required"))?;
+                let snapshot = service.snapshot(zone_id).await?;
+                Ok(proto::stock_snapshot(rid, snapshot.into()))
+            }
+            Request::UpdateQuantity { item_id, patch } => {
+                let key = rid.and_then(Value::as_str).map(str::to_owned);
+                let key = crate::domain::request_id(key.as_deref())?;
+                let change = service
+                    .update_item(item_id, patch, key, crate::service::ANONYMOUS)
+                    .await?;
+                Ok(proto::ack(rid, change))
+            }
+            Request::Subscribe {
+                stream,
+                last_event_id,
+            } => {
+                let key = stream.to_string();
+                let start = last_event_id.map_or(Start::Live, Start::After);
+                let cursor = self.open(&key, start).await?;
+                // Re-subscribing replaces the old feed; `subscribed` is queued before
+                // the new feeder can queue any event.
+                self.subscriptions.remove(&key);
+                let reply = proto::subscription("subscribed", rid, &key);
+                if !self.send(reply).await {
+                    return Err(Refusal::new(Code::Internal, "connection closing"));
+                }
+                self.feed(cursor);
+                Ok(String::new())
+            }
+            Request::Unsubscribe { stream } => {
+                let key = stream.to_string();
+                if self.subscriptions.remove(&key).is_none() {
+                    return Err(Refusal::new(
+                        Code::NotFound,
+                        format!("not subscribed to {key}"),
+                    ));
+                }
+                Ok(proto::subscription("unsubscribed", rid, &key))
+            }
+        }
+    }
+
+    /// Opens a positioned cursor on a stream this connection may read.
+    async fn open(&self, stream: &str, start: Start) -> Result<Cursor, Refusal> {
+        let service = &self.state.service;
+        match StreamKey::parse(stream)? {
+            StreamKey::Zone(id) => {
+                service.zone(id).await?;
+            }
+            StreamKey::Alerts => {}
+            StreamKey::User(_) => {
+                return Err(Refusal::new(
+                    Code::Forbidden,
+                    "user streams need the caller's own credentials",
+                ));
+            }
+        }
+        let mut cursor = Cursor::subscribe(&service.broker, &service.store, stream);
+        cursor.seek(start).await.map_err(|e| {
+            tracing::error!(error = %e, "cannot open cursor");
+            Refusal::new(Code::Internal, "the change log cannot be read right now")
+        })?;
+        Ok(cursor)
+    }
+
+    /// Starts the feeder that writes the cursor's items to the outgoing queue.
+    fn feed(&mut self, mut cursor: Cursor) {
+        let out = self.out.clone();
+        let stream = cursor.stream().to_owned();
+        let task = tokio::spawn(
+            async move {
+                loop {
+                    let text = match cursor.next().await {
+                        Ok(item) => proto::item(cursor.stream(), &item),
+                        Err(e) => {
+                            tracing::warn!(error = %e, "subscription ended");
+                            let r = Refusal::new(
+                                Code::Internal,
+                                format!("subscription to {} ended; subscribe again with last_event_id {}", cursor.stream(), cursor.position()),
+                            );
+                            let _ = out.send(Message::Text(proto::error(None, &r))).await;
+                            break;
+                        }
+                    };
+                    // Waits while the queue is full: the cursor stops pulling and
+                    // catches up from the cache or the log once the client reads.
+                    if out.send(Message::Text(text)).await.is_err() {
+                        break;
+                    }
+                }
+            }
+            .in_current_span(),
+        );
+        self.subscriptions.insert(stream, Feeder(task));
+    }
+}

@@ -1,0 +1,314 @@
+//! The WebSocket message vocabulary (DESIGN §6): parsing client messages into
+//! requests, and building the server's replies. No I/O here.
+
+use serde_json::{Map, Value, json};
+
+use crate::api::dto::{ItemBody, SnapshotBody};
+use crate::cursor::Item;
+use crate::domain::{DomainError, ItemPatch, StreamKey};
+use crate::service::{ItemChange, ServiceError};
+
+/// Error codes of `{"type":"error"}` replies.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Code {
+    BadMessage,
+    UnknownType,
+    Invalid,
+    NotFound,
+    VersionConflict,
+    InsufficientStock,
+    Forbidden,
+    Internal,
+}
+
+impl Code {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Code::BadMessage => "bad_message",
+            Code::UnknownType => "unknown_type",
+            Code::Invalid => "invalid",
+            Code::NotFound => "not_found",
+            Code::VersionConflict => "version_conflict",
+            Code::InsufficientStock => "insufficient_stock",
+            Code::Forbidden => "forbidden",
+            Code::Internal => "internal",
+        }
+    }
+}
+
+/// A refused request: its code and a message for people.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Refusal {
+    pub code: Code,
+    pub message: String,
+}
+
+impl Refusal {
+    pub fn new(code: Code, message: impl Into<String>) -> Self {
+        Refusal {
+            code,
+            message: message.into(),
+        }
+    }
+}
+
+impl From<DomainError> for Refusal {
+    fn from(e: DomainError) -> Self {
+        let code = match e {
+            DomainError::NotFound(_) => Code::NotFound,
+            DomainError::Invalid(_) | DomainError::Conflict(_) => Code::Invalid,
+            DomainError::VersionConflict { .. } => Code::VersionConflict,
+            DomainError::InsufficientStock { .. } => Code::InsufficientStock,
+        };
+        Refusal::new(code, e.to_string())
+    }
+}
+
+impl From<ServiceError> for Refusal {
+    fn from(e: ServiceError) -> Self {
+        match e {
+            ServiceError::Domain(d) => d.into(),
+            ServiceError::Store(s) => {
+                tracing::error!(error = %s, "storage failure");
+                Refusal::new(Code::Internal, "internal error; it has been logged")
+            }
+        }
+    }
+}
+
+/// What a client asked for.
+#[derive(Debug)]
+pub enum Request {
+    RequestStock {
+        zone_id: Option<i32>,
+    },
+    UpdateQuantity {
+        item_id: i32,
+        patch: ItemPatch,
+    },
+    Subscribe {
+        stream: StreamKey,
+        last_event_id: Option<u64>,
+    },
+    Unsubscribe {
+        stream: StreamKey,
+    },
+    Ping,
+}
+
+/// A parsed message: its `request_id` (echoed in the reply) and the request, or why
+/// it was refused.
+pub struct Parsed {
+    pub request_id: Option<Value>,
+    pub request: Result<Request, Refusal>,
+}
+
+fn field<'a>(obj: &'a Map<String, Value>, name: &str) -> Option<&'a Value> {
+    obj.get(name).filter(|v| !v.is_null())
+}
+
+fn int(obj: &Map<String, Value>, name: &str) -> Result<Option<i64>, Refusal> {
+    match field(obj, name) {
+        None => Ok(None),
+        Some(v) => v
+            .as_i64()
+            .map(Some)
+            .ok_or_else(|| Refusal::new(Code::Invalid, format!("{name} must be an integer"))),
+    }
+}
+
+fn id(obj: &Map<String, Value>, name: &str) -> Result<Option<i32>, Refusal> {
+    int(obj, name)?
+        .map(|v| {
+            i32::try_from(v)
+                .ok()
+                .filter(|v| *v > 0)
+                .ok_or_else(|| Refusal::new(Code::Invalid, format!("{name} must be a positive id")))
+        })
+        .transpose()
+}
+
+fn string<'a>(obj: &'a Map<String, Value>, name: &str) -> Result<Option<&'a str>, Refusal> {
+    match field(obj, name) {
+        None => Ok(None),
+        Some(v) => v
+            .as_str()
+            .map(Some)
+            .ok_or_else(|| Refusal::new(Code::Invalid, format!("{name} must be a string"))),
+    }
+}
+
+fn required<T>(v: Option<T>, name: &str) -> Result<T, Refusal> {
+    v.ok_or_else(|| Refusal::new(Code::Invalid, format!("{name} is required")))
+}
+
+fn stream(obj: &Map<String, Value>) -> Result<StreamKey, Refusal> {
+    let raw = required(string(obj, "stream")?, "stream")?;
+    StreamKey::parse(raw).map_err(|e| Refusal::new(Code::Invalid, e.to_string()))
+}
+
+pub fn parse(text: &str) -> Parsed {
+    let obj = match serde_json::from_str::<Value>(text) {
+        Ok(Value::Object(obj)) => obj,
+        Ok(_) => {
+            return Parsed {
+                request_id: None,
+                request: Err(Refusal::new(
+                    Code::BadMessage,
+                    "a message is one JSON object",
+                )),
+            };
+        }
+        Err(e) => {
+            return Parsed {
+                request_id: None,
+                request: Err(Refusal::new(Code::BadMessage, format!("not JSON: {e}"))),
+            };
+        }
+    };
+    let request_id = field(&obj, "request_id").cloned();
+    Parsed {
+        request: request(&obj, request_id.as_ref()),
+        request_id,
+    }
+}
+
+fn request(obj: &Map<String, Value>, request_id: Option<&Value>) -> Result<Request, Refusal> {
+    let kind = required(string(obj, "type")?, "type")?;
+    match kind {
+        "ping" => Ok(Request::Ping),
+        "request_stock" => Ok(Request::RequestStock {
+            zone_id: id(obj, "zone_id")?,
+        }),
+        "update_quantity" => {
+            // The request id doubles as the idempotency key, shared with REST's
+            // `Idempotency-Key`, so it must be a string here.
+            if request_id.is_some_and(|r| !r.is_string()) {
+                return Err(Refusal::new(Code::Invalid, "request_id must be a string"));
+            }
+            let item_id = required(id(obj, "item_id")?, "item_id")?;
+            let quantity = int(obj, "quantity")?;
+            let delta = int(obj, "delta")?;
+            if quantity.is_none() && delta.is_none() {
+                return Err(Refusal::new(Code::Invalid, "quantity or delta is required"));
+            }
+            let patch = ItemPatch::parse(
+                quantity,
+                delta,
+                None,
+                None,
+                int(obj, "expected_version")?,
+                string(obj, "reason")?,
+            )?;
+            Ok(Request::UpdateQuantity { item_id, patch })
+        }
+        "subscribe" => {
+            let last_event_id = match field(obj, "last_event_id") {
+                None => None,
+                Some(v) => Some(v.as_u64().ok_or_else(|| {
+                    Refusal::new(
+                        Code::Invalid,
+                        "last_event_id must be a non-negative integer",
+                    )
+                })?),
+            };
+            Ok(Request::Subscribe {
+                stream: stream(obj)?,
+                last_event_id,
+            })
+        }
+        "unsubscribe" => Ok(Request::Unsubscribe {
+            stream: stream(obj)?,
+        }),
+        other => Err(Refusal::new(
+            Code::UnknownType,
+            format!("unknown message type {other:?}"),
+        )),
+    }
+}
+
+fn with_request_id(mut v: Value, request_id: Option<&Value>) -> String {
+    if let (Some(r), Some(obj)) = (request_id, v.as_object_mut()) {
+        obj.insert("request_id".into(), r.clone());
+    }
+    v.to_string()
+}
+
+pub fn error(request_id: Option<&Value>, r: &Refusal) -> String {
+    let v = json!({"type": "error", "request_id": request_id, "code": r.code.as_str(), "message": r.message});
+    v.to_string()
+}
+
+pub fn welcome(connection_id: &str, subscriptions: &[String], heartbeat_ms: u128) -> String {
+    json!({"type": "welcome", "connection_id": connection_id,
+           "subscriptions": subscriptions, "heartbeat_ms": heartbeat_ms})
+    .to_string()
+}
+
+pub fn ack(request_id: Option<&Value>, change: ItemChange) -> String {
+    let item = serde_json::to_value(ItemBody::from(change.item)).unwrap_or(Value::Null);
+    with_request_id(
+        json!({"type": "ack", "event_id": change.event_id, "item": item}),
+        request_id,
+    )
+}
+
+pub fn stock_snapshot(request_id: Option<&Value>, snapshot: SnapshotBody) -> String {
+    let mut v = serde_json::to_value(snapshot).unwrap_or(Value::Null);
+    if let Some(obj) = v.as_object_mut() {
+        obj.insert("type".into(), "stock_snapshot".into());
+    }
+    with_request_id(v, request_id)
+}
+
+pub fn subscription(kind: &str, request_id: Option<&Value>, stream: &str) -> String {
+    with_request_id(json!({"type": kind, "stream": stream}), request_id)
+}
+
+pub fn pong(request_id: Option<&Value>) -> String {
+    with_request_id(json!({"type": "pong"}), request_id)
+}
+
+/// A cursor item as a text frame: an event is its JSON, the same bytes as the SSE
+/// `data:` line.
+pub fn item(stream: &str, item: &Item) -> String {
+    match item {
+        Item::Event(ev) => String::from_utf8_lossy(&ev.json).into_owned(),
+        Item::Reset(r) => json!({"type": "reset", "stream": stream, "reason": r.reason,
+                                 "earliest_id": r.earliest_id, "last_event_id": r.last_event_id})
+        .to_string(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn refuses_what_is_not_a_request_with_the_right_code() {
+        let code = |t: &str| parse(t).request.err().map(|r| r.code);
+        assert_eq!(code("nope"), Some(Code::BadMessage));
+        assert_eq!(code("[1]"), Some(Code::BadMessage));
+        assert_eq!(code(r#"{"type":"dance"}"#), Some(Code::UnknownType));
+        assert_eq!(code(r#"{"kind":"ping"}"#), Some(Code::Invalid));
+        assert_eq!(
+            code(r#"{"type":"update_quantity","item_id":"x","delta":1}"#),
+            Some(Code::Invalid)
+        );
+        assert_eq!(
+            code(r#"{"type":"update_quantity","item_id":1}"#),
+            Some(Code::Invalid)
+        );
+        assert_eq!(
+            code(r#"{"type":"subscribe","stream":"zone:x"}"#),
+            Some(Code::Invalid)
+        );
+        assert_eq!(code(r#"{"type":"ping"}"#), None);
+        let p = parse(r#"{"type":"update_quantity","request_id":"r1","item_id":7,"delta":-2}"#);
+        assert_eq!(p.request_id, Some(json!("r1")));
+        assert!(matches!(
+            p.request,
+            Ok(Request::UpdateQuantity { item_id: 7, .. })
+        ));
+    }
+}
