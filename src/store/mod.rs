@@ -63,7 +63,9 @@ impl Store {
 
     /// Applies pending migrations and returns their count (for `zonecast migrate`).
     pub async fn migrate(url: &str) -> Result<usize, StoreError> {
-        let db = Database::connect(ConnectOptions::new(url.to_owned())).await?;
+        let mut opts = ConnectOptions::new(url.to_owned());
+        opts.sqlx_logging(false);
+        let db = Database::connect(opts).await?;
         let pending = Migrator::get_pending_migrations(&db).await?.len();
         Migrator::up(&db, None).await?;
         Ok(pending)
