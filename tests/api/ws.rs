@@ -303,3 +303,22 @@ async fn concurrent_ws_updates_on_one_item_are_exact_and_gapless() {
         app.stop().await;
     }
 }
+
+#[tokio::test]
+async fn shutdown_closes_ws_with_1012_and_leaves_no_subscription() {
+    let db = TestDb::sqlite().await;
+    let app = spawn_app(&db, &[]).await;
+    let zone = app.create_zone("A").await;
+    let (mut ws, _) = app.ws_welcomed(&format!("/ws/zones/{zone}")).await;
+    let hub = app.service.broker.hub.clone();
+    assert_eq!(hub.live_streams(), 1);
+    app.stop().await;
+    assert_eq!(ws.close_code().await, 1012);
+    // The feeder is aborted with its connection; its cursor drops at its next poll.
+    within("the feeder to go with its connection", async {
+        while hub.live_streams() > 0 {
+            tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+        }
+    })
+    .await;
+}
