@@ -179,12 +179,7 @@ impl Service {
         request_id: Option<String>,
         actor: &str,
     ) -> Result<ItemChange, ServiceError> {
-        let zone_id = self
-            .store
-            .item_zone(item_id)
-            .await?
-            .ok_or(DomainError::NotFound("item"))?;
-        let stream = StreamKey::Zone(zone_id).to_string();
+        let stream = self.item_stream(item_id).await?;
         self.write(async |txn| {
             // The stream row lock is taken first: it serialises every change to the
             // zone, so the item read below cannot go stale before the update.
@@ -221,12 +216,7 @@ impl Service {
         request_id: Option<String>,
         actor: &str,
     ) -> Result<ItemChange, ServiceError> {
-        let zone_id = self
-            .store
-            .item_zone(item_id)
-            .await?
-            .ok_or(DomainError::NotFound("item"))?;
-        let stream = StreamKey::Zone(zone_id).to_string();
+        let stream = self.item_stream(item_id).await?;
         self.write(async |txn| {
             let seq = Store::next_seq(txn, &stream).await?;
             if let Some(done) = replay(txn, &stream, request_id.as_deref()).await? {
@@ -242,6 +232,16 @@ impl Service {
             Ok((ItemChange::from_event(&ev)?, vec![ev]))
         })
         .await
+    }
+
+    /// The stream of the zone an item belongs to (items never change zones).
+    async fn item_stream(&self, item_id: i32) -> Result<String, ServiceError> {
+        let zone_id = self
+            .store
+            .item_zone(item_id)
+            .await?
+            .ok_or(DomainError::NotFound("item"))?;
+        Ok(StreamKey::Zone(zone_id).to_string())
     }
 
     /// Drops events past the retention window, and forgets them in the cache too, so a

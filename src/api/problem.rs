@@ -116,6 +116,12 @@ impl From<StoreError> for ApiError {
     }
 }
 
+/// A service error as a plain poem response, for routes outside the OpenAPI service
+/// (SSE, the WebSocket handshake): the same mapping as the REST API.
+pub fn service_problem(e: ServiceError) -> Response {
+    ApiError::from(e).into_response()
+}
+
 fn code_for(status: StatusCode) -> &'static str {
     match status.as_u16() {
         400 => "bad_request",

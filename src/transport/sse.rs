@@ -17,12 +17,11 @@ use poem::{Body, Request, Response, handler};
 use serde::Deserialize;
 use tokio::time::{Instant, MissedTickBehavior, interval_at};
 
-use crate::api::problem::Problem;
+use crate::api::problem::{Problem, service_problem};
 use crate::app::AppState;
 use crate::cursor::{Cursor, Item, Start};
 use crate::domain::{StreamKey, format_time, now};
 use crate::event::sse_frame;
-use crate::service::ServiceError;
 
 /// Upper bound of one coalesced write.
 const MAX_CHUNK: usize = 64 * 1024;
@@ -39,11 +38,6 @@ fn truthy(v: Option<&str>) -> bool {
 
 fn header_resume_point(req: &Request) -> Option<String> {
     req.header("Last-Event-ID").map(str::to_owned)
-}
-
-pub fn service_problem(e: ServiceError) -> Response {
-    let api: crate::api::problem::ApiError = e.into();
-    poem::IntoResponse::into_response(api)
 }
 
 fn unavailable(e: impl std::fmt::Display) -> Response {

@@ -25,8 +25,9 @@ use tokio::task::JoinHandle;
 use tokio::time::{Instant, MissedTickBehavior, interval_at};
 use tracing::Instrument;
 
-use super::sse::{service_problem, stopping};
+use super::sse::stopping;
 use super::ws_protocol::{self as proto, Code, Refusal, Request};
+use crate::api::problem::service_problem;
 use crate::app::AppState;
 use crate::cursor::{Cursor, Start};
 use crate::domain::StreamKey;
