@@ -13,6 +13,7 @@ use std::time::{Duration, Instant};
 use futures_util::StreamExt;
 use tokio::sync::Mutex;
 use zonecast::app::Application;
+use zonecast::auth::Principal;
 use zonecast::config::ServeArgs;
 use zonecast::domain::{ItemPatch, NewItem};
 
@@ -68,16 +69,18 @@ async fn fanout(subscribers: usize, changes: usize) {
             .expect("flags");
     let app = Application::build(config).await.expect("server");
     let base = format!("http://{}", app.addr());
+    let key = app.first_admin_key().expect("fresh database").to_owned();
     let service = app.service().clone();
     let server = tokio::spawn(app.run_until_stopped(std::future::pending()));
 
-    let zone = service.create_zone("bench").await.expect("zone");
+    let system = Principal::system("bench");
+    let zone = service.create_zone(&system, "bench").await.expect("zone");
     let item = service
         .create_item(
             zone.id,
             NewItem::parse("B", "bench", 0, 0).expect("item"),
             None,
-            "bench",
+            &system,
         )
         .await
         .expect("item");
@@ -106,7 +109,10 @@ async fn fanout(subscribers: usize, changes: usize) {
     let mut tasks = Vec::with_capacity(subscribers);
     for _ in 0..subscribers {
         let resp = http
-            .get(format!("{base}/sse/zones/{}/stock", zone.id))
+            .get(format!(
+                "{base}/sse/zones/{}/stock?access_token={key}",
+                zone.id
+            ))
             .send()
             .await
             .expect("subscribe");
@@ -120,7 +126,7 @@ async fn fanout(subscribers: usize, changes: usize) {
     for _ in 0..changes {
         let patch = ItemPatch::parse(None, Some(1), None, None, None, None).expect("patch");
         service
-            .update_item(item.item.id, patch, None, "bench")
+            .update_item(item.item.id, patch, None, &system)
             .await
             .expect("write");
     }
@@ -180,6 +186,9 @@ async fn idle_memory(connections: usize) {
             &url,
             "--heartbeat",
             "1h",
+            "--public-read",
+            "--connect-rate",
+            "0",
         ])
         .stdout(std::process::Stdio::null())
         .stderr(std::process::Stdio::null())

@@ -11,9 +11,11 @@ use poem::web::Html;
 use poem::{EndpointExt, Route, Server, get};
 use tokio::sync::watch;
 
+use crate::auth::{Authenticator, Principal, Role, ZoneScope};
 use crate::broker::Broker;
 use crate::config::ServeArgs;
 use crate::domain::Zone;
+use crate::limits::{Limits, Rate};
 use crate::service::{Service, ServiceError};
 use crate::store::{Store, StoreError};
 use crate::{api, transport};
@@ -22,8 +24,8 @@ use crate::{api, transport};
 pub enum StartError {
     #[error("cannot open the database: {0}")]
     Store(#[from] StoreError),
-    #[error("cannot prepare the demo data: {0}")]
-    Demo(#[from] ServiceError),
+    #[error("cannot prepare the demo data or the first admin key: {0}")]
+    Setup(#[from] ServiceError),
     #[error("cannot listen on {addr}: {source}")]
     Bind {
         addr: SocketAddr,
@@ -36,6 +38,8 @@ pub enum StartError {
 pub struct AppState {
     pub service: Service,
     pub config: Arc<ServeArgs>,
+    pub auth: Authenticator,
+    pub limits: Arc<Limits>,
     /// Turns `true` once shutdown starts; every open stream watches it and ends, so
     /// graceful shutdown does not wait out its grace on streams that never end.
     pub shutdown: watch::Receiver<bool>,
@@ -47,6 +51,7 @@ pub struct Application {
     state: AppState,
     stop: watch::Sender<bool>,
     demo: Option<Zone>,
+    first_admin_key: Option<String>,
 }
 
 impl Application {
@@ -59,6 +64,36 @@ impl Application {
         } else {
             service.seed_demo().await?
         };
+        // A first start with no keys creates an admin key, shown once.
+        let first_admin_key = if service.store.api_key_count().await? == 0 {
+            let system = Principal::system("setup");
+            let (_, secret) = service
+                .create_key(&system, "admin", Role::Admin, ZoneScope::All, None)
+                .await?;
+            Some(secret)
+        } else {
+            None
+        };
+        let auth = Authenticator::new(
+            service.store.clone(),
+            config.jwt_secret.as_deref(),
+            config.public_read,
+        );
+        auth.refresh_revocations().await?;
+        let limits = Arc::new(Limits::new(
+            Rate {
+                per_second: config.write_rate,
+                burst: config.write_burst,
+            },
+            Rate {
+                per_second: config.connect_rate,
+                burst: config.connect_burst,
+            },
+            Rate {
+                per_second: config.ws_message_rate,
+                burst: config.ws_message_burst,
+            },
+        ));
         let acceptor = TcpListener::bind(config.bind)
             .into_acceptor()
             .await
@@ -78,10 +113,13 @@ impl Application {
             state: AppState {
                 service,
                 config: Arc::new(config),
+                auth,
+                limits,
                 shutdown,
             },
             stop,
             demo,
+            first_admin_key,
         })
     }
 
@@ -102,6 +140,11 @@ impl Application {
         self.demo.as_ref()
     }
 
+    /// The admin key this start created (first start on a database with no keys).
+    pub fn first_admin_key(&self) -> Option<&str> {
+        self.first_admin_key.as_deref()
+    }
+
     /// Serves until `signal` completes, then ends every stream and waits up to the
     /// configured grace for connections to close.
     pub async fn run_until_stopped(
@@ -110,6 +153,7 @@ impl Application {
     ) -> std::io::Result<()> {
         let state = self.state;
         let pruner = tokio::spawn(prune_forever(state.clone()));
+        let upkeep = tokio::spawn(upkeep_forever(state.clone()));
         let grace = state.config.shutdown_grace;
         let stop = self.stop;
         let signal = async move {
@@ -122,12 +166,18 @@ impl Application {
             .run_with_graceful_shutdown(routes(state), signal, Some(grace))
             .await;
         pruner.abort();
+        upkeep.abort();
         result
     }
 }
 
 pub fn routes(state: AppState) -> impl poem::Endpoint {
-    let api = api::service(state.service.clone());
+    let api = api::service(
+        state.service.clone(),
+        state.auth.clone(),
+        state.limits.clone(),
+    );
+    let origins = state.config.cors_origin.clone();
     let docs = api.swagger_ui();
     let spec = api.spec_endpoint();
     Route::new()
@@ -143,8 +193,33 @@ pub fn routes(state: AppState) -> impl poem::Endpoint {
             "/",
             get(make_sync(|_| Html(include_str!("../static/index.html")))),
         )
+        .around(api::access::authenticate)
         .around(api::problem::problems)
+        .with_if(
+            !origins.is_empty(),
+            poem::middleware::Cors::new()
+                .allow_origins(origins)
+                .allow_headers([
+                    "authorization",
+                    "x-api-key",
+                    "content-type",
+                    "idempotency-key",
+                    "last-event-id",
+                ]),
+        )
         .data(state)
+}
+
+/// Picks up revocations made elsewhere (the CLI) and forgets idle rate-limit keys.
+async fn upkeep_forever(state: AppState) {
+    let mut tick = tokio::time::interval(state.config.revocation_check);
+    loop {
+        tick.tick().await;
+        if let Err(e) = state.auth.refresh_revocations().await {
+            tracing::warn!(error = %e, "cannot read revocations; will retry");
+        }
+        state.limits.prune();
+    }
 }
 
 async fn prune_forever(state: AppState) {

@@ -31,6 +31,35 @@ pub enum Command {
         #[arg(long, env = "ZONECAST_DATABASE_URL", default_value = DEFAULT_DATABASE_URL)]
         database_url: String,
     },
+    /// Manage API keys (applies pending migrations first).
+    Keys {
+        #[arg(long, env = "ZONECAST_DATABASE_URL", default_value = DEFAULT_DATABASE_URL, global = true)]
+        database_url: String,
+        #[command(subcommand)]
+        action: KeysAction,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+pub enum KeysAction {
+    /// Create a key and print it (alone, on the last line of stdout); it is shown once.
+    Create {
+        #[arg(long)]
+        name: String,
+        /// reader, writer or admin.
+        #[arg(long)]
+        role: crate::auth::Role,
+        /// Zone ids the key may use (`1,2`), or `*` for all.
+        #[arg(long, default_value = "*")]
+        zones: crate::auth::ZoneScope,
+        /// The user id the key acts for (its notifications).
+        #[arg(long)]
+        user: Option<String>,
+    },
+    /// List keys (never their secrets).
+    List,
+    /// Revoke a key by name; servers refuse it at once and close its connections.
+    Revoke { name: String },
 }
 
 fn duration(s: &str) -> Result<Duration, String> {
@@ -89,6 +118,45 @@ pub struct ServeArgs {
     /// stop reading (and later catch up from the cache or the log).
     #[arg(long, env = "ZONECAST_WS_QUEUE", default_value_t = 256)]
     pub ws_queue: usize,
+
+    /// HS256 secret for JWTs (`sub`, `role`, `zones`, `exp`); without it only API keys
+    /// are accepted.
+    #[arg(long, env = "ZONECAST_JWT_SECRET", hide_env_values = true)]
+    pub jwt_secret: Option<String>,
+
+    /// Let callers without credentials read zone and alert streams and REST reads.
+    #[arg(long, env = "ZONECAST_PUBLIC_READ")]
+    pub public_read: bool,
+
+    /// Origins allowed by CORS (comma-separated); none means same-origin only.
+    #[arg(long, env = "ZONECAST_CORS_ORIGIN", value_delimiter = ',')]
+    pub cors_origin: Vec<String>,
+
+    /// Writes (REST mutations, WS update_quantity) per second per principal; 0 = off.
+    #[arg(long, env = "ZONECAST_WRITE_RATE", default_value_t = 20)]
+    pub write_rate: u32,
+
+    /// Writes a principal may make at once before the rate applies.
+    #[arg(long, env = "ZONECAST_WRITE_BURST", default_value_t = 40)]
+    pub write_burst: u32,
+
+    /// SSE/WS connection opens per second per principal; 0 = off.
+    #[arg(long, env = "ZONECAST_CONNECT_RATE", default_value_t = 10)]
+    pub connect_rate: u32,
+
+    #[arg(long, env = "ZONECAST_CONNECT_BURST", default_value_t = 50)]
+    pub connect_burst: u32,
+
+    /// Messages per second per WebSocket connection; 0 = off.
+    #[arg(long, env = "ZONECAST_WS_MESSAGE_RATE", default_value_t = 50)]
+    pub ws_message_rate: u32,
+
+    #[arg(long, env = "ZONECAST_WS_MESSAGE_BURST", default_value_t = 100)]
+    pub ws_message_burst: u32,
+
+    /// How often revocations made elsewhere (the CLI, another node) are picked up.
+    #[arg(long, env = "ZONECAST_REVOCATION_CHECK", default_value = "2s", value_parser = duration)]
+    pub revocation_check: Duration,
 
     /// How long shutdown waits for connections to finish.
     #[arg(long, env = "ZONECAST_SHUTDOWN_GRACE", default_value = "10s", value_parser = duration)]

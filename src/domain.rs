@@ -21,6 +21,10 @@ pub enum DomainError {
     InsufficientStock { quantity: i64, would_be: i64 },
     #[error("{0}")]
     Conflict(String),
+    #[error("{0}")]
+    Unauthenticated(String),
+    #[error("{0}")]
+    Forbidden(String),
 }
 
 /// A stream of the change log: its events carry consecutive seqs starting at 1.
@@ -128,6 +132,23 @@ fn non_negative(field: &str, v: i64) -> Result<i64, DomainError> {
         return Err(DomainError::Invalid(format!("{field} must be >= 0")));
     }
     Ok(v)
+}
+
+pub fn key_name(name: &str) -> Result<String, DomainError> {
+    let n = text("name", name, 64)?;
+    if !n
+        .chars()
+        .all(|c| c.is_ascii_alphanumeric() || "-_.".contains(c))
+    {
+        return Err(DomainError::Invalid(
+            "a key name may hold letters, digits, '-', '_' and '.'".into(),
+        ));
+    }
+    Ok(n)
+}
+
+pub fn user_id(user: &str) -> Result<String, DomainError> {
+    text("user", user, 128)
 }
 
 pub fn zone_name(name: &str) -> Result<String, DomainError> {

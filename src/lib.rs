@@ -16,12 +16,14 @@
 //! - `hub`: one broadcast channel per live stream; no DB, no HTTP.
 //! - `cursor`: the gapless per-subscriber feed, transport-agnostic.
 //! - `transport::sse`: SSE streams.
-//! - `api`: REST (OpenAPI) and problem+json.
+//! - `auth`: principals, API keys, JWTs, revocation; `limits`: rate limits.
+//! - `api`: REST (OpenAPI), authentication middleware, problem+json.
 //! - `app`: wiring, binding, graceful shutdown.
 //! - `telemetry`: logging setup.
 
 pub mod api;
 pub mod app;
+pub mod auth;
 pub mod broker;
 pub mod cache;
 pub mod config;
@@ -29,6 +31,7 @@ pub mod cursor;
 pub mod domain;
 pub mod event;
 pub mod hub;
+pub mod limits;
 pub mod service;
 pub mod store;
 pub mod telemetry;

@@ -4,7 +4,11 @@
 use anyhow::Context;
 use clap::Parser;
 use zonecast::app::Application;
-use zonecast::config::{Cli, Command};
+use zonecast::auth::Principal;
+use zonecast::broker::Broker;
+use zonecast::config::{Cli, Command, KeysAction};
+use zonecast::domain::format_time;
+use zonecast::service::Service;
 use zonecast::store::Store;
 
 #[tokio::main]
@@ -19,6 +23,10 @@ async fn main() -> anyhow::Result<()> {
             println!("applied {n} migration(s)");
             Ok(())
         }
+        Some(Command::Keys {
+            database_url,
+            action,
+        }) => keys(&database_url, action).await,
         Some(Command::Serve(args)) => serve(args).await,
         None => serve(cli.serve).await,
     }
@@ -31,9 +39,70 @@ async fn serve(args: zonecast::config::ServeArgs) -> anyhow::Result<()> {
         println!("created demo zone {} ({:?})", z.id, z.name);
     }
     println!("zonecast is serving on {base}");
+    if let Some(key) = app.first_admin_key() {
+        println!("  first admin key (shown once; keep it): {key}");
+        println!("  dashboard with it: {base}/?access_token={key}");
+    }
     println!("  dashboard: {base}/");
     println!("  API docs:  {base}/docs");
     app.run_until_stopped(shutdown_signal()).await?;
+    Ok(())
+}
+
+/// `zonecast keys …`: runs against the database directly (migrating it first), so it
+/// works on a fresh database and while servers run; they pick up revocations within
+/// `--revocation-check`.
+async fn keys(database_url: &str, action: KeysAction) -> anyhow::Result<()> {
+    let store = Store::open(database_url)
+        .await
+        .context("cannot open the database")?;
+    let service = Service::new(store, Broker::new(1, 0));
+    let cli = Principal::system("cli");
+    match action {
+        KeysAction::Create {
+            name,
+            role,
+            zones,
+            user,
+        } => {
+            let (key, secret) = service
+                .create_key(&cli, &name, role, zones, user.as_deref())
+                .await?;
+            println!(
+                "created key {} (role {}, zones {}{})",
+                key.name,
+                key.role,
+                key.zones,
+                key.user_id
+                    .map(|u| format!(", user {u}"))
+                    .unwrap_or_default()
+            );
+            println!("{secret}");
+        }
+        KeysAction::List => {
+            println!(
+                "{:<24} {:<7} {:<16} {:<16} {:<25} REVOKED",
+                "NAME", "ROLE", "ZONES", "USER", "CREATED"
+            );
+            for k in service.keys(&cli).await? {
+                println!(
+                    "{:<24} {:<7} {:<16} {:<16} {:<25} {}",
+                    k.name,
+                    k.role.to_string(),
+                    k.zones.to_string(),
+                    k.user_id.unwrap_or_else(|| "-".into()),
+                    format_time(&k.created_at),
+                    k.revoked_at
+                        .map(|t| format_time(&t))
+                        .unwrap_or_else(|| "-".into())
+                );
+            }
+        }
+        KeysAction::Revoke { name } => {
+            let k = service.revoke_key(&cli, &name).await?;
+            println!("revoked key {}", k.name);
+        }
+    }
     Ok(())
 }
 

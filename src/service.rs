@@ -11,13 +11,14 @@ use std::time::Duration;
 use chrono::Utc;
 use sea_orm::DatabaseTransaction;
 
+use crate::auth::{Principal, Role, ZoneScope, hash_key, new_key};
 use crate::broker::Broker;
 use crate::domain::{
     DomainError, Item, ItemEventData, ItemPatch, LowStockData, NewItem, Snapshot, StreamKey, Zone,
     now, zone_name,
 };
 use crate::event::Event;
-use crate::store::{Store, StoreError};
+use crate::store::{ApiKey, Store, StoreError};
 
 #[derive(Debug, thiserror::Error)]
 pub enum ServiceError {
@@ -51,9 +52,6 @@ impl ItemChange {
         })
     }
 }
-
-/// Who made a change, as recorded in the event (`actor`).
-pub const ANONYMOUS: &str = "anonymous";
 
 #[derive(Clone)]
 pub struct Service {
@@ -100,13 +98,17 @@ impl Service {
         }
     }
 
-    pub async fn create_zone(&self, name: &str) -> Result<Zone, ServiceError> {
+    pub async fn create_zone(&self, by: &Principal, name: &str) -> Result<Zone, ServiceError> {
+        by.require_admin("create zones")?;
         let name = zone_name(name)?;
         Ok(self.store.create_zone(&name, now()).await?)
     }
 
-    pub async fn zones(&self) -> Result<Vec<Zone>, ServiceError> {
-        Ok(self.store.zones().await?)
+    /// The zones `by` may see.
+    pub async fn zones(&self, by: &Principal) -> Result<Vec<Zone>, ServiceError> {
+        let mut zones = self.store.zones().await?;
+        zones.retain(|z| by.zones.contains(z.id));
+        Ok(zones)
     }
 
     pub async fn zone(&self, id: i32) -> Result<Zone, ServiceError> {
@@ -143,8 +145,10 @@ impl Service {
         zone_id: i32,
         new: NewItem,
         request_id: Option<String>,
-        actor: &str,
+        by: &Principal,
     ) -> Result<ItemChange, ServiceError> {
+        by.require_write(zone_id)?;
+        let actor = by.name.as_str();
         let stream = StreamKey::Zone(zone_id).to_string();
         self.write(async |txn| {
             if !Store::zone_exists_in(txn, zone_id).await? {
@@ -177,9 +181,10 @@ impl Service {
         item_id: i32,
         patch: ItemPatch,
         request_id: Option<String>,
-        actor: &str,
+        by: &Principal,
     ) -> Result<ItemChange, ServiceError> {
-        let stream = self.item_stream(item_id).await?;
+        let stream = self.item_stream(item_id, by).await?;
+        let actor = by.name.as_str();
         self.write(async |txn| {
             // The stream row lock is taken first: it serialises every change to the
             // zone, so the item read below cannot go stale before the update.
@@ -214,9 +219,10 @@ impl Service {
         &self,
         item_id: i32,
         request_id: Option<String>,
-        actor: &str,
+        by: &Principal,
     ) -> Result<ItemChange, ServiceError> {
-        let stream = self.item_stream(item_id).await?;
+        let stream = self.item_stream(item_id, by).await?;
+        let actor = by.name.as_str();
         self.write(async |txn| {
             let seq = Store::next_seq(txn, &stream).await?;
             if let Some(done) = replay(txn, &stream, request_id.as_deref()).await? {
@@ -234,14 +240,58 @@ impl Service {
         .await
     }
 
-    /// The stream of the zone an item belongs to (items never change zones).
-    async fn item_stream(&self, item_id: i32) -> Result<String, ServiceError> {
+    /// The stream of the zone an item belongs to (items never change zones), once
+    /// `by` is known to be allowed to change it.
+    async fn item_stream(&self, item_id: i32, by: &Principal) -> Result<String, ServiceError> {
         let zone_id = self
             .store
             .item_zone(item_id)
             .await?
             .ok_or(DomainError::NotFound("item"))?;
+        by.require_write(zone_id)?;
         Ok(StreamKey::Zone(zone_id).to_string())
+    }
+
+    /// Creates an API key; the secret is returned here once and stored only hashed.
+    pub async fn create_key(
+        &self,
+        by: &Principal,
+        name: &str,
+        role: Role,
+        zones: ZoneScope,
+        user: Option<&str>,
+    ) -> Result<(ApiKey, String), ServiceError> {
+        by.require_admin("manage keys")?;
+        let name = crate::domain::key_name(name)?;
+        let user = user.map(crate::domain::user_id).transpose()?;
+        let secret = new_key().map_err(|e| StoreError::Corrupt(format!("no randomness: {e}")))?;
+        let key = self
+            .store
+            .insert_api_key(
+                &name,
+                &hash_key(&secret),
+                role,
+                &zones,
+                user.as_deref(),
+                now(),
+            )
+            .await?
+            .ok_or_else(|| DomainError::Conflict(format!("a key named {name:?} exists")))?;
+        Ok((key, secret))
+    }
+
+    pub async fn keys(&self, by: &Principal) -> Result<Vec<ApiKey>, ServiceError> {
+        by.require_admin("manage keys")?;
+        Ok(self.store.api_keys().await?)
+    }
+
+    pub async fn revoke_key(&self, by: &Principal, name: &str) -> Result<ApiKey, ServiceError> {
+        by.require_admin("manage keys")?;
+        Ok(self
+            .store
+            .revoke_api_key(name, now())
+            .await?
+            .ok_or(DomainError::NotFound("key"))?)
     }
 
     /// Drops events past the retention window, and forgets them in the cache too, so a
@@ -270,7 +320,8 @@ impl Service {
         if self.store.zone_count().await? > 0 {
             return Ok(None);
         }
-        let zone = self.create_zone("Demo warehouse").await?;
+        let demo = Principal::system("demo");
+        let zone = self.create_zone(&demo, "Demo warehouse").await?;
         for (sku, name, qty, low) in [
             ("BOLT-M6", "Bolts M6", 120, 20),
             ("NUT-M6", "Nuts M6", 200, 40),
@@ -280,7 +331,7 @@ impl Service {
             ("LBL-A6", "Shipping labels A6", 500, 100),
         ] {
             let new = NewItem::parse(sku, name, qty, low)?;
-            self.create_item(zone.id, new, None, "demo").await?;
+            self.create_item(zone.id, new, None, &demo).await?;
         }
         Ok(Some(zone))
     }

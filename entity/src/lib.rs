@@ -1,6 +1,7 @@
 //! SeaORM entities for zonecast's tables. Plain rows: no HTTP shapes and no domain
 //! rules live here (those are in the server's `domain` and `store` modules).
 
+pub mod api_key;
 pub mod event;
 pub mod item;
 pub mod stream;

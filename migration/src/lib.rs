@@ -6,12 +6,16 @@
 pub use sea_orm_migration::prelude::*;
 
 mod m20261124_000001_create_stock_and_log;
+mod m20261125_000001_create_api_keys;
 
 pub struct Migrator;
 
 #[async_trait::async_trait]
 impl MigratorTrait for Migrator {
     fn migrations() -> Vec<Box<dyn MigrationTrait>> {
-        vec![Box::new(m20261124_000001_create_stock_and_log::Migration)]
+        vec![
+            Box::new(m20261124_000001_create_stock_and_log::Migration),
+            Box::new(m20261125_000001_create_api_keys::Migration),
+        ]
     }
 }

@@ -6,6 +6,7 @@ use serde::Serialize;
 
 use crate::domain::{Item, Snapshot, Zone, format_time};
 use crate::service::ItemChange;
+use crate::store::ApiKey;
 
 #[derive(Debug, Object)]
 pub struct ZoneBody {
@@ -123,4 +124,46 @@ pub struct EventsPage {
     /// Event JSON objects, as sent on SSE and WebSocket.
     pub events: Vec<serde_json::Value>,
     pub next_after: u64,
+}
+
+#[derive(Debug, Object)]
+pub struct CreateKey {
+    pub name: String,
+    /// `reader`, `writer` or `admin`.
+    pub role: String,
+    /// `*` (default) or zone ids: `1,2`.
+    pub zones: Option<String>,
+    /// The user id the key acts for.
+    pub user: Option<String>,
+}
+
+#[derive(Debug, Object)]
+pub struct KeyBody {
+    pub name: String,
+    pub role: String,
+    pub zones: String,
+    pub user: Option<String>,
+    pub created_at: String,
+    pub revoked_at: Option<String>,
+}
+
+impl From<ApiKey> for KeyBody {
+    fn from(k: ApiKey) -> Self {
+        KeyBody {
+            name: k.name,
+            role: k.role.to_string(),
+            zones: k.zones.to_string(),
+            user: k.user_id,
+            created_at: format_time(&k.created_at),
+            revoked_at: k.revoked_at.as_ref().map(format_time),
+        }
+    }
+}
+
+/// A new key: `key` is the secret, shown only in this reply.
+#[derive(Debug, Object)]
+pub struct NewKeyBody {
+    pub key: String,
+    #[oai(flatten)]
+    pub info: KeyBody,
 }

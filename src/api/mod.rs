@@ -1,20 +1,41 @@
 //! The REST API (poem-openapi): thin handlers that parse into domain types, call the
 //! service, and shape the reply. Swagger UI at `/docs`, the spec at `/openapi.json`.
 
+pub mod access;
 pub mod dto;
 pub mod problem;
 
+use std::sync::Arc;
+
+use poem::web::Data;
 use poem_openapi::param::{Header, Path, Query};
 use poem_openapi::payload::Json;
 use poem_openapi::{ApiResponse, OpenApi, OpenApiService};
 
-use crate::domain::{ItemPatch, NewItem, request_id};
-use crate::service::{ANONYMOUS, Service};
+use crate::auth::{Authenticator, Principal};
+use crate::domain::{DomainError, ItemPatch, NewItem, request_id};
+use crate::limits::Limits;
+use crate::service::Service;
+use access::RateKey;
 use dto::*;
 use problem::ApiError;
 
 pub struct Api {
     pub service: Service,
+    pub auth: Authenticator,
+    pub limits: Arc<Limits>,
+}
+
+impl Api {
+    fn write_allowed(&self, rate: &RateKey) -> Result<(), ApiError> {
+        self.limits
+            .write(&rate.0)
+            .map_err(|r| ApiError::rate_limited(r, "writes"))
+    }
+}
+
+fn read_zone(p: &Principal, zone: i32) -> Result<(), ApiError> {
+    p.require_zone(zone).map_err(ApiError::from)
 }
 
 type ApiResult<T> = Result<T, ApiError>;
@@ -29,27 +50,33 @@ pub enum Created<T: poem_openapi::types::ToJSON> {
 impl Api {
     /// All zones.
     #[oai(path = "/zones", method = "get")]
-    async fn zones(&self) -> ApiResult<Json<Vec<ZoneBody>>> {
-        let zones = self.service.zones().await?;
+    async fn zones(&self, p: Data<&Principal>) -> ApiResult<Json<Vec<ZoneBody>>> {
+        let zones = self.service.zones(p.0).await?;
         Ok(Json(zones.into_iter().map(Into::into).collect()))
     }
 
     /// Create a zone.
     #[oai(path = "/zones", method = "post")]
-    async fn create_zone(&self, body: Json<CreateZone>) -> ApiResult<Created<ZoneBody>> {
-        let zone = self.service.create_zone(&body.0.name).await?;
+    async fn create_zone(
+        &self,
+        body: Json<CreateZone>,
+        p: Data<&Principal>,
+    ) -> ApiResult<Created<ZoneBody>> {
+        let zone = self.service.create_zone(p.0, &body.0.name).await?;
         Ok(Created::Created(Json(zone.into())))
     }
 
     /// One zone.
     #[oai(path = "/zones/:id", method = "get")]
-    async fn zone(&self, id: Path<i32>) -> ApiResult<Json<ZoneBody>> {
+    async fn zone(&self, id: Path<i32>, p: Data<&Principal>) -> ApiResult<Json<ZoneBody>> {
+        read_zone(p.0, id.0)?;
         Ok(Json(self.service.zone(id.0).await?.into()))
     }
 
     /// Consistent snapshot of the zone's items with the id of the last event included.
     #[oai(path = "/zones/:id/items", method = "get")]
-    async fn snapshot(&self, id: Path<i32>) -> ApiResult<Json<SnapshotBody>> {
+    async fn snapshot(&self, id: Path<i32>, p: Data<&Principal>) -> ApiResult<Json<SnapshotBody>> {
+        read_zone(p.0, id.0)?;
         Ok(Json(self.service.snapshot(id.0).await?.into()))
     }
 
@@ -60,12 +87,16 @@ impl Api {
         id: Path<i32>,
         body: Json<CreateItem>,
         #[oai(name = "Idempotency-Key")] key: Header<Option<String>>,
+        p: Data<&Principal>,
+        rate: Data<&RateKey>,
     ) -> ApiResult<Created<ItemChangeBody>> {
+        p.require_write(id.0).map_err(ApiError::from)?;
+        self.write_allowed(rate.0)?;
         let b = body.0;
         let new = NewItem::parse(&b.sku, &b.name, b.quantity, b.low_stock_threshold)
             .map_err(ApiError::from)?;
         let rid = request_id(key.0.as_deref()).map_err(ApiError::from)?;
-        let change = self.service.create_item(id.0, new, rid, ANONYMOUS).await?;
+        let change = self.service.create_item(id.0, new, rid, p.0).await?;
         Ok(Created::Created(Json(change.into())))
     }
 
@@ -77,7 +108,10 @@ impl Api {
         id: Path<i32>,
         body: Json<PatchItem>,
         #[oai(name = "Idempotency-Key")] key: Header<Option<String>>,
+        p: Data<&Principal>,
+        rate: Data<&RateKey>,
     ) -> ApiResult<Json<ItemChangeBody>> {
+        self.write_allowed(rate.0)?;
         let b = body.0;
         let patch = ItemPatch::parse(
             b.quantity,
@@ -89,10 +123,7 @@ impl Api {
         )
         .map_err(ApiError::from)?;
         let rid = request_id(key.0.as_deref()).map_err(ApiError::from)?;
-        let change = self
-            .service
-            .update_item(id.0, patch, rid, ANONYMOUS)
-            .await?;
+        let change = self.service.update_item(id.0, patch, rid, p.0).await?;
         Ok(Json(change.into()))
     }
 
@@ -102,9 +133,12 @@ impl Api {
         &self,
         id: Path<i32>,
         #[oai(name = "Idempotency-Key")] key: Header<Option<String>>,
+        p: Data<&Principal>,
+        rate: Data<&RateKey>,
     ) -> ApiResult<Json<ItemChangeBody>> {
+        self.write_allowed(rate.0)?;
         let rid = request_id(key.0.as_deref()).map_err(ApiError::from)?;
-        let change = self.service.delete_item(id.0, rid, ANONYMOUS).await?;
+        let change = self.service.delete_item(id.0, rid, p.0).await?;
         Ok(Json(change.into()))
     }
 
@@ -116,7 +150,9 @@ impl Api {
         id: Path<i32>,
         #[oai(default)] after: Query<u64>,
         limit: Query<Option<u64>>,
+        p: Data<&Principal>,
     ) -> ApiResult<Json<EventsPage>> {
+        read_zone(p.0, id.0)?;
         let limit = limit.0.unwrap_or(100).clamp(1, 1000);
         let events = self.service.events(id.0, after.0, limit).await?;
         let next_after = events.last().map_or(after.0, |e| e.seq);
@@ -130,10 +166,68 @@ impl Api {
             next_after,
         }))
     }
+
+    /// API keys (admin): name, role, zone scope, user; never the secrets.
+    #[oai(path = "/keys", method = "get")]
+    async fn keys(&self, p: Data<&Principal>) -> ApiResult<Json<Vec<KeyBody>>> {
+        let keys = self.service.keys(p.0).await?;
+        Ok(Json(keys.into_iter().map(Into::into).collect()))
+    }
+
+    /// Create an API key (admin). The `key` in the reply is shown only this once.
+    #[oai(path = "/keys", method = "post")]
+    async fn create_key(
+        &self,
+        body: Json<CreateKey>,
+        p: Data<&Principal>,
+    ) -> ApiResult<Created<NewKeyBody>> {
+        let b = body.0;
+        let role = b
+            .role
+            .parse()
+            .map_err(|e: String| ApiError::from(DomainError::Invalid(e)))?;
+        let zones = b
+            .zones
+            .as_deref()
+            .unwrap_or("*")
+            .parse()
+            .map_err(|e: String| ApiError::from(DomainError::Invalid(e)))?;
+        let (key, secret) = self
+            .service
+            .create_key(p.0, &b.name, role, zones, b.user.as_deref())
+            .await?;
+        Ok(Created::Created(Json(NewKeyBody {
+            key: secret,
+            info: key.into(),
+        })))
+    }
+
+    /// Revoke an API key (admin): refused at once, its open connections closed.
+    #[oai(path = "/keys/:name", method = "delete")]
+    async fn revoke_key(
+        &self,
+        name: Path<String>,
+        p: Data<&Principal>,
+    ) -> ApiResult<Json<KeyBody>> {
+        let key = self.service.revoke_key(p.0, &name.0).await?;
+        if let Err(e) = self.auth.refresh_revocations().await {
+            tracing::warn!(error = %e, "revocation not yet applied to open connections");
+        }
+        Ok(Json(key.into()))
+    }
 }
 
-pub fn service(service: Service) -> OpenApiService<Api, ()> {
-    OpenApiService::new(Api { service }, "zonecast", env!("CARGO_PKG_VERSION"))
+pub fn service(
+    service: Service,
+    auth: Authenticator,
+    limits: Arc<Limits>,
+) -> OpenApiService<Api, ()> {
+    let api = Api {
+        service,
+        auth,
+        limits,
+    };
+    OpenApiService::new(api, "zonecast", env!("CARGO_PKG_VERSION"))
         .description("Real-time stock notifications: zones, items and their change log.")
         .server("/api")
 }

@@ -6,7 +6,9 @@ use poem::{Endpoint, IntoResponse, Request, Response};
 use poem_openapi::{ApiResponse, Object, payload::Json};
 use serde::Serialize;
 
+use crate::auth::AuthError;
 use crate::domain::DomainError;
+use crate::limits::RetryAfter;
 use crate::service::ServiceError;
 use crate::store::StoreError;
 
@@ -52,6 +54,12 @@ pub enum ApiError {
     /// Malformed request.
     #[oai(status = 400, content_type = "application/problem+json")]
     BadRequest(Json<Problem>),
+    /// Missing, invalid or revoked credentials.
+    #[oai(status = 401, content_type = "application/problem+json")]
+    Unauthorized(Json<Problem>),
+    /// The caller may not do this (role or zone scope).
+    #[oai(status = 403, content_type = "application/problem+json")]
+    Forbidden(Json<Problem>),
     /// Unknown zone or item.
     #[oai(status = 404, content_type = "application/problem+json")]
     NotFound(Json<Problem>),
@@ -61,8 +69,46 @@ pub enum ApiError {
     /// `invalid` field values, or `insufficient_stock`.
     #[oai(status = 422, content_type = "application/problem+json")]
     Unprocessable(Json<Problem>),
+    /// Over a rate limit: retry after `Retry-After` seconds.
+    #[oai(status = 429, content_type = "application/problem+json")]
+    TooManyRequests(Json<Problem>, #[oai(header = "Retry-After")] u64),
     #[oai(status = 500, content_type = "application/problem+json")]
     Internal(Json<Problem>),
+    #[oai(status = 503, content_type = "application/problem+json")]
+    Unavailable(Json<Problem>),
+}
+
+impl ApiError {
+    pub fn rate_limited(retry: RetryAfter, what: &str) -> Self {
+        ApiError::TooManyRequests(
+            Json(Problem::new(
+                StatusCode::TOO_MANY_REQUESTS,
+                "rate_limited",
+                format!("too many {what}; retry in {} s", retry.seconds()),
+            )),
+            retry.seconds(),
+        )
+    }
+}
+
+impl From<AuthError> for ApiError {
+    fn from(e: AuthError) -> Self {
+        match e {
+            AuthError::Store(s) => {
+                tracing::error!(error = %s, "cannot check credentials");
+                ApiError::Unavailable(Json(Problem::new(
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    "unavailable",
+                    "credentials cannot be checked right now; retry",
+                )))
+            }
+            other => ApiError::Unauthorized(Json(Problem::new(
+                StatusCode::UNAUTHORIZED,
+                "unauthorized",
+                format!("{other}: send Authorization: Bearer, X-API-Key or ?access_token="),
+            ))),
+        }
+    }
 }
 
 impl From<ServiceError> for ApiError {
@@ -101,6 +147,16 @@ impl From<DomainError> for ApiError {
             DomainError::Conflict(_) => {
                 ApiError::Conflict(Json(Problem::new(StatusCode::CONFLICT, "conflict", detail)))
             }
+            DomainError::Unauthenticated(_) => ApiError::Unauthorized(Json(Problem::new(
+                StatusCode::UNAUTHORIZED,
+                "unauthorized",
+                detail,
+            ))),
+            DomainError::Forbidden(_) => ApiError::Forbidden(Json(Problem::new(
+                StatusCode::FORBIDDEN,
+                "forbidden",
+                detail,
+            ))),
         }
     }
 }
@@ -120,6 +176,11 @@ impl From<StoreError> for ApiError {
 /// (SSE, the WebSocket handshake): the same mapping as the REST API.
 pub fn service_problem(e: ServiceError) -> Response {
     ApiError::from(e).into_response()
+}
+
+/// Any `ApiError` as a plain poem response.
+pub fn error_response(e: impl Into<ApiError>) -> Response {
+    e.into().into_response()
 }
 
 fn code_for(status: StatusCode) -> &'static str {

@@ -4,6 +4,7 @@
 //!
 //! Must not publish anything: publishing happens after commit, in the service layer.
 
+mod keys;
 mod log;
 mod stock;
 
@@ -17,6 +18,7 @@ use sea_orm::{
     TransactionTrait, Value,
 };
 
+pub use keys::ApiKey;
 pub use log::LogBounds;
 
 #[derive(Debug, thiserror::Error)]

@@ -17,8 +17,10 @@ use poem::{Body, Request, Response, handler};
 use serde::Deserialize;
 use tokio::time::{Instant, MissedTickBehavior, interval_at};
 
-use crate::api::problem::{Problem, service_problem};
+use crate::api::access::RateKey;
+use crate::api::problem::{ApiError, Problem, error_response, service_problem};
 use crate::app::AppState;
+use crate::auth::Principal;
 use crate::cursor::{Cursor, Item, Start};
 use crate::domain::{StreamKey, format_time, now};
 use crate::event::sse_frame;
@@ -50,6 +52,22 @@ fn unavailable(e: impl std::fmt::Display) -> Response {
     .response()
 }
 
+/// Why this caller may not open a stream on `stream` now (scope, then the
+/// connection-open rate limit), as a problem response before the stream starts;
+/// `None` when it may.
+pub fn refusal(
+    state: &AppState,
+    p: &Principal,
+    rate: &RateKey,
+    stream: Option<&StreamKey>,
+) -> Option<Response> {
+    if let Some(Err(e)) = stream.map(|s| p.require_stream(s)) {
+        return Some(error_response(e));
+    }
+    let retry = state.limits.connect(&rate.0).err()?;
+    Some(error_response(ApiError::rate_limited(retry, "connections")))
+}
+
 /// `GET /sse/zones/{zone_id}/stock`
 #[handler]
 pub async fn zone_stock(
@@ -57,7 +75,12 @@ pub async fn zone_stock(
     Path(zone_id): Path<i32>,
     Query(q): Query<SseQuery>,
     Data(state): Data<&AppState>,
+    Data(principal): Data<&Principal>,
+    Data(rate): Data<&RateKey>,
 ) -> Response {
+    if let Some(r) = refusal(state, principal, rate, Some(&StreamKey::Zone(zone_id))) {
+        return r;
+    }
     let service = &state.service;
     if let Err(e) = service.zone(zone_id).await {
         return service_problem(e);
@@ -88,7 +111,7 @@ pub async fn zone_stock(
     if let Err(e) = cursor.seek(start).await {
         return unavailable(e);
     }
-    stream_response(state, cursor, first.freeze())
+    stream_response(state, principal, cursor, first.freeze())
 }
 
 /// `GET /sse/alerts`
@@ -97,7 +120,12 @@ pub async fn alerts(
     req: &Request,
     Query(q): Query<SseQuery>,
     Data(state): Data<&AppState>,
+    Data(principal): Data<&Principal>,
+    Data(rate): Data<&RateKey>,
 ) -> Response {
+    if let Some(r) = refusal(state, principal, rate, Some(&StreamKey::Alerts)) {
+        return r;
+    }
     let service = &state.service;
     let stream = StreamKey::Alerts.to_string();
     let mut cursor = Cursor::subscribe(&service.broker, &service.store, &stream);
@@ -106,7 +134,7 @@ pub async fn alerts(
         return unavailable(e);
     }
     let first = Bytes::from(retry_line(state.config.sse_retry));
-    stream_response(state, cursor, first)
+    stream_response(state, principal, cursor, first)
 }
 
 fn retry_line(retry: Duration) -> String {
@@ -129,17 +157,31 @@ pub fn frame(item: &Item) -> Bytes {
     }
 }
 
-fn stream_response(state: &AppState, mut cursor: Cursor, first: Bytes) -> Response {
+fn stream_response(
+    state: &AppState,
+    principal: &Principal,
+    mut cursor: Cursor,
+    first: Bytes,
+) -> Response {
     let heartbeat = state.config.heartbeat;
     let mut shutdown = state.shutdown.clone();
+    let auth = state.auth.clone();
+    let principal = principal.clone();
     let body = async_stream::stream! {
         yield Ok::<Bytes, std::io::Error>(first);
+        let name = principal.name.clone();
+        let revoked = async move { auth.revoked(&principal).await };
+        tokio::pin!(revoked);
         let mut beat = interval_at(Instant::now() + heartbeat, heartbeat);
         beat.set_missed_tick_behavior(MissedTickBehavior::Delay);
         loop {
             tokio::select! {
                 biased;
                 _ = stopping(&mut shutdown) => break,
+                _ = &mut revoked => {
+                    tracing::info!(principal = %name, "credentials revoked; ending SSE stream");
+                    break;
+                }
                 item = cursor.next() => match item {
                     Ok(item) => yield Ok(drain(&mut cursor, frame(&item))),
                     Err(e) => {

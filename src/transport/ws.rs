@@ -25,12 +25,15 @@ use tokio::task::JoinHandle;
 use tokio::time::{Instant, MissedTickBehavior, interval_at};
 use tracing::Instrument;
 
-use super::sse::stopping;
+use super::sse::{refusal, stopping};
 use super::ws_protocol::{self as proto, Code, Refusal, Request};
+use crate::api::access::RateKey;
 use crate::api::problem::service_problem;
 use crate::app::AppState;
+use crate::auth::Principal;
 use crate::cursor::{Cursor, Start};
 use crate::domain::StreamKey;
+use crate::limits::check_direct;
 
 /// Largest text frame a client may send.
 pub const MAX_MESSAGE: usize = 64 * 1024;
@@ -52,12 +55,33 @@ fn config() -> WebSocketConfig {
         .max_frame_size(Some(MAX_MESSAGE))
 }
 
+/// Rate-limited messages in a row after which a flooding client is closed (1008).
+const FLOOD: u32 = 200;
+
+/// Who is on the other end, fixed at the handshake.
+struct Caller {
+    principal: Principal,
+    rate: RateKey,
+}
+
 /// `GET /ws`
 #[handler]
-pub fn plain_socket(ws: WebSocket, Data(state): Data<&AppState>) -> Response {
+pub fn plain_socket(
+    ws: WebSocket,
+    Data(state): Data<&AppState>,
+    Data(principal): Data<&Principal>,
+    Data(rate): Data<&RateKey>,
+) -> Response {
+    if let Some(r) = refusal(state, principal, rate, None) {
+        return r;
+    }
     let state = state.clone();
+    let caller = Caller {
+        principal: principal.clone(),
+        rate: rate.clone(),
+    };
     ws.config(config())
-        .on_upgrade(move |socket| run(socket, state, None))
+        .on_upgrade(move |socket| run(socket, state, caller, None))
         .into_response()
 }
 
@@ -68,14 +92,23 @@ pub async fn zone_socket(
     Path(zone_id): Path<i32>,
     Query(q): Query<WsQuery>,
     Data(state): Data<&AppState>,
+    Data(principal): Data<&Principal>,
+    Data(rate): Data<&RateKey>,
 ) -> Response {
+    if let Some(r) = refusal(state, principal, rate, Some(&StreamKey::Zone(zone_id))) {
+        return r;
+    }
     if let Err(e) = state.service.zone(zone_id).await {
         return service_problem(e);
     }
     let start = Start::from_resume_point(q.last_event_id.as_deref());
     let state = state.clone();
+    let caller = Caller {
+        principal: principal.clone(),
+        rate: rate.clone(),
+    };
     ws.config(config())
-        .on_upgrade(move |socket| run(socket, state, Some((zone_id, start))))
+        .on_upgrade(move |socket| run(socket, state, caller, Some((zone_id, start))))
         .into_response()
 }
 
@@ -90,6 +123,10 @@ impl Drop for Feeder {
 
 struct Connection {
     state: AppState,
+    caller: Caller,
+    /// This connection's message limiter, and how many messages in a row it refused.
+    messages: Option<governor::DefaultDirectRateLimiter>,
+    refused_in_a_row: u32,
     out: mpsc::Sender<Message>,
     subscriptions: HashMap<String, Feeder>,
     /// The zone of the `/ws/zones/{id}` path, the default for `request_stock`.
@@ -99,13 +136,21 @@ struct Connection {
     send_patience: Duration,
 }
 
-async fn run(socket: WebSocketStream, state: AppState, zone: Option<(i32, Start)>) {
+async fn run(socket: WebSocketStream, state: AppState, caller: Caller, zone: Option<(i32, Start)>) {
     let id = format!("ws-{}", NEXT_CONNECTION.fetch_add(1, Ordering::Relaxed));
-    let span = tracing::info_span!("ws", connection = %id);
-    serve(socket, state, zone, id).instrument(span).await
+    let span = tracing::info_span!("ws", connection = %id, principal = %caller.principal.name);
+    serve(socket, state, caller, zone, id)
+        .instrument(span)
+        .await
 }
 
-async fn serve(socket: WebSocketStream, state: AppState, zone: Option<(i32, Start)>, id: String) {
+async fn serve(
+    socket: WebSocketStream,
+    state: AppState,
+    caller: Caller,
+    zone: Option<(i32, Start)>,
+    id: String,
+) {
     let (mut sink, mut incoming) = socket.split();
     let (out, mut queue) = mpsc::channel::<Message>(state.config.ws_queue.max(8));
     let writer = tokio::spawn(async move {
@@ -119,7 +164,14 @@ async fn serve(socket: WebSocketStream, state: AppState, zone: Option<(i32, Star
     });
     let ping_every = state.config.ws_ping;
     let mut shutdown = state.shutdown.clone();
+    let auth = state.auth.clone();
+    let principal = caller.principal.clone();
+    let revoked = async move { auth.revoked(&principal).await };
+    tokio::pin!(revoked);
     let mut conn = Connection {
+        messages: state.limits.ws_messages(),
+        refused_in_a_row: 0,
+        caller,
         out,
         subscriptions: HashMap::new(),
         zone: zone.map(|z| z.0),
@@ -153,6 +205,11 @@ async fn serve(socket: WebSocketStream, state: AppState, zone: Option<(i32, Star
             biased;
             _ = stopping(&mut shutdown) => {
                 conn.close(CloseCode::Restart, "server restarting").await;
+                break;
+            }
+            _ = &mut revoked => {
+                tracing::info!("credentials revoked; closing");
+                conn.close(CloseCode::Policy, "credentials revoked").await;
                 break;
             }
             msg = incoming.next() => {
@@ -219,6 +276,18 @@ impl Connection {
 
     /// Handles one text frame; `false` ends the connection.
     async fn handle(&mut self, text: &str) -> bool {
+        if let Err(retry) = check_direct(&self.messages) {
+            self.refused_in_a_row += 1;
+            if self.refused_in_a_row >= FLOOD {
+                tracing::info!("flooding far past the message limit; closing");
+                self.close(CloseCode::Policy, "message rate far past the limit")
+                    .await;
+                return false;
+            }
+            let r = Refusal::rate_limited(retry, "messages");
+            return self.send(proto::error(None, &r)).await;
+        }
+        self.refused_in_a_row = 0;
         let parsed = proto::parse(text);
         let rid = parsed.request_id.as_ref();
         let reply = match parsed.request {
@@ -238,14 +307,19 @@ impl Connection {
                 let zone_id = zone_id
                     .or(self.zone)
                     .ok_or_else(|| Refusal::new(Code::Invalid, "zone_id is required"))?;
+                self.caller.principal.require_zone(zone_id)?;
                 let snapshot = service.snapshot(zone_id).await?;
                 Ok(proto::stock_snapshot(rid, snapshot.into()))
             }
             Request::UpdateQuantity { item_id, patch } => {
+                self.state
+                    .limits
+                    .write(&self.caller.rate.0)
+                    .map_err(|r| Refusal::rate_limited(r, "writes"))?;
                 let key = rid.and_then(Value::as_str).map(str::to_owned);
                 let key = crate::domain::request_id(key.as_deref())?;
                 let change = service
-                    .update_item(item_id, patch, key, crate::service::ANONYMOUS)
+                    .update_item(item_id, patch, key, &self.caller.principal)
                     .await?;
                 Ok(proto::ack(rid, change))
             }
@@ -282,17 +356,10 @@ impl Connection {
     /// Opens a positioned cursor on a stream this connection may read.
     async fn open(&self, stream: &str, start: Start) -> Result<Cursor, Refusal> {
         let service = &self.state.service;
-        match StreamKey::parse(stream)? {
-            StreamKey::Zone(id) => {
-                service.zone(id).await?;
-            }
-            StreamKey::Alerts => {}
-            StreamKey::User(_) => {
-                return Err(Refusal::new(
-                    Code::Forbidden,
-                    "user streams need the caller's own credentials",
-                ));
-            }
+        let key = StreamKey::parse(stream)?;
+        self.caller.principal.require_stream(&key)?;
+        if let StreamKey::Zone(id) = key {
+            service.zone(id).await?;
         }
         let mut cursor = Cursor::subscribe(&service.broker, &service.store, stream);
         cursor.seek(start).await.map_err(|e| {

@@ -18,6 +18,7 @@ pub enum Code {
     VersionConflict,
     InsufficientStock,
     Forbidden,
+    RateLimited,
     Internal,
 }
 
@@ -31,6 +32,7 @@ impl Code {
             Code::VersionConflict => "version_conflict",
             Code::InsufficientStock => "insufficient_stock",
             Code::Forbidden => "forbidden",
+            Code::RateLimited => "rate_limited",
             Code::Internal => "internal",
         }
     }
@@ -41,6 +43,8 @@ impl Code {
 pub struct Refusal {
     pub code: Code,
     pub message: String,
+    /// For `rate_limited`: when to try again.
+    pub retry_after_ms: Option<u64>,
 }
 
 impl Refusal {
@@ -48,6 +52,15 @@ impl Refusal {
         Refusal {
             code,
             message: message.into(),
+            retry_after_ms: None,
+        }
+    }
+
+    pub fn rate_limited(retry: crate::limits::RetryAfter, what: &str) -> Self {
+        Refusal {
+            code: Code::RateLimited,
+            message: format!("too many {what}"),
+            retry_after_ms: Some(retry.millis()),
         }
     }
 }
@@ -59,6 +72,7 @@ impl From<DomainError> for Refusal {
             DomainError::Invalid(_) | DomainError::Conflict(_) => Code::Invalid,
             DomainError::VersionConflict { .. } => Code::VersionConflict,
             DomainError::InsufficientStock { .. } => Code::InsufficientStock,
+            DomainError::Unauthenticated(_) | DomainError::Forbidden(_) => Code::Forbidden,
         };
         Refusal::new(code, e.to_string())
     }
@@ -235,7 +249,10 @@ fn with_request_id(mut v: Value, request_id: Option<&Value>) -> String {
 }
 
 pub fn error(request_id: Option<&Value>, r: &Refusal) -> String {
-    let v = json!({"type": "error", "request_id": request_id, "code": r.code.as_str(), "message": r.message});
+    let mut v = json!({"type": "error", "request_id": request_id, "code": r.code.as_str(), "message": r.message});
+    if let (Some(ms), Some(obj)) = (r.retry_after_ms, v.as_object_mut()) {
+        obj.insert("retry_after_ms".into(), ms.into());
+    }
     v.to_string()
 }
 

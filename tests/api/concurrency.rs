@@ -1,5 +1,6 @@
 use std::collections::HashMap;
 
+use zonecast::auth::Principal;
 use zonecast::cursor::{Cursor, Item, Start};
 use zonecast::domain::ItemPatch;
 
@@ -102,13 +103,14 @@ async fn a_slow_subscriber_gets_every_event_and_does_not_hold_back_others() {
         let mut fast = app.sse(&path, None).await;
         let reason = "r".repeat(400);
         let writer = {
+            let admin = Principal::system("test");
             let service = app.service.clone();
             tokio::spawn(async move {
                 for _ in 0..CHANGES {
                     let patch = ItemPatch::parse(None, Some(1), None, None, None, Some(&reason))
                         .expect("valid patch");
                     service
-                        .update_item(item as i32, patch, None, "test")
+                        .update_item(item as i32, patch, None, &admin)
                         .await
                         .expect("change applies");
                 }
@@ -143,7 +145,9 @@ async fn a_lagged_cursor_is_filled_from_the_cache_and_the_log() {
         // 40 events published while the cursor is not read: its receiver lags.
         for _ in 0..40 {
             let p = ItemPatch::parse(None, Some(1), None, None, None, None).expect("patch");
-            s.update_item(item, p, None, "test").await.expect("applies");
+            s.update_item(item, p, None, &Principal::system("test"))
+                .await
+                .expect("applies");
         }
         let mut seqs = Vec::new();
         while seqs.len() < 40 {

@@ -14,6 +14,7 @@ use serde_json::{Value, json};
 use tokio::sync::oneshot;
 use tokio::task::JoinHandle;
 use zonecast::app::Application;
+use zonecast::auth::{Principal, Role, ZoneScope};
 use zonecast::config::ServeArgs;
 use zonecast::service::Service;
 
@@ -126,13 +127,23 @@ pub async fn test_dbs() -> Vec<TestDb> {
 
 pub struct TestApp {
     pub base: String,
+    /// An admin key; `http` sends it on every request.
+    pub key: String,
     pub service: Service,
     pub http: reqwest::Client,
     stop: Option<oneshot::Sender<()>>,
     task: Option<JoinHandle<std::io::Result<()>>>,
 }
 
-/// Starts zonecast on `db` with `--no-demo` plus `flags`.
+/// Flags tests start with unless they give their own: no rate limits, so load tests
+/// measure correctness, not the limiter.
+const DEFAULT_FLAGS: [(&str, &str); 3] = [
+    ("--write-rate", "0"),
+    ("--connect-rate", "0"),
+    ("--ws-message-rate", "0"),
+];
+
+/// Starts zonecast on `db` with `--no-demo` plus `flags`; `http` carries an admin key.
 pub async fn spawn_app(db: &TestDb, flags: &[&str]) -> TestApp {
     let mut all = vec![
         "--bind",
@@ -141,22 +152,59 @@ pub async fn spawn_app(db: &TestDb, flags: &[&str]) -> TestApp {
         &db.url,
         "--no-demo",
     ];
+    for (flag, value) in DEFAULT_FLAGS {
+        if !flags.contains(&flag) {
+            all.extend([flag, value]);
+        }
+    }
     all.extend_from_slice(flags);
     let config = ServeArgs::from_flags(all).expect("valid flags");
     let app = Application::build(config).await.expect("app starts");
     let base = format!("http://{}", app.addr());
     let service = app.service().clone();
+    let key = match app.first_admin_key() {
+        Some(k) => k.to_owned(),
+        // A restart on the same database: the first key was shown once; make another.
+        None => {
+            let name = unique("admin");
+            service
+                .create_key(
+                    &Principal::system("test"),
+                    &name,
+                    Role::Admin,
+                    ZoneScope::All,
+                    None,
+                )
+                .await
+                .expect("admin key")
+                .1
+        }
+    };
     let (stop, stopped) = oneshot::channel::<()>();
     let task = tokio::spawn(app.run_until_stopped(async move {
         let _ = stopped.await;
     }));
     TestApp {
         base,
+        http: client_with(Some(&key)),
+        key,
         service,
-        http: reqwest::Client::new(),
         stop: Some(stop),
         task: Some(task),
     }
+}
+
+/// An HTTP client that sends `key` (if any) as `Authorization: Bearer`.
+pub fn client_with(key: Option<&str>) -> reqwest::Client {
+    let mut headers = reqwest::header::HeaderMap::new();
+    if let Some(k) = key {
+        let v = reqwest::header::HeaderValue::from_str(&format!("Bearer {k}")).expect("header");
+        headers.insert(reqwest::header::AUTHORIZATION, v);
+    }
+    reqwest::Client::builder()
+        .default_headers(headers)
+        .build()
+        .expect("client")
 }
 
 pub struct Reply {
@@ -299,9 +347,7 @@ impl TestApp {
         assert_eq!(headers["content-type"], "text/event-stream");
         assert_eq!(headers["cache-control"], "no-cache");
         assert_eq!(headers["x-accel-buffering"], "no");
-        Sse {
-            events: Box::pin(resp.bytes_stream().eventsource()),
-        }
+        Sse::from_response(resp)
     }
 }
 
@@ -338,6 +384,12 @@ impl Frame {
 }
 
 impl Sse {
+    pub fn from_response(resp: reqwest::Response) -> Sse {
+        Sse {
+            events: Box::pin(resp.bytes_stream().eventsource()),
+        }
+    }
+
     /// The next frame of any kind, heartbeats included; `None` when the stream ended.
     pub async fn next_any(&mut self) -> Option<Frame> {
         loop {
@@ -415,7 +467,15 @@ pub struct Ws {
 }
 
 impl TestApp {
+    /// A WS client authenticated with the admin key (`?access_token=`).
     pub async fn ws(&self, path: &str) -> Ws {
+        let sep = if path.contains('?') { '&' } else { '?' };
+        self.ws_raw(&format!("{path}{sep}access_token={}", self.key))
+            .await
+    }
+
+    /// A WS client with exactly this path and query.
+    pub async fn ws_raw(&self, path: &str) -> Ws {
         let url = format!("{}{path}", self.base.replacen("http", "ws", 1));
         let (inner, _) = within("WS connect", tokio_tungstenite::connect_async(url))
             .await
@@ -482,5 +542,58 @@ impl Ws {
             }
         })
         .await
+    }
+}
+
+impl TestApp {
+    /// A new API key with this role and zone scope.
+    pub async fn make_key(&self, role: Role, zones: ZoneScope, user: Option<&str>) -> String {
+        self.service
+            .create_key(&Principal::system("test"), &unique("k"), role, zones, user)
+            .await
+            .expect("key")
+            .1
+    }
+
+    /// A request with exactly these credentials (`None`: anonymous).
+    pub async fn request_as(
+        &self,
+        key: Option<&str>,
+        method: reqwest::Method,
+        path: &str,
+        body: Option<serde_json::Value>,
+    ) -> Reply {
+        let mut req = client_with(key).request(method, format!("{}{path}", self.base));
+        if let Some(b) = body {
+            req = req.json(&b);
+        }
+        let resp = within(path, req.send()).await.expect("request sent");
+        let status = resp.status().as_u16();
+        let content_type = resp
+            .headers()
+            .get("content-type")
+            .and_then(|v| v.to_str().ok())
+            .unwrap_or("")
+            .to_owned();
+        let text = if content_type.starts_with("text/event-stream") {
+            String::new() // a stream: the status is what was asked for
+        } else {
+            within(path, resp.text()).await.expect("body")
+        };
+        Reply {
+            status,
+            content_type,
+            text,
+        }
+    }
+
+    /// The HTTP status of a WebSocket handshake (101 when it upgraded).
+    pub async fn ws_status(&self, path: &str) -> u16 {
+        let url = format!("{}{path}", self.base.replacen("http", "ws", 1));
+        match within("WS connect", tokio_tungstenite::connect_async(url)).await {
+            Ok(_) => 101,
+            Err(tokio_tungstenite::tungstenite::Error::Http(resp)) => resp.status().as_u16(),
+            Err(e) => panic!("handshake failed: {e}"),
+        }
     }
 }

@@ -2,6 +2,7 @@
 
 mod helpers;
 
+mod access;
 mod concurrency;
 mod rest;
 mod restart;

@@ -29,7 +29,7 @@ async fn sse_delivers_events_with_consecutive_ids_and_design_json() {
         assert_eq!(d["delta"], -2);
         assert_eq!(d["version"], 3);
         assert_eq!(d["low_stock"], false);
-        assert_eq!(d["actor"], "anonymous");
+        assert_eq!(d["actor"], "key:admin", "the actor is the principal");
         let last = &frames[4].data["data"];
         assert_eq!(last["quantity"], 11);
         app.stop().await;

@@ -1,0 +1,69 @@
+//! The authentication middleware: every request to `/api`, `/sse` and `/ws` carries a
+//! resolved `Principal` (and its rate-limit key) in its extensions, or is answered 401
+//! before any handler runs. Authorization is the handlers' (and the service's) job.
+//!
+//! Credentials are read from `Authorization: Bearer`, `X-API-Key`, or `?access_token=`
+//! (browsers' EventSource and WebSocket cannot set headers). None is ever logged.
+
+use poem::{Endpoint, IntoResponse, Request, Response};
+use serde::Deserialize;
+
+use super::problem::error_response;
+use crate::app::AppState;
+
+/// The key rate limits count a caller under: the principal, or the client IP when
+/// anonymous.
+#[derive(Debug, Clone)]
+pub struct RateKey(pub String);
+
+#[derive(Deserialize)]
+struct TokenQuery {
+    access_token: Option<String>,
+}
+
+fn credential(req: &Request) -> Option<String> {
+    if let Some(v) = req.header("Authorization") {
+        let v = v.trim();
+        let token = v
+            .strip_prefix("Bearer ")
+            .or_else(|| v.strip_prefix("bearer "))
+            .unwrap_or(v);
+        return Some(token.trim().to_owned());
+    }
+    if let Some(v) = req.header("X-API-Key") {
+        return Some(v.trim().to_owned());
+    }
+    req.params::<TokenQuery>().ok().and_then(|q| q.access_token)
+}
+
+fn guarded(path: &str) -> bool {
+    path.starts_with("/api/")
+        || path.starts_with("/sse/")
+        || path == "/ws"
+        || path.starts_with("/ws/")
+}
+
+pub async fn authenticate<E: Endpoint>(next: E, mut req: Request) -> poem::Result<Response> {
+    if !guarded(req.uri().path()) {
+        return next.call(req).await.map(IntoResponse::into_response);
+    }
+    let Some(state) = req.data::<AppState>().cloned() else {
+        return next.call(req).await.map(IntoResponse::into_response);
+    };
+    let principal = match state.auth.authenticate(credential(&req).as_deref()).await {
+        Ok(p) => p,
+        Err(e) => return Ok(error_response(e)),
+    };
+    let rate_key = if principal.anonymous {
+        let ip = req
+            .remote_addr()
+            .as_socket_addr()
+            .map_or_else(|| "unknown".to_owned(), |a| a.ip().to_string());
+        format!("ip:{ip}")
+    } else {
+        principal.name.clone()
+    };
+    req.extensions_mut().insert(RateKey(rate_key));
+    req.extensions_mut().insert(principal);
+    next.call(req).await.map(IntoResponse::into_response)
+}

@@ -1,0 +1,535 @@
+use reqwest::Method;
+use serde_json::{Value, json};
+use zonecast::auth::{Claims, Role, ZoneScope, ZonesClaim};
+
+use crate::helpers::*;
+
+struct Who {
+    name: &'static str,
+    key: Option<String>,
+    public: bool,
+}
+
+/// Expected statuses, in the order of the principals: reader, writer, admin,
+/// writer scoped to zone 1, anonymous, anonymous with `--public-read`.
+type Row = (&'static str, [u16; 6]);
+
+#[tokio::test]
+async fn roles_and_scopes_decide_every_route() {
+    let db = TestDb::sqlite().await;
+    let app = spawn_app(&db, &[]).await;
+    let public_db = TestDb::sqlite().await;
+    let public = spawn_app(&public_db, &["--public-read"]).await;
+    // The same zones and items on both servers.
+    let mut items = Vec::new();
+    for a in [&app, &public] {
+        let z1 = a.create_zone("One").await;
+        let z2 = a.create_zone("Two").await;
+        items.push((
+            z1,
+            a.create_item(z1, "A", 1000, 0).await,
+            z2,
+            a.create_item(z2, "B", 1000, 0).await,
+        ));
+    }
+    let (z1, i1, z2, i2) = items[0];
+    assert_eq!(items[0], items[1]);
+    let who = [
+        Who {
+            name: "reader",
+            key: Some(app.make_key(Role::Reader, ZoneScope::All, None).await),
+            public: false,
+        },
+        Who {
+            name: "writer",
+            key: Some(app.make_key(Role::Writer, ZoneScope::All, None).await),
+            public: false,
+        },
+        Who {
+            name: "admin",
+            key: Some(app.key.clone()),
+            public: false,
+        },
+        Who {
+            name: "scoped",
+            key: Some(
+                app.make_key(Role::Writer, ZoneScope::Only(vec![z1 as i32]), None)
+                    .await,
+            ),
+            public: false,
+        },
+        Who {
+            name: "anonymous",
+            key: None,
+            public: false,
+        },
+        Who {
+            name: "anonymous+public-read",
+            key: None,
+            public: true,
+        },
+    ];
+    let rest: Vec<(Row, Method, String, Option<Value>)> = vec![
+        (
+            ("read zone 1", [200, 200, 200, 200, 401, 200]),
+            Method::GET,
+            format!("/api/zones/{z1}/items"),
+            None,
+        ),
+        (
+            ("read zone 2", [200, 200, 200, 403, 401, 200]),
+            Method::GET,
+            format!("/api/zones/{z2}/events"),
+            None,
+        ),
+        (
+            ("write zone 1", [403, 200, 200, 200, 401, 401]),
+            Method::PATCH,
+            format!("/api/items/{i1}"),
+            Some(json!({"delta": -1})),
+        ),
+        (
+            ("write zone 2", [403, 200, 200, 403, 401, 401]),
+            Method::PATCH,
+            format!("/api/items/{i2}"),
+            Some(json!({"delta": -1})),
+        ),
+        (
+            ("create item z2", [403, 201, 201, 403, 401, 401]),
+            Method::POST,
+            format!("/api/zones/{z2}/items"),
+            None,
+        ),
+        (
+            ("create zone", [403, 403, 201, 403, 401, 401]),
+            Method::POST,
+            "/api/zones".into(),
+            Some(json!({"name": "New"})),
+        ),
+        (
+            ("list keys", [403, 403, 200, 403, 401, 401]),
+            Method::GET,
+            "/api/keys".into(),
+            None,
+        ),
+        (
+            ("SSE zone 1", [200, 200, 200, 200, 401, 200]),
+            Method::GET,
+            format!("/sse/zones/{z1}/stock"),
+            None,
+        ),
+        (
+            ("SSE zone 2", [200, 200, 200, 403, 401, 200]),
+            Method::GET,
+            format!("/sse/zones/{z2}/stock"),
+            None,
+        ),
+        (
+            ("SSE alerts", [200, 200, 200, 200, 401, 200]),
+            Method::GET,
+            "/sse/alerts".into(),
+            None,
+        ),
+        (
+            ("healthz", [200, 200, 200, 200, 200, 200]),
+            Method::GET,
+            "/healthz".into(),
+            None,
+        ),
+    ];
+    let mut sku = 0;
+    for ((what, expected), method, path, body) in rest {
+        for (w, want) in who.iter().zip(expected) {
+            let server = if w.public { &public } else { &app };
+            let body = if what == "create item z2" {
+                sku += 1;
+                Some(json!({"sku": format!("N{sku}"), "name": "n"}))
+            } else {
+                body.clone()
+            };
+            let r = server
+                .request_as(w.key.as_deref(), method.clone(), &path, body)
+                .await;
+            assert_eq!(r.status, want, "{what} as {}: {}", w.name, r.text);
+            if want == 401 || want == 403 {
+                r.assert_problem(
+                    want,
+                    if want == 401 {
+                        "unauthorized"
+                    } else {
+                        "forbidden"
+                    },
+                );
+            }
+        }
+    }
+
+    // WebSocket: refused before the upgrade, then per message.
+    let ws_open: [u16; 6] = [101, 101, 101, 101, 401, 101];
+    let subscribe_z2 = [
+        "subscribed",
+        "subscribed",
+        "subscribed",
+        "forbidden",
+        "",
+        "subscribed",
+    ];
+    let update_z1 = ["forbidden", "ack", "ack", "ack", "", "forbidden"];
+    for (i, w) in who.iter().enumerate() {
+        let server = if w.public { &public } else { &app };
+        let auth = w
+            .key
+            .as_ref()
+            .map(|k| format!("?access_token={k}"))
+            .unwrap_or_default();
+        let path = format!("/ws/zones/{z1}{auth}");
+        assert_eq!(
+            server.ws_status(&path).await,
+            ws_open[i],
+            "WS open as {}",
+            w.name
+        );
+        if ws_open[i] != 101 {
+            continue;
+        }
+        let mut ws = server.ws_raw(&format!("/ws{auth}")).await;
+        assert_eq!(ws.recv().await["type"], "welcome");
+        ws.send(json!({"type": "subscribe", "stream": format!("zone:{z2}")}))
+            .await;
+        let r = ws.recv().await;
+        let got = if r["type"] == "error" {
+            r["code"].clone()
+        } else {
+            r["type"].clone()
+        };
+        assert_eq!(
+            got, subscribe_z2[i],
+            "WS subscribe zone 2 as {}: {r}",
+            w.name
+        );
+        ws.send(json!({"type": "update_quantity", "item_id": i1, "delta": -1}))
+            .await;
+        let r = loop {
+            let r = ws.recv().await;
+            if r.get("stream").is_none() {
+                break r; // skip events of the subscription
+            }
+        };
+        let got = if r["type"] == "error" {
+            r["code"].clone()
+        } else {
+            r["type"].clone()
+        };
+        assert_eq!(got, update_z1[i], "WS update zone 1 as {}: {r}", w.name);
+        ws.send(json!({"type": "subscribe", "stream": "user:someone"}))
+            .await;
+        let r = loop {
+            let r = ws.recv().await;
+            if r.get("stream").is_none() || r["type"] == "subscribed" {
+                break r;
+            }
+        };
+        assert_eq!(
+            r["code"], "forbidden",
+            "another user's stream as {}",
+            w.name
+        );
+    }
+    app.stop().await;
+    public.stop().await;
+}
+
+#[tokio::test]
+async fn access_tokens_in_the_query_and_jwts_are_checked() {
+    let db = TestDb::sqlite().await;
+    let app = spawn_app(&db, &["--jwt-secret", "s3cret"]).await;
+    let zone = app.create_zone("A").await;
+    let key = app.make_key(Role::Reader, ZoneScope::All, None).await;
+    let sse = |token: &str| format!("/sse/zones/{zone}/stock?access_token={token}");
+    assert_eq!(
+        app.request_as(None, Method::GET, &sse(&key), None)
+            .await
+            .status,
+        200
+    );
+    assert_eq!(app.ws_status(&format!("/ws?access_token={key}")).await, 101);
+    let wrong = "zk_0000000000000000000000000000000000000000000000000000000000000000";
+    app.request_as(None, Method::GET, &sse(wrong), None)
+        .await
+        .assert_problem(401, "unauthorized");
+    assert_eq!(
+        app.ws_status(&format!("/ws?access_token={wrong}")).await,
+        401
+    );
+    app.request_as(Some("garbage"), Method::GET, "/api/zones", None)
+        .await
+        .assert_problem(401, "unauthorized");
+
+    let now = jsonwebtoken::get_current_timestamp();
+    let jwt = |exp: u64, zones: ZonesClaim, secret: &[u8]| {
+        let claims = Claims {
+            sub: "alice".into(),
+            role: Role::Writer,
+            zones,
+            exp,
+        };
+        jsonwebtoken::encode(
+            &jsonwebtoken::Header::default(),
+            &claims,
+            &jsonwebtoken::EncodingKey::from_secret(secret),
+        )
+        .expect("jwt")
+    };
+    let good = jwt(now + 600, ZonesClaim::List(vec![zone as i32]), b"s3cret");
+    let r = app
+        .request_as(
+            Some(&good),
+            Method::GET,
+            &format!("/api/zones/{zone}/items"),
+            None,
+        )
+        .await;
+    assert_eq!(r.status, 200, "{}", r.text);
+    assert_eq!(
+        app.request_as(None, Method::GET, &sse(&good), None)
+            .await
+            .status,
+        200
+    );
+    let item = app.create_item(zone, "S", 5, 0).await;
+    let r = app
+        .request_as(
+            Some(&good),
+            Method::PATCH,
+            &format!("/api/items/{item}"),
+            Some(json!({"delta": -1})),
+        )
+        .await;
+    assert_eq!(r.status, 200, "{}", r.text);
+    let page = app
+        .get(&format!("/api/zones/{zone}/events?after=1"))
+        .await
+        .json();
+    assert_eq!(page["events"][0]["data"]["actor"], "jwt:alice");
+    let other_zone = jwt(now + 600, ZonesClaim::List(vec![999]), b"s3cret");
+    app.request_as(
+        Some(&other_zone),
+        Method::GET,
+        &format!("/api/zones/{zone}/items"),
+        None,
+    )
+    .await
+    .assert_problem(403, "forbidden");
+    let expired = jwt(now - 10, ZonesClaim::Star("*".into()), b"s3cret");
+    app.request_as(Some(&expired), Method::GET, "/api/zones", None)
+        .await
+        .assert_problem(401, "unauthorized");
+    assert_eq!(
+        app.ws_status(&format!("/ws?access_token={expired}")).await,
+        401
+    );
+    let forged = jwt(now + 600, ZonesClaim::Star("*".into()), b"not-the-secret");
+    app.request_as(Some(&forged), Method::GET, "/api/zones", None)
+        .await
+        .assert_problem(401, "unauthorized");
+    app.stop().await;
+}
+
+#[tokio::test]
+async fn revoking_a_key_refuses_it_and_closes_its_connections() {
+    let db = TestDb::sqlite().await;
+    let app = spawn_app(&db, &["--revocation-check", "100ms"]).await;
+    let zone = app.create_zone("A").await;
+    for via_rest in [true, false] {
+        let key = app.make_key(Role::Reader, ZoneScope::All, None).await;
+        let name = app
+            .get("/api/keys")
+            .await
+            .json()
+            .as_array()
+            .and_then(|ks| ks.last().cloned())
+            .expect("keys")["name"]
+            .as_str()
+            .expect("name")
+            .to_owned();
+        let resp = client_with(Some(&key))
+            .get(format!("{}/sse/zones/{zone}/stock", app.base))
+            .send()
+            .await
+            .expect("sse");
+        assert_eq!(resp.status().as_u16(), 200);
+        let mut sse = Sse::from_response(resp);
+        let mut ws = app
+            .ws_raw(&format!("/ws/zones/{zone}?access_token={key}"))
+            .await;
+        assert_eq!(ws.recv().await["type"], "welcome");
+        if via_rest {
+            let r = app
+                .request(Method::DELETE, &format!("/api/keys/{name}"), None, &[])
+                .await;
+            assert_eq!(r.status, 200, "{}", r.text);
+            assert!(r.json()["revoked_at"].is_string());
+        } else {
+            // As `zonecast keys revoke` does from another process: the server notices
+            // on its next revocation check.
+            app.service
+                .store
+                .revoke_api_key(&name, zonecast::domain::now())
+                .await
+                .expect("revoke")
+                .expect("known key");
+        }
+        sse.assert_ends().await;
+        assert_eq!(ws.close_code().await, 1008);
+        app.request_as(Some(&key), Method::GET, "/api/zones", None)
+            .await
+            .assert_problem(401, "unauthorized");
+    }
+    app.stop().await;
+}
+
+#[tokio::test]
+async fn bursts_past_the_write_limit_get_429_per_principal() {
+    let db = TestDb::sqlite().await;
+    let app = spawn_app(
+        &db,
+        &[
+            "--write-rate",
+            "1",
+            "--write-burst",
+            "3",
+            "--ws-message-rate",
+            "1",
+            "--ws-message-burst",
+            "2",
+        ],
+    )
+    .await;
+    let zone = app.create_zone("A").await; // zone creation is not a rate-limited write
+    let item = app
+        .service
+        .create_item(
+            zone as i32,
+            zonecast::domain::NewItem::parse("S", "s", 100, 0).expect("item"),
+            None,
+            &zonecast::auth::Principal::system("t"),
+        )
+        .await
+        .expect("item")
+        .item
+        .id;
+    let writer = app.make_key(Role::Writer, ZoneScope::All, None).await;
+    let other = app.make_key(Role::Writer, ZoneScope::All, None).await;
+    let patch = |key: String| {
+        let app = &app;
+        async move {
+            app.request_as(
+                Some(&key),
+                Method::PATCH,
+                &format!("/api/items/{item}"),
+                Some(json!({"delta": -1})),
+            )
+            .await
+        }
+    };
+    for _ in 0..3 {
+        assert_eq!(patch(writer.clone()).await.status, 200);
+    }
+    let limited = client_with(Some(&writer))
+        .patch(format!("{}/api/items/{item}", app.base))
+        .json(&json!({"delta": -1}))
+        .send()
+        .await
+        .expect("send");
+    assert_eq!(limited.status().as_u16(), 429);
+    let retry: u64 = limited.headers()["retry-after"]
+        .to_str()
+        .expect("ascii")
+        .parse()
+        .expect("seconds");
+    assert!((1..=2).contains(&retry), "Retry-After {retry}");
+    let body: Value = limited.json().await.expect("json");
+    assert_eq!(body["code"], "rate_limited");
+    assert_eq!(
+        patch(other.clone()).await.status,
+        200,
+        "another principal is not affected"
+    );
+    // Waiting out Retry-After is the point of this step, not synchronisation.
+    tokio::time::sleep(std::time::Duration::from_secs(retry)).await;
+    assert_eq!(
+        patch(writer.clone()).await.status,
+        200,
+        "after waiting, writes succeed"
+    );
+
+    // WS: messages per connection.
+    let mut ws = app.ws("/ws").await;
+    assert_eq!(ws.recv().await["type"], "welcome");
+    for _ in 0..3 {
+        ws.send(json!({"type": "ping"})).await;
+    }
+    let replies = [ws.recv().await, ws.recv().await, ws.recv().await];
+    let limited: Vec<&Value> = replies
+        .iter()
+        .filter(|r| r["code"] == "rate_limited")
+        .collect();
+    assert_eq!(limited.len(), 1, "{replies:?}");
+    assert!(
+        limited[0]["retry_after_ms"]
+            .as_u64()
+            .is_some_and(|ms| ms > 0)
+    );
+    app.stop().await;
+}
+
+#[tokio::test]
+async fn the_keys_cli_works_on_a_fresh_database() {
+    let db = TestDb::sqlite().await;
+    let cli = |args: &[&str]| {
+        let out = std::process::Command::new(env!("CARGO_BIN_EXE_zonecast"))
+            .args(args)
+            .args(["--database-url", &db.url])
+            .env("RUST_LOG", "error")
+            .output()
+            .expect("run zonecast");
+        assert!(
+            out.status.success(),
+            "{args:?}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    };
+    let out = cli(&[
+        "keys",
+        "create",
+        "--name",
+        "scanner-1",
+        "--role",
+        "writer",
+        "--zones",
+        "1",
+        "--user",
+        "u7",
+    ]);
+    let key = out.lines().last().expect("a last line").to_owned();
+    assert!(key.starts_with("zk_") && key.len() == 67, "{out}");
+    let list = cli(&["keys", "list"]);
+    assert!(
+        list.contains("scanner-1") && list.contains("writer") && !list.contains(&key),
+        "{list}"
+    );
+
+    let app = spawn_app(&db, &[]).await;
+    let zone = app.create_zone("A").await;
+    assert_eq!(zone, 1);
+    let r = app
+        .request_as(Some(&key), Method::GET, "/api/zones/1/items", None)
+        .await;
+    assert_eq!(r.status, 200, "{}", r.text);
+    assert!(cli(&["keys", "revoke", "scanner-1"]).contains("revoked"));
+    app.request_as(Some(&key), Method::GET, "/api/zones/1/items", None)
+        .await
+        .assert_problem(401, "unauthorized");
+    app.stop().await;
+}
