@@ -131,4 +131,28 @@ mod tests {
         assert!(l.connect("a").is_ok(), "a limit of 0 is off");
         assert_eq!(l.tracked(), 2);
     }
+
+    #[test]
+    fn pruning_forgets_callers_whose_budget_has_recovered() {
+        let fast = Rate {
+            per_second: 1000,
+            burst: 1,
+        };
+        let l = Limits::new(
+            fast,
+            fast,
+            Rate {
+                per_second: 0,
+                burst: 0,
+            },
+        );
+        for i in 0..100 {
+            let _ = l.write(&format!("caller-{i}"));
+        }
+        assert_eq!(l.tracked(), 100);
+        // At 1000/s a budget of 1 is back within a millisecond.
+        std::thread::sleep(Duration::from_millis(20));
+        l.prune();
+        assert_eq!(l.tracked(), 0, "idle callers are forgotten");
+    }
 }

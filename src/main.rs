@@ -39,12 +39,12 @@ async fn serve(args: zonecast::config::ServeArgs) -> anyhow::Result<()> {
         println!("created demo zone {} ({:?})", z.id, z.name);
     }
     println!("zonecast is serving on {base}");
+    println!("  dashboard: {base}/");
+    println!("  API docs:  {base}/docs");
     if let Some(key) = app.first_admin_key() {
         println!("  first admin key (shown once; keep it): {key}");
         println!("  dashboard with it: {base}/?access_token={key}");
     }
-    println!("  dashboard: {base}/");
-    println!("  API docs:  {base}/docs");
     app.run_until_stopped(shutdown_signal()).await?;
     Ok(())
 }

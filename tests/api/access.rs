@@ -533,3 +533,63 @@ async fn the_keys_cli_works_on_a_fresh_database() {
         .assert_problem(401, "unauthorized");
     app.stop().await;
 }
+
+#[tokio::test]
+async fn cors_allows_only_the_configured_origins() {
+    let db = TestDb::sqlite().await;
+    let app = spawn_app(&db, &["--cors-origin", "https://dash.example"]).await;
+    let preflight = |origin: &'static str| {
+        let http = reqwest::Client::new();
+        let url = format!("{}/api/zones", app.base);
+        async move {
+            http.request(Method::OPTIONS, url)
+                .header("Origin", origin)
+                .header("Access-Control-Request-Method", "GET")
+                .header("Access-Control-Request-Headers", "authorization")
+                .send()
+                .await
+                .expect("preflight")
+        }
+    };
+    let ok = preflight("https://dash.example").await;
+    assert_eq!(
+        ok.headers()["access-control-allow-origin"],
+        "https://dash.example"
+    );
+    let other = preflight("https://evil.example").await;
+    assert!(other.headers().get("access-control-allow-origin").is_none());
+    app.stop().await;
+
+    // Default: same-origin only, no CORS headers at all.
+    let db = TestDb::sqlite().await;
+    let app = spawn_app(&db, &[]).await;
+    let r = app
+        .http
+        .get(format!("{}/api/zones", app.base))
+        .header("Origin", "https://dash.example")
+        .send()
+        .await
+        .expect("get");
+    assert!(r.headers().get("access-control-allow-origin").is_none());
+    app.stop().await;
+}
+
+#[tokio::test]
+async fn a_ws_client_flooding_far_past_its_limit_is_closed_with_1008() {
+    let db = TestDb::sqlite().await;
+    let app = spawn_app(&db, &["--ws-message-rate", "1", "--ws-message-burst", "1"]).await;
+    let mut ws = app.ws("/ws").await;
+    assert_eq!(ws.recv().await["type"], "welcome");
+    {
+        use futures_util::SinkExt;
+        for _ in 0..300 {
+            let ping = tokio_tungstenite::tungstenite::Message::text(r#"{"type":"ping"}"#);
+            // The server may close mid-flood; later sends may then fail.
+            if ws.inner.send(ping).await.is_err() {
+                break;
+            }
+        }
+    }
+    assert_eq!(ws.close_code().await, 1008);
+    app.stop().await;
+}
