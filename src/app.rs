@@ -186,6 +186,7 @@ pub fn routes(state: AppState) -> impl poem::Endpoint {
         .at("/openapi.json", spec)
         .at("/sse/zones/:zone_id/stock", get(transport::sse::zone_stock))
         .at("/sse/alerts", get(transport::sse::alerts))
+        .at("/sse/notifications", get(transport::sse::notifications))
         .at("/ws", get(transport::ws::plain_socket))
         .at("/ws/zones/:zone_id", get(transport::ws::zone_socket))
         .at("/healthz", get(make_sync(|_| "ok")))

@@ -163,6 +163,14 @@ impl Principal {
         }
     }
 
+    pub fn require_role(&self, role: Role, what: &str) -> Result<(), DomainError> {
+        if self.role >= role && !self.anonymous {
+            Ok(())
+        } else {
+            Err(self.refuse(what.to_owned()))
+        }
+    }
+
     pub fn require_admin(&self, what: &str) -> Result<(), DomainError> {
         if self.role == Role::Admin && !self.anonymous {
             Ok(())

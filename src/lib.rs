@@ -9,7 +9,8 @@
 //! - `config`: command line and environment.
 //! - `domain`: validated types (zones, items, changes, stream keys).
 //! - `store`: the only place with SQL: stock rows and the change log.
-//! - `service`: one transaction per change, publish after commit.
+//! - `service`: one transaction per change, publish after commit;
+//!   `notifications`: the per-user side of it (notifications, watches, announcements).
 //! - `event`: an event rendered once (JSON + SSE frame).
 //! - `broker`: where committed events enter the node: cache + hub.
 //! - `cache`: recent events per stream, for replays without queries.
@@ -32,6 +33,7 @@ pub mod domain;
 pub mod event;
 pub mod hub;
 pub mod limits;
+pub mod notifications;
 pub mod service;
 pub mod store;
 pub mod telemetry;

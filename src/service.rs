@@ -73,7 +73,7 @@ impl Service {
 
     /// Runs `body` in a write transaction: commit and publish on success, roll back on
     /// error, so a refused change applies nothing.
-    async fn write<T, F>(&self, body: F) -> Result<T, ServiceError>
+    pub(crate) async fn write<T, F>(&self, body: F) -> Result<T, ServiceError>
     where
         F: AsyncFnOnce(&DatabaseTransaction) -> Outcome<T>,
     {
@@ -208,6 +208,12 @@ impl Service {
             let mut events = vec![];
             if !before.is_low() && after.is_low() {
                 events.push(low_stock_alert(txn, &after, ev.seq, at).await?);
+                // Each watcher of the zone gets a notification, in the same transaction.
+                let alert = crate::notifications::stock_alert(&after, ev.seq);
+                for user in Store::watchers_in(txn, after.zone_id).await? {
+                    let (_, evs) = crate::notifications::notify_in(txn, &user, &alert, at).await?;
+                    events.extend(evs);
+                }
             }
             events.insert(0, ev);
             Ok((ItemChange::from_event(&events[0])?, events))

@@ -4,5 +4,7 @@
 pub mod api_key;
 pub mod event;
 pub mod item;
+pub mod notification;
 pub mod stream;
+pub mod watch;
 pub mod zone;

@@ -7,6 +7,7 @@ pub use sea_orm_migration::prelude::*;
 
 mod m20261124_000001_create_stock_and_log;
 mod m20261125_000001_create_api_keys;
+mod m20261125_000002_create_notifications;
 
 pub struct Migrator;
 
@@ -16,6 +17,7 @@ impl MigratorTrait for Migrator {
         vec![
             Box::new(m20261124_000001_create_stock_and_log::Migration),
             Box::new(m20261125_000001_create_api_keys::Migration),
+            Box::new(m20261125_000002_create_notifications::Migration),
         ]
     }
 }

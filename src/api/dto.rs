@@ -5,6 +5,7 @@ use poem_openapi::Object;
 use serde::Serialize;
 
 use crate::domain::{Item, Snapshot, Zone, format_time};
+use crate::notifications::Notification;
 use crate::service::ItemChange;
 use crate::store::ApiKey;
 
@@ -166,4 +167,72 @@ pub struct NewKeyBody {
     pub key: String,
     #[oai(flatten)]
     pub info: KeyBody,
+}
+
+#[derive(Debug, Object)]
+pub struct NotificationBody {
+    pub id: i32,
+    pub user_id: String,
+    pub kind: String,
+    /// `low`, `normal`, `high` or `urgent`.
+    pub priority: String,
+    pub subject: String,
+    pub message: String,
+    pub data: serde_json::Value,
+    pub created_at: String,
+    pub read_at: Option<String>,
+}
+
+impl From<Notification> for NotificationBody {
+    fn from(n: Notification) -> Self {
+        NotificationBody {
+            id: n.id,
+            user_id: n.user_id,
+            kind: n.kind,
+            priority: n.priority.to_string(),
+            subject: n.subject,
+            message: n.message,
+            data: n.data,
+            created_at: format_time(&n.created_at),
+            read_at: n.read_at.as_ref().map(format_time),
+        }
+    }
+}
+
+#[derive(Debug, Object)]
+pub struct CreateNotification {
+    /// The user it is for.
+    pub user_id: String,
+    /// Default `message`.
+    pub kind: Option<String>,
+    /// Default `normal`.
+    pub priority: Option<String>,
+    pub subject: String,
+    pub message: String,
+    /// A JSON object, default `{}`.
+    pub data: Option<serde_json::Value>,
+}
+
+#[derive(Debug, Object)]
+pub struct UnreadCount {
+    pub count: u64,
+}
+
+#[derive(Debug, Object)]
+pub struct ReadBody {
+    /// Notifications this call turned read.
+    pub ids: Vec<i32>,
+    pub unread_count: u64,
+}
+
+#[derive(Debug, Object)]
+pub struct CreateAnnouncement {
+    pub subject: String,
+    pub message: String,
+    pub priority: Option<String>,
+}
+
+#[derive(Debug, Object)]
+pub struct EventId {
+    pub event_id: u64,
 }

@@ -15,6 +15,7 @@ use poem_openapi::{ApiResponse, OpenApi, OpenApiService};
 use crate::auth::{Authenticator, Principal};
 use crate::domain::{DomainError, ItemPatch, NewItem, request_id};
 use crate::limits::Limits;
+use crate::notifications::NewNotification;
 use crate::service::Service;
 use access::RateKey;
 use dto::*;
@@ -214,6 +215,103 @@ impl Api {
             tracing::warn!(error = %e, "revocation not yet applied to open connections");
         }
         Ok(Json(key.into()))
+    }
+
+    /// The caller's notifications, newest first (`unread=true` for unread only;
+    /// page with `before` = the smallest id seen).
+    #[oai(path = "/notifications", method = "get")]
+    async fn notifications(
+        &self,
+        #[oai(default)] unread: Query<bool>,
+        before: Query<Option<i32>>,
+        limit: Query<Option<u64>>,
+        p: Data<&Principal>,
+    ) -> ApiResult<Json<Vec<NotificationBody>>> {
+        let limit = limit.0.unwrap_or(50).clamp(1, 500);
+        let list = self
+            .service
+            .notifications(p.0, unread.0, before.0, limit)
+            .await?;
+        Ok(Json(list.into_iter().map(Into::into).collect()))
+    }
+
+    /// Create a notification for a user (writers and admins): `notification` and
+    /// `unread_count` on that user's stream.
+    #[oai(path = "/notifications", method = "post")]
+    async fn create_notification(
+        &self,
+        body: Json<CreateNotification>,
+        p: Data<&Principal>,
+        rate: Data<&RateKey>,
+    ) -> ApiResult<Created<NotificationBody>> {
+        self.write_allowed(rate.0)?;
+        let b = body.0;
+        let new = NewNotification::parse(
+            b.kind.as_deref(),
+            b.priority.as_deref(),
+            &b.subject,
+            &b.message,
+            b.data,
+        )
+        .map_err(ApiError::from)?;
+        let n = self.service.notify(p.0, &b.user_id, new).await?;
+        Ok(Created::Created(Json(n.into())))
+    }
+
+    /// Mark one of the caller's notifications read.
+    #[oai(path = "/notifications/:id/read", method = "post")]
+    async fn read_one(&self, id: Path<i32>, p: Data<&Principal>) -> ApiResult<Json<ReadBody>> {
+        let r = self.service.mark_read(p.0, Some(id.0)).await?;
+        Ok(Json(ReadBody {
+            ids: r.ids,
+            unread_count: r.unread,
+        }))
+    }
+
+    /// Mark all the caller's notifications read.
+    #[oai(path = "/notifications/read-all", method = "post")]
+    async fn read_all(&self, p: Data<&Principal>) -> ApiResult<Json<ReadBody>> {
+        let r = self.service.mark_read(p.0, None).await?;
+        Ok(Json(ReadBody {
+            ids: r.ids,
+            unread_count: r.unread,
+        }))
+    }
+
+    #[oai(path = "/notifications/unread-count", method = "get")]
+    async fn unread_count(&self, p: Data<&Principal>) -> ApiResult<Json<UnreadCount>> {
+        Ok(Json(UnreadCount {
+            count: self.service.unread_count(p.0).await?,
+        }))
+    }
+
+    /// The caller's user gets a `stock_alert` notification when an item of the zone
+    /// crosses into low stock.
+    #[oai(path = "/zones/:id/watch", method = "post")]
+    async fn watch(&self, id: Path<i32>, p: Data<&Principal>) -> ApiResult<Json<ZoneBody>> {
+        self.service.watch(p.0, id.0, true).await?;
+        Ok(Json(self.service.zone(id.0).await?.into()))
+    }
+
+    #[oai(path = "/zones/:id/watch", method = "delete")]
+    async fn unwatch(&self, id: Path<i32>, p: Data<&Principal>) -> ApiResult<Json<ZoneBody>> {
+        self.service.watch(p.0, id.0, false).await?;
+        Ok(Json(self.service.zone(id.0).await?.into()))
+    }
+
+    /// An announcement on the alerts stream (admins).
+    #[oai(path = "/announcements", method = "post")]
+    async fn announce(
+        &self,
+        body: Json<CreateAnnouncement>,
+        p: Data<&Principal>,
+    ) -> ApiResult<Created<EventId>> {
+        let b = body.0;
+        let event_id = self
+            .service
+            .announce(p.0, &b.subject, &b.message, b.priority.as_deref())
+            .await?;
+        Ok(Created::Created(Json(EventId { event_id })))
     }
 }
 

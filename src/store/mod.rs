@@ -6,6 +6,7 @@
 
 mod keys;
 mod log;
+mod notifications;
 mod stock;
 
 use std::time::Duration;

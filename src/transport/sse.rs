@@ -137,6 +137,36 @@ pub async fn alerts(
     stream_response(state, principal, cursor, first)
 }
 
+/// `GET /sse/notifications`: the caller's own user stream.
+#[handler]
+pub async fn notifications(
+    req: &Request,
+    Query(q): Query<SseQuery>,
+    Data(state): Data<&AppState>,
+    Data(principal): Data<&Principal>,
+    Data(rate): Data<&RateKey>,
+) -> Response {
+    let Some(user) = principal.user.clone() else {
+        let e = crate::domain::DomainError::Forbidden(format!(
+            "{} is not bound to a user",
+            principal.name
+        ));
+        return error_response(e);
+    };
+    let key = StreamKey::User(user);
+    if let Some(r) = refusal(state, principal, rate, Some(&key)) {
+        return r;
+    }
+    let service = &state.service;
+    let mut cursor = Cursor::subscribe(&service.broker, &service.store, &key.to_string());
+    let raw = header_resume_point(req).or(q.last_event_id);
+    if let Err(e) = cursor.seek(Start::from_resume_point(raw.as_deref())).await {
+        return unavailable(e);
+    }
+    let first = Bytes::from(retry_line(state.config.sse_retry));
+    stream_response(state, principal, cursor, first)
+}
+
 fn retry_line(retry: Duration) -> String {
     format!("retry: {}\n\n", retry.as_millis())
 }

@@ -340,6 +340,16 @@ impl Connection {
                 self.feed(cursor);
                 Ok(String::new())
             }
+            Request::MarkRead { notification_id } => {
+                let r = service
+                    .mark_read(&self.caller.principal, notification_id)
+                    .await?;
+                Ok(proto::marked_read(rid, &r.ids, r.unread))
+            }
+            Request::GetUnreadCount => {
+                let n = service.unread_count(&self.caller.principal).await?;
+                Ok(proto::unread_count(rid, n))
+            }
             Request::Unsubscribe { stream } => {
                 let key = stream.to_string();
                 if self.subscriptions.remove(&key).is_none() {

@@ -107,6 +107,11 @@ pub enum Request {
     Unsubscribe {
         stream: StreamKey,
     },
+    /// One notification (`notification_id`), or all with `"all": true`.
+    MarkRead {
+        notification_id: Option<i32>,
+    },
+    GetUnreadCount,
     Ping,
 }
 
@@ -231,6 +236,14 @@ fn request(obj: &Map<String, Value>, request_id: Option<&Value>) -> Result<Reque
                 last_event_id,
             })
         }
+        "mark_read" => Ok(Request::MarkRead {
+            notification_id: if field(obj, "all").and_then(Value::as_bool) == Some(true) {
+                None
+            } else {
+                Some(required(id(obj, "notification_id")?, "notification_id")?)
+            },
+        }),
+        "get_unread_count" => Ok(Request::GetUnreadCount),
         "unsubscribe" => Ok(Request::Unsubscribe {
             stream: stream(obj)?,
         }),
@@ -280,6 +293,17 @@ pub fn stock_snapshot(request_id: Option<&Value>, snapshot: SnapshotBody) -> Str
 
 pub fn subscription(kind: &str, request_id: Option<&Value>, stream: &str) -> String {
     with_request_id(json!({"type": kind, "stream": stream}), request_id)
+}
+
+pub fn marked_read(request_id: Option<&Value>, ids: &[i32], unread: u64) -> String {
+    with_request_id(
+        json!({"type": "marked_read", "ids": ids, "unread_count": unread}),
+        request_id,
+    )
+}
+
+pub fn unread_count(request_id: Option<&Value>, count: u64) -> String {
+    with_request_id(json!({"type": "unread_count", "count": count}), request_id)
 }
 
 pub fn pong(request_id: Option<&Value>) -> String {

@@ -4,6 +4,7 @@ mod helpers;
 
 mod access;
 mod concurrency;
+mod notifications;
 mod rest;
 mod restart;
 mod sse;
