@@ -18,7 +18,7 @@ use crate::domain::Zone;
 use crate::limits::{Limits, Rate};
 use crate::service::{Service, ServiceError};
 use crate::store::{Store, StoreError};
-use crate::{api, transport};
+use crate::{api, ops, transport};
 
 #[derive(Debug, thiserror::Error)]
 pub enum StartError {
@@ -154,6 +154,7 @@ impl Application {
         let state = self.state;
         let pruner = tokio::spawn(prune_forever(state.clone()));
         let upkeep = tokio::spawn(upkeep_forever(state.clone()));
+        crate::observe::prometheus();
         let grace = state.config.shutdown_grace;
         let stop = self.stop;
         let signal = async move {
@@ -176,6 +177,7 @@ pub fn routes(state: AppState) -> impl poem::Endpoint {
         state.service.clone(),
         state.auth.clone(),
         state.limits.clone(),
+        state.config.heartbeat,
     );
     let origins = state.config.cors_origin.clone();
     let docs = api.swagger_ui();
@@ -190,12 +192,15 @@ pub fn routes(state: AppState) -> impl poem::Endpoint {
         .at("/ws", get(transport::ws::plain_socket))
         .at("/ws/zones/:zone_id", get(transport::ws::zone_socket))
         .at("/healthz", get(make_sync(|_| "ok")))
+        .at("/readyz", get(ops::readyz))
+        .at("/metrics", get(ops::metrics))
         .at(
             "/",
             get(make_sync(|_| Html(include_str!("../static/index.html")))),
         )
         .around(api::access::authenticate)
         .around(api::problem::problems)
+        .around(ops::request_span)
         .with_if(
             !origins.is_empty(),
             poem::middleware::Cors::new()
@@ -220,6 +225,9 @@ async fn upkeep_forever(state: AppState) {
             tracing::warn!(error = %e, "cannot read revocations; will retry");
         }
         state.limits.prune();
+        if let Some(p) = crate::observe::prometheus() {
+            p.run_upkeep();
+        }
     }
 }
 

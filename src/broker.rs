@@ -10,11 +10,13 @@ use std::sync::Arc;
 use crate::cache::Cache;
 use crate::event::Event;
 use crate::hub::{Hub, Subscription};
+use crate::observe::Stats;
 
 #[derive(Clone)]
 pub struct Broker {
     pub hub: Hub,
     pub cache: Arc<Cache>,
+    pub stats: Arc<Stats>,
 }
 
 impl Broker {
@@ -22,12 +24,14 @@ impl Broker {
         Broker {
             hub: Hub::new(bus_capacity),
             cache: Arc::new(Cache::new(cache_per_stream)),
+            stats: Arc::default(),
         }
     }
 
     /// Publishes events committed together, in seq order within each stream.
     pub fn publish(&self, events: &[Arc<Event>]) {
         self.cache.insert(events);
+        self.stats.broadcast(events.len() as u64);
         for ev in events {
             self.hub.publish(ev.clone());
         }

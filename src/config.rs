@@ -25,7 +25,7 @@ pub struct Cli {
 #[derive(Debug, Subcommand)]
 pub enum Command {
     /// Serve HTTP, SSE and WebSocket (the default).
-    Serve(ServeArgs),
+    Serve(Box<ServeArgs>),
     /// Apply pending database migrations and exit.
     Migrate {
         #[arg(long, env = "ZONECAST_DATABASE_URL", default_value = DEFAULT_DATABASE_URL)]
@@ -158,6 +158,15 @@ pub struct ServeArgs {
     #[arg(long, env = "ZONECAST_REVOCATION_CHECK", default_value = "2s", value_parser = duration)]
     pub revocation_check: Duration,
 
+    /// Log format: `text` (human-readable) or `json` (one object per line).
+    #[arg(long, env = "ZONECAST_LOG_FORMAT", default_value = "text", value_parser = ["text", "json"])]
+    pub log_format: String,
+
+    /// A TOML file of settings (`heartbeat = "15s"`, `write-rate = 50`, …), read at
+    /// start. Flags and environment variables take precedence over it.
+    #[arg(long, env = "ZONECAST_CONFIG")]
+    pub config: Option<std::path::PathBuf>,
+
     /// How long shutdown waits for connections to finish.
     #[arg(long, env = "ZONECAST_SHUTDOWN_GRACE", default_value = "10s", value_parser = duration)]
     pub shutdown_grace: Duration,
@@ -177,4 +186,66 @@ impl ServeArgs {
             .chain(flags.into_iter().map(Into::into));
         Only::try_parse_from(args).map(|o| o.serve)
     }
+}
+
+/// Reads the TOML file named by `--config FILE` (or `ZONECAST_CONFIG`) and sets, for
+/// each setting not already in the environment, its `ZONECAST_…` variable, so the
+/// precedence is: flags, then environment, then the file, then defaults. Keys are the
+/// flag names (`write-rate` or `write_rate`); an unknown key is an error.
+///
+/// Must run before any other thread starts (it sets environment variables).
+pub fn apply_config_file<I: IntoIterator<Item = std::ffi::OsString>>(
+    args: I,
+) -> Result<(), String> {
+    use clap::CommandFactory;
+    let args: Vec<String> = args
+        .into_iter()
+        .map(|a| a.to_string_lossy().into_owned())
+        .collect();
+    let from_args = args.iter().enumerate().find_map(|(i, a)| {
+        a.strip_prefix("--config=").map(str::to_owned).or_else(|| {
+            (a == "--config")
+                .then(|| args.get(i + 1).cloned())
+                .flatten()
+        })
+    });
+    let Some(path) = from_args.or_else(|| std::env::var("ZONECAST_CONFIG").ok()) else {
+        return Ok(());
+    };
+    let text = std::fs::read_to_string(&path)
+        .map_err(|e| format!("cannot read the config file {path}: {e}"))?;
+    let table: toml::Table =
+        toml::from_str(&text).map_err(|e| format!("config file {path}: {e}"))?;
+    let cmd = Cli::command();
+    for (key, value) in table {
+        let id = key.replace('-', "_");
+        let env = cmd
+            .get_arguments()
+            .find(|a| a.get_id().as_str() == id)
+            .and_then(|a| a.get_env())
+            .and_then(|e| e.to_str().map(str::to_owned))
+            .ok_or_else(|| format!("config file {path}: unknown setting {key:?}"))?;
+        let scalar = |v: &toml::Value| match v {
+            toml::Value::String(s) => Ok(s.clone()),
+            toml::Value::Integer(i) => Ok(i.to_string()),
+            toml::Value::Float(f) => Ok(f.to_string()),
+            toml::Value::Boolean(b) => Ok(b.to_string()),
+            _ => Err(format!(
+                "config file {path}: {key:?} must be a string, number or boolean"
+            )),
+        };
+        let value = match &value {
+            toml::Value::Array(items) => items
+                .iter()
+                .map(scalar)
+                .collect::<Result<Vec<_>, _>>()?
+                .join(","),
+            v => scalar(v)?,
+        };
+        if std::env::var_os(&env).is_none() {
+            // SAFETY: called from `main` before the runtime or any thread starts.
+            unsafe { std::env::set_var(&env, value) };
+        }
+    }
+    Ok(())
 }

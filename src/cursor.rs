@@ -145,6 +145,7 @@ impl Cursor {
     }
 
     fn reset(&mut self, reason: ResetReason, earliest_id: u64, last: u64) {
+        metrics::counter!("zonecast_resets_total", "reason" => reason.as_str()).increment(1);
         self.ready.push_back(Item::Reset(Reset {
             reason,
             earliest_id,
@@ -229,6 +230,8 @@ impl Cursor {
             // Everything published before we subscribed is in the cache up to its
             // newest entry; anything later reaches us through the hub.
             let caught_up = self.cache.newest(&stream).is_none_or(|n| n <= end);
+            metrics::counter!("zonecast_replayed_events_total", "source" => "cache")
+                .increment(run.len() as u64);
             self.push_run(run);
             self.need_fill = !caught_up || self.hole_ahead();
             return Ok(());
@@ -240,6 +243,8 @@ impl Cursor {
         match events.first().map(|e| e.seq) {
             Some(first) if first == self.next => {
                 let full = events.len() == BATCH;
+                metrics::counter!("zonecast_replayed_events_total", "source" => "log")
+                    .increment(events.len() as u64);
                 let events: Vec<Arc<Event>> = events.into_iter().map(Arc::new).collect();
                 self.cache.insert(&events);
                 self.push_run(events);

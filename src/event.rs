@@ -23,6 +23,9 @@ pub struct Event {
     pub json: Bytes,
     /// `id: {seq}\nevent: {type}\ndata: {json}\n\n`.
     pub sse: Bytes,
+    /// When its transaction committed on this node (live events only), for the
+    /// delivery-lag histogram.
+    pub committed: Option<std::time::Instant>,
 }
 
 impl Event {
@@ -44,6 +47,7 @@ impl Event {
             data,
             json,
             sse,
+            committed: None,
         }
     }
 }

@@ -20,6 +20,7 @@
 //! - `auth`: principals, API keys, JWTs, revocation; `limits`: rate limits.
 //! - `api`: REST (OpenAPI), authentication middleware, problem+json.
 //! - `app`: wiring, binding, graceful shutdown.
+//! - `observe`: metrics and the connection registry behind `/api/stats`.
 //! - `telemetry`: logging setup.
 
 pub mod api;
@@ -34,6 +35,8 @@ pub mod event;
 pub mod hub;
 pub mod limits;
 pub mod notifications;
+pub mod observe;
+pub mod ops;
 pub mod service;
 pub mod store;
 pub mod telemetry;

@@ -46,12 +46,18 @@ pub struct Limits {
     ws_messages: Option<Quota>,
 }
 
-fn check(limiter: &Option<DefaultKeyedRateLimiter<String>>, key: &str) -> Result<(), RetryAfter> {
+fn check(
+    limiter: &Option<DefaultKeyedRateLimiter<String>>,
+    key: &str,
+    limit: &'static str,
+) -> Result<(), RetryAfter> {
     let Some(l) = limiter else {
         return Ok(());
     };
-    l.check_key(&key.to_owned())
-        .map_err(|nu| RetryAfter(nu.wait_time_from(DefaultClock::default().now())))
+    l.check_key(&key.to_owned()).map_err(|nu| {
+        metrics::counter!("zonecast_rate_limited_total", "limit" => limit).increment(1);
+        RetryAfter(nu.wait_time_from(DefaultClock::default().now()))
+    })
 }
 
 impl Limits {
@@ -64,11 +70,11 @@ impl Limits {
     }
 
     pub fn write(&self, key: &str) -> Result<(), RetryAfter> {
-        check(&self.writes, key)
+        check(&self.writes, key, "writes")
     }
 
     pub fn connect(&self, key: &str) -> Result<(), RetryAfter> {
-        check(&self.connects, key)
+        check(&self.connects, key, "connects")
     }
 
     /// A limiter for one WebSocket connection's messages.
@@ -98,9 +104,10 @@ impl Limits {
 pub fn check_direct(l: &Option<DefaultDirectRateLimiter>) -> Result<(), RetryAfter> {
     match l {
         None => Ok(()),
-        Some(l) => l
-            .check()
-            .map_err(|nu| RetryAfter(nu.wait_time_from(DefaultClock::default().now()))),
+        Some(l) => l.check().map_err(|nu| {
+            metrics::counter!("zonecast_rate_limited_total", "limit" => "ws_messages").increment(1);
+            RetryAfter(nu.wait_time_from(DefaultClock::default().now()))
+        }),
     }
 }
 

@@ -11,10 +11,24 @@ use zonecast::domain::format_time;
 use zonecast::service::Service;
 use zonecast::store::Store;
 
-#[tokio::main]
-async fn main() -> anyhow::Result<()> {
+fn main() -> anyhow::Result<()> {
+    // Before any thread exists: the config file fills in environment variables.
+    zonecast::config::apply_config_file(std::env::args_os()).map_err(anyhow::Error::msg)?;
     let cli = Cli::parse();
-    zonecast::telemetry::init();
+    let format = match &cli.command {
+        Some(Command::Serve(a)) => a.log_format.clone(),
+        None => cli.serve.log_format.clone(),
+        _ => "text".to_owned(),
+    };
+    zonecast::telemetry::init(&format);
+    tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .context("cannot start the runtime")?
+        .block_on(run(cli))
+}
+
+async fn run(cli: Cli) -> anyhow::Result<()> {
     match cli.command {
         Some(Command::Migrate { database_url }) => {
             let n = Store::migrate(&database_url)
@@ -27,7 +41,7 @@ async fn main() -> anyhow::Result<()> {
             database_url,
             action,
         }) => keys(&database_url, action).await,
-        Some(Command::Serve(args)) => serve(args).await,
+        Some(Command::Serve(args)) => serve(*args).await,
         None => serve(cli.serve).await,
     }
 }
@@ -39,12 +53,13 @@ async fn serve(args: zonecast::config::ServeArgs) -> anyhow::Result<()> {
         println!("created demo zone {} ({:?})", z.id, z.name);
     }
     println!("zonecast is serving on {base}");
-    println!("  dashboard: {base}/");
-    println!("  API docs:  {base}/docs");
     if let Some(key) = app.first_admin_key() {
         println!("  first admin key (shown once; keep it): {key}");
         println!("  dashboard with it: {base}/?access_token={key}");
     }
+    println!("  dashboard: {base}/");
+    // The last line of the start-up banner (tests wait for it).
+    println!("  API docs:  {base}/docs");
     app.run_until_stopped(shutdown_signal()).await?;
     Ok(())
 }

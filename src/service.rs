@@ -77,8 +77,12 @@ impl Service {
     where
         F: AsyncFnOnce(&DatabaseTransaction) -> Outcome<T>,
     {
+        let started = std::time::Instant::now();
         let txn = self.store.begin_write().await?;
-        match body(&txn).await {
+        let result = body(&txn).await;
+        metrics::histogram!("zonecast_write_duration_seconds")
+            .record(started.elapsed().as_secs_f64());
+        match result {
             // A replayed idempotency key appends nothing: roll back, or the seq taken
             // under the lock would be committed without its event, leaving a gap.
             Ok((value, events)) if events.is_empty() => {
@@ -87,7 +91,17 @@ impl Service {
             }
             Ok((value, events)) => {
                 txn.commit().await?;
-                let events: Vec<Arc<Event>> = events.into_iter().map(Arc::new).collect();
+                let committed = std::time::Instant::now();
+                let events: Vec<Arc<Event>> = events
+                    .into_iter()
+                    .map(|mut e| {
+                        metrics::counter!("zonecast_events_appended_total",
+                            "stream_kind" => crate::observe::stream_kind(&e.stream), "type" => e.kind.clone())
+                        .increment(1);
+                        e.committed = Some(committed);
+                        Arc::new(e)
+                    })
+                    .collect();
                 self.broker.publish(&events);
                 Ok(value)
             }

@@ -232,6 +232,26 @@ pub struct CreateAnnouncement {
     pub priority: Option<String>,
 }
 
+/// Live connections and delivery totals of this node.
+#[derive(Debug, Object)]
+pub struct StatsBody {
+    pub total_connections: u64,
+    pub connections_by_stream: std::collections::BTreeMap<String, u64>,
+    pub connections_by_transport: std::collections::BTreeMap<String, u64>,
+    pub unique_users: u64,
+    /// SSE heartbeat interval in milliseconds.
+    pub heartbeat_interval: u64,
+    pub metrics: StatsMetrics,
+}
+
+#[derive(Debug, Object)]
+pub struct StatsMetrics {
+    pub total_messages_sent: u64,
+    pub total_broadcasts: u64,
+    pub total_send_errors: u64,
+    pub last_broadcast_at: Option<String>,
+}
+
 #[derive(Debug, Object)]
 pub struct EventId {
     pub event_id: u64,

@@ -25,6 +25,7 @@ pub struct Api {
     pub service: Service,
     pub auth: Authenticator,
     pub limits: Arc<Limits>,
+    pub heartbeat: std::time::Duration,
 }
 
 impl Api {
@@ -299,6 +300,35 @@ impl Api {
         Ok(Json(self.service.zone(id.0).await?.into()))
     }
 
+    /// Connections by stream and transport, unique users, and delivery totals (admins).
+    #[oai(path = "/stats", method = "get")]
+    async fn stats(&self, p: Data<&Principal>) -> ApiResult<Json<StatsBody>> {
+        p.require_admin("read stats").map_err(ApiError::from)?;
+        let s = self.service.broker.stats.snapshot();
+        let n = |v: usize| v as u64;
+        Ok(Json(StatsBody {
+            total_connections: n(s.total_connections),
+            connections_by_stream: s
+                .connections_by_stream
+                .into_iter()
+                .map(|(k, v)| (k, n(v)))
+                .collect(),
+            connections_by_transport: s
+                .connections_by_transport
+                .into_iter()
+                .map(|(k, v)| (k, n(v)))
+                .collect(),
+            unique_users: n(s.unique_users),
+            heartbeat_interval: u64::try_from(self.heartbeat.as_millis()).unwrap_or(u64::MAX),
+            metrics: StatsMetrics {
+                total_messages_sent: s.total_messages_sent,
+                total_broadcasts: s.total_broadcasts,
+                total_send_errors: s.total_send_errors,
+                last_broadcast_at: s.last_broadcast_at.as_ref().map(crate::domain::format_time),
+            },
+        }))
+    }
+
     /// An announcement on the alerts stream (admins).
     #[oai(path = "/announcements", method = "post")]
     async fn announce(
@@ -319,11 +349,13 @@ pub fn service(
     service: Service,
     auth: Authenticator,
     limits: Arc<Limits>,
+    heartbeat: std::time::Duration,
 ) -> OpenApiService<Api, ()> {
     let api = Api {
         service,
         auth,
         limits,
+        heartbeat,
     };
     OpenApiService::new(api, "zonecast", env!("CARGO_PKG_VERSION"))
         .description("Real-time stock notifications: zones, items and their change log.")

@@ -110,9 +110,20 @@ impl Store {
         Ok(self.db.begin_with_options(opts).await?)
     }
 
-    /// Is the database answering?
-    pub async fn ping(&self) -> bool {
-        self.db.ping().await.is_ok()
+    /// Ready to serve: the database answers and no migration is pending.
+    pub async fn ready(&self) -> Result<(), String> {
+        self.db
+            .ping()
+            .await
+            .map_err(|e| format!("database unreachable: {e}"))?;
+        let pending = Migrator::get_pending_migrations(&self.db)
+            .await
+            .map_err(|e| format!("cannot read migrations: {e}"))?;
+        if pending.is_empty() {
+            Ok(())
+        } else {
+            Err(format!("{} migration(s) pending", pending.len()))
+        }
     }
 }
 

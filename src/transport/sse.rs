@@ -8,6 +8,7 @@
 //! ends the stream (the client reconnects with `Last-Event-ID`), shutdown ends it after
 //! the last complete frame.
 
+use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::{Bytes, BytesMut};
@@ -24,6 +25,7 @@ use crate::auth::Principal;
 use crate::cursor::{Cursor, Item, Start};
 use crate::domain::{StreamKey, format_time, now};
 use crate::event::sse_frame;
+use crate::observe::{Stats, Transport};
 
 /// Upper bound of one coalesced write.
 const MAX_CHUNK: usize = 64 * 1024;
@@ -197,9 +199,14 @@ fn stream_response(
     let mut shutdown = state.shutdown.clone();
     let auth = state.auth.clone();
     let principal = principal.clone();
+    let delivery = Delivery::new(state.service.broker.stats.clone(), Transport::Sse);
     let body = async_stream::stream! {
         yield Ok::<Bytes, std::io::Error>(first);
         let name = principal.name.clone();
+        // Registered while the body streams; dropped (unregistered) when it ends.
+        let registration = delivery.stats.connect(Transport::Sse, principal.user.as_deref());
+        registration.add_stream(cursor.stream());
+        tracing::info!(principal = %name, stream = cursor.stream(), "SSE stream opened");
         let revoked = async move { auth.revoked(&principal).await };
         tokio::pin!(revoked);
         let mut beat = interval_at(Instant::now() + heartbeat, heartbeat);
@@ -213,7 +220,7 @@ fn stream_response(
                     break;
                 }
                 item = cursor.next() => match item {
-                    Ok(item) => yield Ok(drain(&mut cursor, frame(&item))),
+                    Ok(item) => yield Ok(drain(&mut cursor, &item, &delivery)),
                     Err(e) => {
                         tracing::warn!(stream = cursor.stream(), error = %e, "ending SSE stream");
                         break;
@@ -237,20 +244,56 @@ pub async fn stopping(shutdown: &mut tokio::sync::watch::Receiver<bool>) {
     let _ = shutdown.wait_for(|stop| *stop).await.map(|_| ());
 }
 
-/// Appends everything else that is ready to `first`, up to `MAX_CHUNK`. A lone frame is
-/// passed on as the shared bytes, without a copy.
-fn drain(cursor: &mut Cursor, first: Bytes) -> Bytes {
+/// Delivery accounting of one connection: metric handles taken once, not per event.
+pub struct Delivery {
+    pub stats: Arc<Stats>,
+    pub transport: Transport,
+    lag: metrics::Histogram,
+}
+
+impl Delivery {
+    pub fn new(stats: Arc<Stats>, transport: Transport) -> Self {
+        Delivery {
+            stats,
+            transport,
+            lag: metrics::histogram!("zonecast_delivery_lag_seconds"),
+        }
+    }
+
+    /// Counts one item handed to the socket (events only; resets are notices).
+    pub fn delivered(&self, item: &Item) {
+        if let Item::Event(ev) = item
+            && let Some(at) = ev.committed
+        {
+            self.lag.record(at.elapsed().as_secs_f64());
+        }
+    }
+}
+
+/// Appends everything else that is ready to the first item's frame, up to
+/// `MAX_CHUNK`. A lone frame is passed on as the shared bytes, without a copy.
+fn drain(cursor: &mut Cursor, first: &Item, delivery: &Delivery) -> Bytes {
+    delivery.delivered(first);
+    let first = frame(first);
     let Some(second) = cursor.try_next() else {
+        delivery.stats.sent(delivery.transport, 1);
         return first;
     };
+    delivery.delivered(&second);
+    let mut n = 2;
     let mut buf = BytesMut::with_capacity(MAX_CHUNK.min(first.len() * 16));
     buf.extend_from_slice(&first);
     buf.extend_from_slice(&frame(&second));
     while buf.len() < MAX_CHUNK {
         match cursor.try_next() {
-            Some(item) => buf.extend_from_slice(&frame(&item)),
+            Some(item) => {
+                delivery.delivered(&item);
+                n += 1;
+                buf.extend_from_slice(&frame(&item));
+            }
             None => break,
         }
     }
+    delivery.stats.sent(delivery.transport, n);
     buf.freeze()
 }

@@ -25,6 +25,7 @@ use tokio::task::JoinHandle;
 use tokio::time::{Instant, MissedTickBehavior, interval_at};
 use tracing::Instrument;
 
+use super::sse::Delivery;
 use super::sse::{refusal, stopping};
 use super::ws_protocol::{self as proto, Code, Refusal, Request};
 use crate::api::access::RateKey;
@@ -34,6 +35,8 @@ use crate::auth::Principal;
 use crate::cursor::{Cursor, Start};
 use crate::domain::StreamKey;
 use crate::limits::check_direct;
+use crate::observe::{ConnGuard, Transport};
+use std::sync::Arc;
 
 /// Largest text frame a client may send.
 pub const MAX_MESSAGE: usize = 64 * 1024;
@@ -123,6 +126,9 @@ impl Drop for Feeder {
 
 struct Connection {
     state: AppState,
+    /// In the registry behind `/api/stats` while the connection lives.
+    registration: ConnGuard,
+    delivery: Arc<Delivery>,
     caller: Caller,
     /// This connection's message limiter, and how many messages in a row it refused.
     messages: Option<governor::DefaultDirectRateLimiter>,
@@ -153,10 +159,16 @@ async fn serve(
 ) {
     let (mut sink, mut incoming) = socket.split();
     let (out, mut queue) = mpsc::channel::<Message>(state.config.ws_queue.max(8));
+    let stats = state.service.broker.stats.clone();
+    let writer_stats = stats.clone();
     let writer = tokio::spawn(async move {
         while let Some(msg) = queue.recv().await {
             let closing = matches!(msg, Message::Close(_));
-            if sink.send(msg).await.is_err() || closing {
+            if sink.send(msg).await.is_err() {
+                writer_stats.send_error();
+                break;
+            }
+            if closing {
                 break;
             }
         }
@@ -168,7 +180,10 @@ async fn serve(
     let principal = caller.principal.clone();
     let revoked = async move { auth.revoked(&principal).await };
     tokio::pin!(revoked);
+    let registration = stats.connect(Transport::Ws, caller.principal.user.as_deref());
     let mut conn = Connection {
+        delivery: Arc::new(Delivery::new(stats, Transport::Ws)),
+        registration,
         messages: state.limits.ws_messages(),
         refused_in_a_row: 0,
         caller,
@@ -352,6 +367,7 @@ impl Connection {
             }
             Request::Unsubscribe { stream } => {
                 let key = stream.to_string();
+                self.registration.remove_stream(&key);
                 if self.subscriptions.remove(&key).is_none() {
                     return Err(Refusal::new(
                         Code::NotFound,
@@ -383,11 +399,18 @@ impl Connection {
     fn feed(&mut self, mut cursor: Cursor) {
         let out = self.out.clone();
         let stream = cursor.stream().to_owned();
+        let delivery = self.delivery.clone();
+        // Once per stream, also when a subscription is replaced.
+        self.registration.remove_stream(&stream);
+        self.registration.add_stream(&stream);
         let task = tokio::spawn(
             async move {
                 loop {
                     let text = match cursor.next().await {
-                        Ok(item) => proto::item(cursor.stream(), &item),
+                        Ok(item) => {
+                            delivery.delivered(&item);
+                            proto::item(cursor.stream(), &item)
+                        }
                         Err(e) => {
                             tracing::warn!(error = %e, "subscription ended");
                             let r = Refusal::new(
@@ -403,6 +426,7 @@ impl Connection {
                     if out.send(Message::Text(text)).await.is_err() {
                         break;
                     }
+                    delivery.stats.sent(Transport::Ws, 1);
                 }
             }
             .in_current_span(),

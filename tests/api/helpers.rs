@@ -89,6 +89,13 @@ impl TestDb {
     }
 }
 
+impl TestDb {
+    /// For a PostgreSQL test database: the admin URL and the database name.
+    pub fn postgres_admin(&self) -> Option<(String, String)> {
+        self.pg_admin.clone()
+    }
+}
+
 impl Drop for TestDb {
     /// Drops a PostgreSQL test database (SQLite's goes with its temp dir), also when
     /// the test panicked. Runs on a thread of its own: `Drop` cannot await.
@@ -595,5 +602,82 @@ impl TestApp {
             Err(tokio_tungstenite::tungstenite::Error::Http(resp)) => resp.status().as_u16(),
             Err(e) => panic!("handshake failed: {e}"),
         }
+    }
+}
+
+/// The real `zonecast` binary as a child process, with its stderr (logs) kept.
+pub struct Child {
+    pub process: tokio::process::Child,
+    pub base: String,
+    pub key: Option<String>,
+    pub log_path: std::path::PathBuf,
+    _log_dir: tempfile::TempDir,
+}
+
+/// Starts the binary on `db_url` with `args` and waits until it serves.
+pub async fn spawn_binary(db_url: &str, args: &[&str]) -> Child {
+    use tokio::io::{AsyncBufReadExt, BufReader};
+    let log_dir = tempfile::tempdir().expect("temp dir");
+    let log_path = log_dir.path().join("zonecast.log");
+    let log = std::fs::File::create(&log_path).expect("log file");
+    let mut process = tokio::process::Command::new(env!("CARGO_BIN_EXE_zonecast"))
+        .args([
+            "--bind",
+            "127.0.0.1:0",
+            "--database-url",
+            db_url,
+            "--no-demo",
+        ])
+        .args(args)
+        .env("RUST_LOG", "info")
+        .stdout(std::process::Stdio::piped())
+        .stderr(log)
+        .kill_on_drop(true)
+        .spawn()
+        .expect("start zonecast");
+    let stdout = process.stdout.take().expect("stdout");
+    let mut lines = BufReader::new(stdout).lines();
+    let (mut base, mut key) = (None, None);
+    within("the server to start", async {
+        while let Ok(Some(line)) = lines.next_line().await {
+            if let Some(k) = line.split_whitespace().find(|w| w.starts_with("zk_")) {
+                key.get_or_insert_with(|| k.to_owned());
+            }
+            if let Some(url) = line.strip_prefix("  API docs:  ") {
+                base = url.strip_suffix("/docs").map(str::to_owned);
+            }
+            if base.is_some() {
+                break; // `API docs` is the banner's last line
+            }
+        }
+    })
+    .await;
+    // Keep draining stdout so the child never blocks on a full pipe.
+    tokio::spawn(async move { while let Ok(Some(_)) = lines.next_line().await {} });
+    Child {
+        process,
+        base: base.expect("the server printed its address"),
+        key,
+        log_path,
+        _log_dir: log_dir,
+    }
+}
+
+impl Child {
+    pub fn logs(&self) -> String {
+        std::fs::read_to_string(&self.log_path).unwrap_or_default()
+    }
+
+    /// Sends SIGTERM and waits (bounded) for the exit status.
+    pub async fn terminate(&mut self, limit: Duration) -> std::process::ExitStatus {
+        let pid = self.process.id().expect("running");
+        let status = std::process::Command::new("kill")
+            .args(["-TERM", &pid.to_string()])
+            .status()
+            .expect("kill");
+        assert!(status.success());
+        within_for(limit, "the server to exit", self.process.wait())
+            .await
+            .expect("exit status")
     }
 }

@@ -5,6 +5,7 @@ mod helpers;
 mod access;
 mod concurrency;
 mod notifications;
+mod operations;
 mod rest;
 mod restart;
 mod sse;

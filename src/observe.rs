@@ -1,0 +1,194 @@
+//! What an operator watches: Prometheus metrics (`/metrics`), the live connection
+//! registry and totals behind `/api/stats`.
+//!
+//! The metrics recorder is process-global (the `metrics` facade), installed once;
+//! several servers in one process (tests) share it. The registry is per server.
+//! Recording is cheap and never blocks: atomics, and a std `Mutex` held only for
+//! map updates on connect and disconnect.
+
+use std::collections::{BTreeMap, HashMap};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard, OnceLock};
+
+use chrono::{DateTime, Utc};
+use metrics_exporter_prometheus::{PrometheusBuilder, PrometheusHandle};
+
+static PROMETHEUS: OnceLock<Option<PrometheusHandle>> = OnceLock::new();
+
+/// Installs the global recorder on first use; `None` if another recorder was set.
+pub fn prometheus() -> Option<&'static PrometheusHandle> {
+    PROMETHEUS
+        .get_or_init(|| {
+            let buckets = [
+                0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0,
+            ];
+            PrometheusBuilder::new()
+                .set_buckets(&buckets)
+                .and_then(|b| b.install_recorder())
+                .map_err(|e| tracing::warn!(error = %e, "metrics recorder not installed"))
+                .ok()
+        })
+        .as_ref()
+}
+
+/// The transport of a connection, as a metric label.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Transport {
+    Sse,
+    Ws,
+}
+
+impl Transport {
+    pub fn label(self) -> &'static str {
+        match self {
+            Transport::Sse => "sse",
+            Transport::Ws => "ws",
+        }
+    }
+}
+
+/// The kind of a stream key, as a metric label (never the key: unbounded labels).
+pub fn stream_kind(stream: &str) -> &'static str {
+    if stream.starts_with("zone:") {
+        "zone"
+    } else if stream.starts_with("user:") {
+        "user"
+    } else {
+        "alerts"
+    }
+}
+
+struct ConnInfo {
+    transport: Transport,
+    user: Option<String>,
+    streams: Vec<String>,
+}
+
+/// Live connections and totals of one server.
+#[derive(Default)]
+pub struct Stats {
+    next_id: AtomicU64,
+    conns: Mutex<HashMap<u64, ConnInfo>>,
+    messages_sent: AtomicU64,
+    broadcasts: AtomicU64,
+    send_errors: AtomicU64,
+    /// Milliseconds since the epoch of the last publish; 0 for never.
+    last_broadcast_ms: AtomicU64,
+}
+
+/// Registration of one connection; dropping it unregisters.
+pub struct ConnGuard {
+    stats: Arc<Stats>,
+    id: u64,
+    transport: Transport,
+}
+
+impl Drop for ConnGuard {
+    fn drop(&mut self) {
+        self.stats.conns().remove(&self.id);
+        metrics::gauge!("zonecast_connections", "transport" => self.transport.label())
+            .decrement(1.0);
+    }
+}
+
+impl ConnGuard {
+    pub fn add_stream(&self, stream: &str) {
+        if let Some(c) = self.stats.conns().get_mut(&self.id) {
+            c.streams.push(stream.to_owned());
+        }
+    }
+
+    pub fn remove_stream(&self, stream: &str) {
+        if let Some(c) = self.stats.conns().get_mut(&self.id) {
+            c.streams.retain(|s| s != stream);
+        }
+    }
+}
+
+/// `/api/stats` as numbers.
+#[derive(Debug, Clone)]
+pub struct Snapshot {
+    pub total_connections: usize,
+    pub connections_by_stream: BTreeMap<String, usize>,
+    pub connections_by_transport: BTreeMap<String, usize>,
+    pub unique_users: usize,
+    pub total_messages_sent: u64,
+    pub total_broadcasts: u64,
+    pub total_send_errors: u64,
+    pub last_broadcast_at: Option<DateTime<Utc>>,
+}
+
+impl Stats {
+    fn conns(&self) -> MutexGuard<'_, HashMap<u64, ConnInfo>> {
+        self.conns.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    pub fn connect(self: &Arc<Self>, transport: Transport, user: Option<&str>) -> ConnGuard {
+        let id = self.next_id.fetch_add(1, Ordering::Relaxed);
+        self.conns().insert(
+            id,
+            ConnInfo {
+                transport,
+                user: user.map(str::to_owned),
+                streams: Vec::new(),
+            },
+        );
+        metrics::gauge!("zonecast_connections", "transport" => transport.label()).increment(1.0);
+        metrics::counter!("zonecast_connections_opened_total", "transport" => transport.label())
+            .increment(1);
+        ConnGuard {
+            stats: self.clone(),
+            id,
+            transport,
+        }
+    }
+
+    /// `n` messages written to one connection.
+    pub fn sent(&self, transport: Transport, n: u64) {
+        self.messages_sent.fetch_add(n, Ordering::Relaxed);
+        metrics::counter!("zonecast_deliveries_total", "transport" => transport.label())
+            .increment(n);
+    }
+
+    pub fn send_error(&self) {
+        self.send_errors.fetch_add(1, Ordering::Relaxed);
+        metrics::counter!("zonecast_send_errors_total").increment(1);
+    }
+
+    pub fn broadcast(&self, n: u64) {
+        self.broadcasts.fetch_add(n, Ordering::Relaxed);
+        let ms = u64::try_from(Utc::now().timestamp_millis()).unwrap_or(0);
+        self.last_broadcast_ms.store(ms, Ordering::Relaxed);
+    }
+
+    pub fn snapshot(&self) -> Snapshot {
+        let conns = self.conns();
+        let mut by_stream = BTreeMap::new();
+        let mut by_transport = BTreeMap::new();
+        let mut users = std::collections::HashSet::new();
+        for c in conns.values() {
+            *by_transport
+                .entry(c.transport.label().to_owned())
+                .or_insert(0) += 1;
+            for s in &c.streams {
+                *by_stream.entry(s.clone()).or_insert(0) += 1;
+            }
+            if let Some(u) = &c.user {
+                users.insert(u.clone());
+            }
+        }
+        let last = self.last_broadcast_ms.load(Ordering::Relaxed);
+        Snapshot {
+            total_connections: conns.len(),
+            connections_by_stream: by_stream,
+            connections_by_transport: by_transport,
+            unique_users: users.len(),
+            total_messages_sent: self.messages_sent.load(Ordering::Relaxed),
+            total_broadcasts: self.broadcasts.load(Ordering::Relaxed),
+            total_send_errors: self.send_errors.load(Ordering::Relaxed),
+            last_broadcast_at: (last > 0)
+                .then(|| DateTime::from_timestamp_millis(last as i64))
+                .flatten(),
+        }
+    }
+}
