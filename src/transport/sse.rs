@@ -125,18 +125,7 @@ pub async fn alerts(
     Data(principal): Data<&Principal>,
     Data(rate): Data<&RateKey>,
 ) -> Response {
-    if let Some(r) = refusal(state, principal, rate, Some(&StreamKey::Alerts)) {
-        return r;
-    }
-    let service = &state.service;
-    let stream = StreamKey::Alerts.to_string();
-    let mut cursor = Cursor::subscribe(&service.broker, &service.store, &stream);
-    let raw = header_resume_point(req).or(q.last_event_id);
-    if let Err(e) = cursor.seek(Start::from_resume_point(raw.as_deref())).await {
-        return unavailable(e);
-    }
-    let first = Bytes::from(retry_line(state.config.sse_retry));
-    stream_response(state, principal, cursor, first)
+    resumable(req, q, state, principal, rate, StreamKey::Alerts).await
 }
 
 /// `GET /sse/notifications`: the caller's own user stream.
@@ -155,7 +144,19 @@ pub async fn notifications(
         ));
         return error_response(e);
     };
-    let key = StreamKey::User(user);
+    resumable(req, q, state, principal, rate, StreamKey::User(user)).await
+}
+
+/// A stream without a snapshot: live, or resumed from `Last-Event-ID` /
+/// `?last_event_id=`.
+async fn resumable(
+    req: &Request,
+    q: SseQuery,
+    state: &AppState,
+    principal: &Principal,
+    rate: &RateKey,
+    key: StreamKey,
+) -> Response {
     if let Some(r) = refusal(state, principal, rate, Some(&key)) {
         return r;
     }

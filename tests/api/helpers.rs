@@ -221,6 +221,28 @@ pub struct Reply {
 }
 
 impl Reply {
+    /// Reads a response; the body of an event stream is left unread (its status and
+    /// headers are what a caller asks about).
+    pub async fn read(resp: reqwest::Response) -> Reply {
+        let status = resp.status().as_u16();
+        let content_type = resp
+            .headers()
+            .get("content-type")
+            .and_then(|v| v.to_str().ok())
+            .unwrap_or("")
+            .to_owned();
+        let text = if content_type.starts_with("text/event-stream") {
+            String::new()
+        } else {
+            within("a response body", resp.text()).await.expect("body")
+        };
+        Reply {
+            status,
+            content_type,
+            text,
+        }
+    }
+
     pub fn json(&self) -> Value {
         serde_json::from_str(&self.text).unwrap_or_else(|e| panic!("not JSON ({e}): {}", self.text))
     }
@@ -272,19 +294,7 @@ impl TestApp {
             req = req.header(*k, *v);
         }
         let resp = within(path, req.send()).await.expect("request sent");
-        let status = resp.status().as_u16();
-        let content_type = resp
-            .headers()
-            .get("content-type")
-            .and_then(|v| v.to_str().ok())
-            .unwrap_or("")
-            .to_owned();
-        let text = within(path, resp.text()).await.expect("body");
-        Reply {
-            status,
-            content_type,
-            text,
-        }
+        Reply::read(resp).await
     }
 
     pub async fn get(&self, path: &str) -> Reply {
@@ -575,23 +585,7 @@ impl TestApp {
             req = req.json(&b);
         }
         let resp = within(path, req.send()).await.expect("request sent");
-        let status = resp.status().as_u16();
-        let content_type = resp
-            .headers()
-            .get("content-type")
-            .and_then(|v| v.to_str().ok())
-            .unwrap_or("")
-            .to_owned();
-        let text = if content_type.starts_with("text/event-stream") {
-            String::new() // a stream: the status is what was asked for
-        } else {
-            within(path, resp.text()).await.expect("body")
-        };
-        Reply {
-            status,
-            content_type,
-            text,
-        }
+        Reply::read(resp).await
     }
 
     /// The HTTP status of a WebSocket handshake (101 when it upgraded).
