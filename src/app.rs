@@ -7,7 +7,6 @@ use std::sync::Arc;
 
 use poem::endpoint::make_sync;
 use poem::listener::{Acceptor, Listener, TcpAcceptor, TcpListener};
-use poem::web::Html;
 use poem::{EndpointExt, Route, Server, get};
 use tokio::sync::watch;
 
@@ -18,7 +17,7 @@ use crate::domain::Zone;
 use crate::limits::{Limits, Rate};
 use crate::service::{Service, ServiceError};
 use crate::store::{Store, StoreError};
-use crate::{api, ops, transport};
+use crate::{api, ops, pages, transport};
 
 #[derive(Debug, thiserror::Error)]
 pub enum StartError {
@@ -189,16 +188,19 @@ pub fn routes(state: AppState) -> impl poem::Endpoint {
         .at("/sse/zones/:zone_id/stock", get(transport::sse::zone_stock))
         .at("/sse/alerts", get(transport::sse::alerts))
         .at("/sse/notifications", get(transport::sse::notifications))
+        .at("/sse/streams", get(transport::sse_multi::streams))
         .at("/ws", get(transport::ws::plain_socket))
         .at("/ws/zones/:zone_id", get(transport::ws::zone_socket))
         .at("/healthz", get(make_sync(|_| "ok")))
         .at("/readyz", get(ops::readyz))
         .at("/metrics", get(ops::metrics))
-        .at(
-            "/",
-            get(make_sync(|_| Html(include_str!("../static/index.html")))),
-        )
+        .at("/", get(pages::index))
+        .at("/index.html", get(pages::index))
+        .at("/zonecast.js", get(pages::client))
+        .at("/sse-client.html", get(pages::sse_client))
+        .at("/ws-client.html", get(pages::ws_client))
         .around(api::access::authenticate)
+        .around(pages::refuse_sse)
         .around(api::problem::problems)
         .around(ops::request_span)
         .with_if(

@@ -167,6 +167,11 @@ pub struct ServeArgs {
     #[arg(long, env = "ZONECAST_CONFIG")]
     pub config: Option<std::path::PathBuf>,
 
+    /// Test only: answer 503 on every `/sse/…` route, to exercise clients' WebSocket
+    /// fallback.
+    #[arg(long, hide = true)]
+    pub refuse_sse: bool,
+
     /// How long shutdown waits for connections to finish.
     #[arg(long, env = "ZONECAST_SHUTDOWN_GRACE", default_value = "10s", value_parser = duration)]
     pub shutdown_grace: Duration,

@@ -16,9 +16,12 @@
 //! - `cache`: recent events per stream, for replays without queries.
 //! - `hub`: one broadcast channel per live stream; no DB, no HTTP.
 //! - `cursor`: the gapless per-subscriber feed, transport-agnostic.
-//! - `transport::sse`: SSE streams.
+//! - `transport::sse`, `transport::sse_multi`: SSE streams (one stream per
+//!   connection, or several on one); `transport::ws`, `ws_protocol`: WebSocket.
 //! - `auth`: principals, API keys, JWTs, revocation; `limits`: rate limits.
 //! - `api`: REST (OpenAPI), authentication middleware, problem+json.
+//! - `pages`: the dashboard, `zonecast.js` and the raw test pages (from `static/`).
+//! - `ops`: `/metrics`, `/readyz`, the per-request span.
 //! - `app`: wiring, binding, graceful shutdown.
 //! - `observe`: metrics and the connection registry behind `/api/stats`.
 //! - `telemetry`: logging setup.
@@ -37,6 +40,7 @@ pub mod limits;
 pub mod notifications;
 pub mod observe;
 pub mod ops;
+pub mod pages;
 pub mod service;
 pub mod store;
 pub mod telemetry;

@@ -252,6 +252,16 @@ pub struct StatsMetrics {
     pub last_broadcast_at: Option<String>,
 }
 
+/// Who the credentials belong to.
+#[derive(Debug, Object)]
+pub struct MeBody {
+    pub name: String,
+    pub role: String,
+    /// `*` or zone ids.
+    pub zones: String,
+    pub user: Option<String>,
+}
+
 #[derive(Debug, Object)]
 pub struct EventId {
     pub event_id: u64,

@@ -50,6 +50,17 @@ pub enum Created<T: poem_openapi::types::ToJSON> {
 
 #[OpenApi]
 impl Api {
+    /// The caller: principal name, role, zone scope and user.
+    #[oai(path = "/me", method = "get")]
+    async fn me(&self, p: Data<&Principal>) -> Json<MeBody> {
+        Json(MeBody {
+            name: p.name.clone(),
+            role: p.role.to_string(),
+            zones: p.zones.to_string(),
+            user: p.user.clone(),
+        })
+    }
+
     /// All zones.
     #[oai(path = "/zones", method = "get")]
     async fn zones(&self, p: Data<&Principal>) -> ApiResult<Json<Vec<ZoneBody>>> {

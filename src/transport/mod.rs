@@ -2,5 +2,6 @@
 //! frames; they hold no state of their own beyond one connection.
 
 pub mod sse;
+pub mod sse_multi;
 pub mod ws;
 pub mod ws_protocol;

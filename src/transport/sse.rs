@@ -22,29 +22,29 @@ use crate::api::access::RateKey;
 use crate::api::problem::{ApiError, Problem, error_response, service_problem};
 use crate::app::AppState;
 use crate::auth::Principal;
-use crate::cursor::{Cursor, Item, Start};
+use crate::cursor::{Cursor, CursorError, Item, Start};
 use crate::domain::{StreamKey, format_time, now};
 use crate::event::sse_frame;
 use crate::observe::{Stats, Transport};
 
 /// Upper bound of one coalesced write.
-const MAX_CHUNK: usize = 64 * 1024;
+pub const MAX_CHUNK: usize = 64 * 1024;
 
 #[derive(Debug, Default, Deserialize)]
 pub struct SseQuery {
-    last_event_id: Option<String>,
-    snapshot: Option<String>,
+    pub last_event_id: Option<String>,
+    pub snapshot: Option<String>,
 }
 
 fn truthy(v: Option<&str>) -> bool {
     matches!(v, Some("1" | "true" | "yes"))
 }
 
-fn header_resume_point(req: &Request) -> Option<String> {
+pub fn header_resume_point(req: &Request) -> Option<String> {
     req.header("Last-Event-ID").map(str::to_owned)
 }
 
-fn unavailable(e: impl std::fmt::Display) -> Response {
+pub fn unavailable(e: impl std::fmt::Display) -> Response {
     tracing::error!(error = %e, "cannot open stream");
     Problem::new(
         StatusCode::SERVICE_UNAVAILABLE,
@@ -170,7 +170,7 @@ async fn resumable(
     stream_response(state, principal, cursor, first)
 }
 
-fn retry_line(retry: Duration) -> String {
+pub fn retry_line(retry: Duration) -> String {
     format!("retry: {}\n\n", retry.as_millis())
 }
 
@@ -190,10 +190,46 @@ pub fn frame(item: &Item) -> Bytes {
     }
 }
 
+/// What an SSE response streams from: one cursor (the per-stream endpoints, frames
+/// shared by all subscribers) or several merged (`/sse/streams`).
+pub enum Feed {
+    One(Cursor),
+    Many(super::sse_multi::Merged),
+}
+
+impl Feed {
+    fn streams(&self) -> Vec<String> {
+        match self {
+            Feed::One(c) => vec![c.stream().to_owned()],
+            Feed::Many(m) => m.streams(),
+        }
+    }
+
+    /// The next chunk: everything ready, coalesced. Cancel-safe.
+    async fn next_chunk(&mut self, delivery: &Delivery) -> Result<Bytes, CursorError> {
+        match self {
+            Feed::One(cursor) => {
+                let item = cursor.next().await?;
+                Ok(drain(cursor, &item, delivery))
+            }
+            Feed::Many(m) => m.next_chunk(delivery).await,
+        }
+    }
+}
+
 fn stream_response(
     state: &AppState,
     principal: &Principal,
-    mut cursor: Cursor,
+    cursor: Cursor,
+    first: Bytes,
+) -> Response {
+    feed_response(state, principal, Feed::One(cursor), first)
+}
+
+pub fn feed_response(
+    state: &AppState,
+    principal: &Principal,
+    mut feed: Feed,
     first: Bytes,
 ) -> Response {
     let heartbeat = state.config.heartbeat;
@@ -206,8 +242,11 @@ fn stream_response(
         let name = principal.name.clone();
         // Registered while the body streams; dropped (unregistered) when it ends.
         let registration = delivery.stats.connect(Transport::Sse, principal.user.as_deref());
-        registration.add_stream(cursor.stream());
-        tracing::info!(principal = %name, stream = cursor.stream(), "SSE stream opened");
+        let streams = feed.streams();
+        for st in &streams {
+            registration.add_stream(st);
+        }
+        tracing::info!(principal = %name, streams = ?streams, "SSE stream opened");
         let revoked = async move { auth.revoked(&principal).await };
         tokio::pin!(revoked);
         let mut beat = interval_at(Instant::now() + heartbeat, heartbeat);
@@ -220,10 +259,10 @@ fn stream_response(
                     tracing::info!(principal = %name, "credentials revoked; ending SSE stream");
                     break;
                 }
-                item = cursor.next() => match item {
-                    Ok(item) => yield Ok(drain(&mut cursor, &item, &delivery)),
+                chunk = feed.next_chunk(&delivery) => match chunk {
+                    Ok(chunk) => yield Ok(chunk),
                     Err(e) => {
-                        tracing::warn!(stream = cursor.stream(), error = %e, "ending SSE stream");
+                        tracing::warn!(streams = ?streams, error = %e, "ending SSE stream");
                         break;
                     }
                 },

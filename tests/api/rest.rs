@@ -177,7 +177,21 @@ async fn docs_and_spec_are_served() {
     assert_eq!(docs.status, 200);
     assert!(docs.text.contains("swagger"), "swagger UI");
     let index = app.get("/").await;
-    assert!(index.content_type.starts_with("text/html") && index.text.contains("EventSource"));
+    assert!(index.content_type.starts_with("text/html") && index.text.contains("/zonecast.js"));
+    let js = app.get("/zonecast.js").await;
+    assert!(js.content_type.starts_with("text/javascript") && js.text.contains("EventSource"));
+    for page in ["/sse-client.html", "/ws-client.html"] {
+        let r = app.get(page).await;
+        assert!(
+            r.status == 200 && r.content_type.starts_with("text/html"),
+            "{page}"
+        );
+    }
+    let me = app.get("/api/me").await.json();
+    assert_eq!(
+        (me["role"].as_str(), me["zones"].as_str()),
+        (Some("admin"), Some("*"))
+    );
     assert_eq!(app.get("/healthz").await.text, "ok");
     app.stop().await;
 }

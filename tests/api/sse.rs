@@ -230,3 +230,68 @@ async fn unknown_zone_stream_is_404_problem_and_streams_leave_no_channel() {
     .await;
     app.stop().await;
 }
+
+#[tokio::test]
+async fn one_connection_carries_several_streams_and_resumes_them_all() {
+    for db in test_dbs().await {
+        let app = spawn_app(&db, &[]).await;
+        let z1 = app.create_zone("One").await;
+        let z2 = app.create_zone("Two").await;
+        let i1 = app.create_item(z1, "A", 10, 5).await;
+        let i2 = app.create_item(z2, "B", 10, 0).await;
+        let path = format!("/sse/streams?streams=zone:{z1},zone:{z2},alerts");
+        let mut sse = app
+            .sse(&path, Some(&format!("zone:{z1}=0,zone:{z2}=1")))
+            .await;
+        // zone 1 replays from 0 (its item_created), zone 2 is at 1, alerts live.
+        let first = sse.next().await;
+        assert_eq!(
+            (first.data["stream"].as_str(), first.data["id"].as_u64()),
+            (Some(format!("zone:{z1}").as_str()), Some(1))
+        );
+        assert_eq!(first.id, format!("alerts=0,zone:{z1}=1,zone:{z2}=1"));
+        app.delta(i1, -5).await; // zone 1 event 2, and a low-stock alert
+        app.delta(i2, -1).await; // zone 2 event 2
+        let frames = sse.take(3).await;
+        let mut by_stream: Vec<(String, u64)> = frames
+            .iter()
+            .map(|f| {
+                (
+                    f.data["stream"].as_str().unwrap_or("").to_owned(),
+                    f.data["id"].as_u64().unwrap_or(0),
+                )
+            })
+            .collect();
+        by_stream.sort();
+        assert_eq!(
+            by_stream,
+            vec![
+                ("alerts".into(), 1),
+                (format!("zone:{z1}"), 2),
+                (format!("zone:{z2}"), 2)
+            ]
+        );
+        // The last frame's id holds every stream's position.
+        let final_id = format!("alerts=1,zone:{z1}=2,zone:{z2}=2");
+        assert_eq!(frames.last().map(|f| f.id.clone()), Some(final_id.clone()));
+        drop(sse);
+        // Resume with the composite id of the last frame: only what came after.
+        app.delta(i2, -1).await;
+        let mut again = app.sse(&path, Some(&final_id)).await;
+        let f = again.next().await;
+        assert_eq!(
+            (f.data["stream"].as_str(), f.data["id"].as_u64()),
+            (Some(format!("zone:{z2}").as_str()), Some(3))
+        );
+        assert_eq!(f.id, format!("alerts=1,zone:{z1}=2,zone:{z2}=3"));
+        // Scope and input are checked before the stream starts.
+        app.get("/sse/streams").await.assert_problem(422, "invalid");
+        app.get("/sse/streams?streams=zone:999")
+            .await
+            .assert_problem(404, "not_found");
+        app.get("/sse/streams?streams=user:nobody")
+            .await
+            .assert_problem(403, "forbidden");
+        app.stop().await;
+    }
+}

@@ -1,0 +1,221 @@
+// End-to-end tests of zonecast's pages in a real headless Chromium (Debian's
+// /usr/bin/chromium, driven by playwright-core), against the real server binary.
+// Run by .ci/run after `cargo build`; `node e2e.mjs` runs them by hand.
+//
+// Every wait is bounded; a failed check throws and the process exits non-zero.
+
+import { spawn } from "node:child_process";
+import { mkdtempSync, mkdirSync } from "node:fs";
+import { tmpdir } from "node:os";
+import { join, dirname } from "node:path";
+import { fileURLToPath } from "node:url";
+import { createInterface } from "node:readline";
+import { chromium } from "playwright-core";
+
+const here = dirname(fileURLToPath(import.meta.url));
+const root = join(here, "..", "..");
+const BIN = process.env.ZONECAST_BIN ?? join(root, "target", "debug", "zonecast");
+const SHOTS = join(root, "docs", "screenshots");
+const dir = mkdtempSync(join(tmpdir(), "zonecast-e2e-"));
+const DB = `sqlite://${join(dir, "e2e.db")}?mode=rwc`;
+
+function assert(cond, what) {
+  if (!cond) throw new Error(`check failed: ${what}`);
+  console.log(`ok - ${what}`);
+}
+
+/** Starts the server; resolves with {proc, base, key} once its banner is printed. */
+function startServer(args = []) {
+  return new Promise((resolve, reject) => {
+    const proc = spawn(BIN, ["--database-url", DB, "--heartbeat", "1s", "--write-rate", "0", "--connect-rate", "0", ...args], {
+      stdio: ["ignore", "pipe", "inherit"],
+      env: { ...process.env, RUST_LOG: "warn" },
+    });
+    let key = null;
+    const timer = setTimeout(() => reject(new Error("server did not start")), 20000);
+    createInterface({ input: proc.stdout }).on("line", (line) => {
+      const k = line.match(/zk_[0-9a-f]{64}/);
+      if (k && !key) key = k[0];
+      const m = line.match(/API docs:\s+(http:\/\/\S+)\/docs/);
+      if (m) { clearTimeout(timer); resolve({ proc, base: m[1], key }); }
+    });
+    proc.on("exit", (code) => reject(new Error(`server exited with ${code}`)));
+  });
+}
+
+function stopServer(server) {
+  return new Promise((resolve, reject) => {
+    const timer = setTimeout(() => reject(new Error("server did not stop")), 15000);
+    server.proc.removeAllListeners("exit");
+    server.proc.on("exit", (code) => { clearTimeout(timer); code === 0 ? resolve() : reject(new Error(`exit ${code}`)); });
+    server.proc.kill("SIGTERM");
+  });
+}
+
+async function api(base, key, method, path, body) {
+  const r = await fetch(base + path, {
+    method,
+    headers: { Authorization: `Bearer ${key}`, "Content-Type": "application/json" },
+    body: body === undefined ? undefined : JSON.stringify(body),
+  });
+  const data = await r.json().catch(() => ({}));
+  if (!r.ok) throw new Error(`${method} ${path}: ${r.status} ${JSON.stringify(data)}`);
+  return data;
+}
+
+const errors = [];
+let allowNetworkErrors = false;
+let allowRefusals = false;
+function watch(page, name) {
+  page.on("pageerror", (e) => errors.push(`${name}: ${e.message}`));
+  page.on("console", (m) => {
+    if (m.type() !== "error") return;
+    // While the server is down on purpose, the browser reports refused connections.
+    if (allowNetworkErrors && /ERR_CONNECTION_REFUSED|Failed to load resource|WebSocket connection/.test(m.text())) return;
+    // A change the server refuses on purpose is reported by the browser as a failed load.
+    if (allowRefusals && /status of 422/.test(m.text())) return;
+    errors.push(`${name}: ${m.text()}`);
+  });
+  return page;
+}
+
+const qty = (page, item) => page.locator(`#items tr[data-item="${item}"] td.qty`).innerText().then((t) => parseInt(t, 10));
+
+const browser = await chromium.launch({
+  executablePath: process.env.CHROMIUM ?? "/usr/bin/chromium",
+  args: ["--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run", "--disable-background-networking", "--disable-component-update", "--disable-sync"],
+});
+let server = await startServer(["--bind", "127.0.0.1:0"]);
+const port = new URL(server.base).port;
+try {
+  const { base } = server;
+  const admin = server.key;
+  assert(admin, "the first start prints an admin key");
+  const alice = (await api(base, admin, "POST", "/api/keys", { name: "alice", role: "writer", user: "alice" })).key;
+
+  // --- the dashboard shows the snapshot, then live changes -----------------------------
+  const ctx = await browser.newContext({ viewport: { width: 1280, height: 800 } });
+  const page = watch(await ctx.newPage(), "tab 1");
+  await page.goto(`${base}/?access_token=${alice}&zone=1&heartbeat_ms=1000`);
+  await page.waitForSelector("#items tr >> nth=5", { timeout: 10000 });
+  assert((await page.locator("#items tr").count()) === 6, "the dashboard shows the zone's six items");
+  assert(!page.url().includes("access_token"), "the token is removed from the address bar");
+  await page.waitForSelector('#status[data-state="live"][data-transport="sse"]', { timeout: 10000 });
+  assert(true, "the status says live over SSE");
+
+  const before = await qty(page, 1);
+  const t0 = Date.now();
+  await api(base, admin, "PATCH", "/api/items/1", { delta: -5 });
+  await page.waitForFunction((q) => document.querySelector('#items tr[data-item="1"] td.qty')?.textContent.startsWith(String(q)), before - 5, { timeout: 1000 });
+  assert(Date.now() - t0 < 1000, `a change over REST appears within a second (${Date.now() - t0} ms)`);
+
+  // --- a low-stock crossing shows a toast --------------------------------------------------
+  await api(base, admin, "PATCH", "/api/items/4", { delta: -5 }); // 12 -> 7, threshold 10
+  await page.waitForSelector('.toast:has-text("Low stock")', { timeout: 3000 });
+  assert(await page.locator('#items tr[data-item="4"].low').count() === 1, "a low-stock toast appears and the row is marked low");
+
+  // --- inline change from the page, and a refused one --------------------------------------
+  await page.click('#items tr[data-item="2"] button:text("−")');
+  await page.waitForFunction(() => document.querySelector('#items tr[data-item="2"] td.qty')?.textContent.startsWith("199"), null, { timeout: 3000 });
+  assert(true, "the − button changes the quantity");
+  allowRefusals = true;
+  await page.fill('#items tr[data-item="3"] input', "-4");
+  await page.click('#items tr[data-item="3"] button:text("Set")');
+  await page.waitForSelector('#items tr[data-item="3"] .error:not(:empty)', { timeout: 3000 });
+  assert(true, "a refused change shows its error");
+  allowRefusals = false;
+
+  // --- notifications: the bell, and reading in one tab lowers it in another ----------------
+  await page.waitForSelector("#bell:not([hidden])", { timeout: 5000 });
+  const page2 = watch(await ctx.newPage(), "tab 2");
+  await page2.goto(`${base}/?zone=1&heartbeat_ms=1000`);
+  await page2.waitForSelector("#bell:not([hidden])", { timeout: 10000 });
+  await page2.waitForSelector('#status[data-state="live"]', { timeout: 10000 });
+  await api(base, admin, "POST", "/api/notifications", { user_id: "alice", subject: "Pick list ready", message: "Wave 7 is ready", priority: "high" });
+  for (const p of [page, page2]) await p.waitForFunction(() => document.getElementById("unread").textContent === "1", null, { timeout: 3000 });
+  assert(true, "a notification raises the bell count in both tabs");
+  await page.click("#bell");
+  await page.click("#notes li.unread button.mark-read");
+  await page2.waitForFunction(() => document.getElementById("unread").textContent === "0", null, { timeout: 3000 });
+  assert(true, "marking it read in one tab lowers the count in the other");
+  await page.click("#bell");
+
+  // --- screenshots (desktop, phone) ---------------------------------------------------------
+  mkdirSync(SHOTS, { recursive: true });
+  await page.screenshot({ path: join(SHOTS, "dashboard-desktop.png") });
+  const phone = watch(await (await browser.newContext({ viewport: { width: 390, height: 844 }, isMobile: true })).newPage(), "phone");
+  await phone.goto(`${base}/?access_token=${alice}&zone=1`);
+  await phone.waitForSelector('#status[data-state="live"]', { timeout: 10000 });
+  await phone.screenshot({ path: join(SHOTS, "dashboard-phone.png") });
+  assert(true, "screenshots written to docs/screenshots");
+  await phone.close();
+  await page2.close();
+
+  // --- the server goes away under the open dashboard; changes happen meanwhile --------------
+  allowNetworkErrors = true;
+  const seenBefore = await page.evaluate(() => window.zonecastSeen.length);
+  await stopServer(server);
+  await page.waitForSelector('#status[data-state="reconnecting"]', { timeout: 10000 });
+  assert(true, "the status says reconnecting when the server is gone");
+  server = await startServer(["--bind", `127.0.0.1:${port}`]);
+  const expected = {};
+  for (let i = 0; i < 5; i++) {
+    const r = await api(server.base, admin, "PATCH", "/api/items/5", { delta: -1 });
+    expected.TAPE = r.item.quantity;
+  }
+  await page.waitForSelector('#status[data-state="live"]', { timeout: 40000 });
+  await page.waitForFunction((q) => document.querySelector('#items tr[data-item="5"] td.qty')?.textContent.startsWith(String(q)), expected.TAPE, { timeout: 5000 });
+  const seen = await page.evaluate(() => window.zonecastSeen.filter((s) => s.startsWith("zone:1#")).map((s) => Number(s.split("#")[1])));
+  const unique = new Set(seen);
+  assert(unique.size === seen.length, "after the restart no zone event was handled twice");
+  const ids = [...unique].sort((a, b) => a - b);
+  assert(ids.every((id, i) => i === 0 || id === ids[i - 1] + 1), "and none is missing (ids consecutive)");
+  assert(seen.length - seenBefore >= 5, "the changes made while it was down arrived, without a reload");
+  assert(await page.locator('#items tr[data-item="5"]').count() === 1, "the table holds each item once");
+  allowNetworkErrors = false;
+
+  // --- SSE refused: the client falls back to WebSocket --------------------------------------
+  allowNetworkErrors = true;
+  await stopServer(server);
+  server = await startServer(["--bind", `127.0.0.1:${port}`, "--refuse-sse"]);
+  const ws = watch(await (await browser.newContext()).newPage(), "ws fallback");
+  ws.on("console", () => {});
+  await ws.goto(`${server.base}/?access_token=${alice}&zone=1&heartbeat_ms=1000`);
+  await ws.waitForSelector('#status[data-state="live"][data-transport="ws"]', { timeout: 30000 });
+  assert((await ws.locator("#status-text").innerText()).includes("WebSocket"), "with SSE refused the status says WebSocket");
+  const r = await api(server.base, admin, "PATCH", "/api/items/6", { delta: -10 });
+  await ws.waitForFunction((q) => document.querySelector('#items tr[data-item="6"] td.qty')?.textContent.startsWith(String(q)), r.item.quantity, { timeout: 3000 });
+  assert(true, "updates still appear over WebSocket");
+  await ws.click('#items tr[data-item="6"] button:text("+")');
+  await ws.waitForFunction((q) => document.querySelector('#items tr[data-item="6"] td.qty')?.textContent.startsWith(String(q)), r.item.quantity + 1, { timeout: 3000 });
+  assert(true, "writes go through the WebSocket");
+  allowNetworkErrors = false;
+  await stopServer(server);
+  server = await startServer(["--bind", `127.0.0.1:${port}`]);
+
+  // --- the raw pages ------------------------------------------------------------------------
+  const raw = watch(await (await browser.newContext()).newPage(), "sse page");
+  await raw.goto(`${server.base}/sse-client.html`);
+  await raw.fill("#token", alice);
+  await raw.fill("#last", "0");
+  await raw.click("#connect");
+  await raw.waitForSelector('#log .frame[data-type="item_created"][data-id="1"]', { timeout: 5000 });
+  assert(true, "the SSE page connects and logs frames with their ids");
+  const wsPage = watch(await (await browser.newContext()).newPage(), "ws page");
+  await wsPage.goto(`${server.base}/ws-client.html`);
+  await wsPage.fill("#token", alice);
+  await wsPage.click("#connect");
+  await wsPage.waitForSelector('#log .frame[data-type="welcome"]', { timeout: 5000 });
+  await wsPage.fill("#message", JSON.stringify({ type: "update_quantity", request_id: "from-page", item_id: 1, delta: -1 }));
+  await wsPage.click("#send");
+  await wsPage.waitForSelector('#log .frame.in[data-type="ack"]', { timeout: 5000 });
+  assert(true, "the WS page sends update_quantity and logs the ack");
+  await raw.waitForSelector('#log .frame[data-type="stock_updated"]', { timeout: 5000 });
+  assert(true, "and the SSE page logs the resulting event");
+
+  assert(errors.length === 0, `no console errors (${errors.join(" | ")})`);
+  console.log("all browser checks passed");
+} finally {
+  await browser.close();
+  server.proc.kill("SIGTERM");
+}
