@@ -64,9 +64,16 @@ async fn fanout(subscribers: usize, changes: usize) {
         "sqlite://{}?mode=rwc",
         dir.path().join("bench.db").display()
     );
-    let config =
-        ServeArgs::from_flags(["--bind", "127.0.0.1:0", "--database-url", &url, "--no-demo"])
-            .expect("flags");
+    let config = ServeArgs::from_flags([
+        "--bind",
+        "127.0.0.1:0",
+        "--database-url",
+        &url,
+        "--no-demo",
+        "--connect-rate",
+        "0",
+    ])
+    .expect("flags");
     let app = Application::build(config).await.expect("server");
     let base = format!("http://{}", app.addr());
     let key = app.first_admin_key().expect("fresh database").to_owned();
@@ -116,6 +123,7 @@ async fn fanout(subscribers: usize, changes: usize) {
             .send()
             .await
             .expect("subscribe");
+        assert_eq!(resp.status().as_u16(), 200, "a subscriber was refused");
         tasks.push(tokio::spawn(subscriber(resp, changes)));
     }
     while service.broker.hub.subscribers(&stream) < subscribers + 1 {
