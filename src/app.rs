@@ -6,8 +6,8 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 
 use poem::endpoint::make_sync;
-use poem::listener::{Acceptor, Listener, TcpAcceptor, TcpListener};
-use poem::{EndpointExt, Route, Server, get};
+use poem::{EndpointExt, Route, get};
+use tokio::net::TcpListener;
 use tokio::sync::watch;
 
 use crate::auth::{Authenticator, Principal, Role, ZoneScope};
@@ -15,6 +15,7 @@ use crate::broker::Broker;
 use crate::config::ServeArgs;
 use crate::domain::Zone;
 use crate::limits::{Limits, Rate};
+use crate::server::{self, NetLimits};
 use crate::service::{Service, ServiceError};
 use crate::store::{Store, StoreError};
 use crate::{api, ops, pages, transport};
@@ -30,6 +31,47 @@ pub enum StartError {
         addr: SocketAddr,
         source: std::io::Error,
     },
+    #[error(
+        "--max-connections {requested} cannot be honoured: the open-file limit leaves room \
+         for {available} connections (raise it with `ulimit -n`, or lower --max-connections)"
+    )]
+    Capacity { requested: usize, available: u64 },
+    #[error("--max-connections-per-ip {per_ip} is above --max-connections {total}")]
+    PerIp { per_ip: usize, total: usize },
+}
+
+/// Connections allowed when `--max-connections` is not given, if the open-file limit
+/// leaves room for them.
+const DEFAULT_MAX_CONNECTIONS: usize = 10_000;
+
+/// The connection caps of `config`, checked against the process's open-file limit.
+fn net_limits(config: &ServeArgs) -> Result<NetLimits, StartError> {
+    let available = server::connection_capacity();
+    let fits = |n: usize| u64::try_from(n).is_ok_and(|n| n <= available);
+    let max_connections = match config.max_connections {
+        Some(n) if fits(n) => n,
+        Some(requested) => {
+            return Err(StartError::Capacity {
+                requested,
+                available,
+            });
+        }
+        None => usize::try_from(available)
+            .unwrap_or(usize::MAX)
+            .clamp(1, DEFAULT_MAX_CONNECTIONS),
+    };
+    if config.max_connections_per_ip > max_connections {
+        return Err(StartError::PerIp {
+            per_ip: config.max_connections_per_ip,
+            total: max_connections,
+        });
+    }
+    Ok(NetLimits {
+        max_connections,
+        max_per_ip: config.max_connections_per_ip,
+        header_timeout: config.header_timeout,
+        idle_timeout: config.idle_timeout,
+    })
 }
 
 /// Shared by every request handler.
@@ -45,7 +87,8 @@ pub struct AppState {
 }
 
 pub struct Application {
-    acceptor: TcpAcceptor,
+    listener: TcpListener,
+    net: NetLimits,
     addr: SocketAddr,
     state: AppState,
     stop: watch::Sender<bool>,
@@ -55,6 +98,7 @@ pub struct Application {
 
 impl Application {
     pub async fn build(config: ServeArgs) -> Result<Self, StartError> {
+        let net = net_limits(&config)?;
         let store = Store::open(&config.database_url).await?;
         let broker = Broker::new(config.bus_capacity, config.cache_events);
         let service = Service::new(store, broker);
@@ -93,21 +137,17 @@ impl Application {
                 burst: config.ws_message_burst,
             },
         ));
-        let acceptor = TcpListener::bind(config.bind)
-            .into_acceptor()
+        let listener = TcpListener::bind(config.bind)
             .await
             .map_err(|source| StartError::Bind {
                 addr: config.bind,
                 source,
             })?;
-        let addr = acceptor
-            .local_addr()
-            .first()
-            .and_then(|a| a.as_socket_addr().copied())
-            .unwrap_or(config.bind);
+        let addr = listener.local_addr().unwrap_or(config.bind);
         let (stop, shutdown) = watch::channel(false);
         Ok(Application {
-            acceptor,
+            listener,
+            net,
             addr,
             state: AppState {
                 service,
@@ -161,10 +201,20 @@ impl Application {
             tracing::info!("shutting down");
             let _ = stop.send(true);
         };
-        tracing::info!(addr = %self.addr, "listening");
-        let result = Server::new_with_acceptor(self.acceptor)
-            .run_with_graceful_shutdown(routes(state), signal, Some(grace))
-            .await;
+        tracing::info!(addr = %self.addr, max_connections = self.net.max_connections,
+            max_connections_per_ip = self.net.max_per_ip, "listening");
+        let serve = server::serve(
+            self.listener,
+            routes(state.clone()),
+            self.net,
+            state.shutdown.clone(),
+            grace,
+        );
+        tokio::pin!(serve);
+        let result = tokio::select! {
+            r = &mut serve => r,
+            _ = signal => serve.await,
+        };
         pruner.abort();
         upkeep.abort();
         result
@@ -199,6 +249,7 @@ pub fn routes(state: AppState) -> impl poem::Endpoint {
         .at("/zonecast.js", get(pages::client))
         .at("/sse-client.html", get(pages::sse_client))
         .at("/ws-client.html", get(pages::ws_client))
+        .around(api::body::limit_body)
         .around(api::access::authenticate)
         .around(pages::refuse_sse)
         .around(api::problem::problems)

@@ -172,6 +172,31 @@ pub struct ServeArgs {
     #[arg(long, hide = true)]
     pub refuse_sse: bool,
 
+    /// Open connections in total (SSE and WebSocket included). Default: 10,000, or
+    /// what the open-file limit leaves room for if that is less; a value the limit
+    /// cannot honour stops the start. Past it a connection is answered 503 at once.
+    #[arg(long, env = "ZONECAST_MAX_CONNECTIONS")]
+    pub max_connections: Option<usize>,
+
+    /// Open connections from one client address; 0 = no per-address cap. Behind a
+    /// reverse proxy every connection comes from the proxy: raise it or set 0 there.
+    #[arg(long, env = "ZONECAST_MAX_CONNECTIONS_PER_IP", default_value_t = 1000)]
+    pub max_connections_per_ip: usize,
+
+    /// A new connection must send a complete request head within this (a keep-alive
+    /// connection: from the first byte of its next request); a request body must
+    /// arrive within it too.
+    #[arg(long, env = "ZONECAST_HEADER_TIMEOUT", default_value = "10s", value_parser = duration)]
+    pub header_timeout: Duration,
+
+    /// Largest request body (`65536`, `64KiB`, `1MiB`); larger ones get 413.
+    #[arg(long, env = "ZONECAST_MAX_BODY", default_value = "64KiB", value_parser = crate::api::body::parse_size)]
+    pub max_body: usize,
+
+    /// A keep-alive connection with no request in flight is closed after this.
+    #[arg(long, env = "ZONECAST_IDLE_TIMEOUT", default_value = "60s", value_parser = duration)]
+    pub idle_timeout: Duration,
+
     /// How long shutdown waits for connections to finish.
     #[arg(long, env = "ZONECAST_SHUTDOWN_GRACE", default_value = "10s", value_parser = duration)]
     pub shutdown_grace: Duration,

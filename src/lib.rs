@@ -22,6 +22,7 @@
 //! - `api`: REST (OpenAPI), authentication middleware, problem+json.
 //! - `pages`: the dashboard, `zonecast.js` and the raw test pages (from `static/`).
 //! - `ops`: `/metrics`, `/readyz`, the per-request span.
+//! - `server`: the accept loop and HTTP connections: caps, deadlines, back-off.
 //! - `app`: wiring, binding, graceful shutdown.
 //! - `observe`: metrics and the connection registry behind `/api/stats`.
 //! - `telemetry`: logging setup.
@@ -41,6 +42,7 @@ pub mod notifications;
 pub mod observe;
 pub mod ops;
 pub mod pages;
+pub mod server;
 pub mod service;
 pub mod store;
 pub mod telemetry;

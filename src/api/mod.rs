@@ -2,6 +2,7 @@
 //! service, and shape the reply. Swagger UI at `/docs`, the spec at `/openapi.json`.
 
 pub mod access;
+pub mod body;
 pub mod dto;
 pub mod problem;
 

@@ -675,3 +675,55 @@ impl Child {
             .expect("exit status")
     }
 }
+
+/// A raw TCP connection to `to` from the loopback address `from`.
+pub async fn try_connect_from(
+    to: std::net::SocketAddr,
+    from: std::net::IpAddr,
+) -> std::io::Result<tokio::net::TcpStream> {
+    let socket = tokio::net::TcpSocket::new_v4()?;
+    socket.bind(std::net::SocketAddr::new(from, 0))?;
+    tokio::time::timeout(Duration::from_secs(5), socket.connect(to))
+        .await
+        .map_err(|_| std::io::Error::other("connect timed out"))?
+}
+
+pub async fn connect_from(
+    to: std::net::SocketAddr,
+    from: std::net::IpAddr,
+) -> tokio::net::TcpStream {
+    try_connect_from(to, from).await.expect("TCP connect")
+}
+
+/// Reads until the server closes the connection (or `done` says the answer is
+/// complete); returns what it sent.
+pub async fn read_until_closed(
+    s: &mut tokio::net::TcpStream,
+    done: impl Fn(&[u8]) -> bool,
+) -> Vec<u8> {
+    use tokio::io::AsyncReadExt;
+    let mut out = Vec::new();
+    within("the server to answer or close", async {
+        let mut buf = [0u8; 4096];
+        loop {
+            match s.read(&mut buf).await {
+                Ok(0) | Err(_) => break,
+                Ok(n) => out.extend_from_slice(&buf[..n]),
+            }
+            if done(&out) {
+                break;
+            }
+        }
+    })
+    .await;
+    out
+}
+
+impl TestApp {
+    pub fn addr(&self) -> std::net::SocketAddr {
+        self.base
+            .trim_start_matches("http://")
+            .parse()
+            .expect("server address")
+    }
+}

@@ -4,6 +4,8 @@ mod helpers;
 
 mod access;
 mod concurrency;
+mod connections;
+mod hostile;
 mod notifications;
 mod operations;
 mod rest;
