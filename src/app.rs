@@ -84,6 +84,8 @@ pub struct AppState {
     /// Turns `true` once shutdown starts; every open stream watches it and ends, so
     /// graceful shutdown does not wait out its grace on streams that never end.
     pub shutdown: watch::Receiver<bool>,
+    /// The server's connection slots (open sockets, for `/api/stats`).
+    pub slots: server::Slots,
 }
 
 pub struct Application {
@@ -145,6 +147,7 @@ impl Application {
             })?;
         let addr = listener.local_addr().unwrap_or(config.bind);
         let (stop, shutdown) = watch::channel(false);
+        let slots = server::Slots::new(net.max_connections, net.max_per_ip);
         Ok(Application {
             listener,
             net,
@@ -155,6 +158,7 @@ impl Application {
                 auth,
                 limits,
                 shutdown,
+                slots,
             },
             stop,
             demo,
@@ -206,6 +210,7 @@ impl Application {
         let serve = server::serve(
             self.listener,
             routes(state.clone()),
+            state.slots.clone(),
             self.net,
             state.shutdown.clone(),
             grace,
@@ -224,6 +229,7 @@ impl Application {
 pub fn routes(state: AppState) -> impl poem::Endpoint {
     let api = api::service(
         state.service.clone(),
+        state.slots.clone(),
         state.auth.clone(),
         state.limits.clone(),
         state.config.heartbeat,

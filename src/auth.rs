@@ -12,6 +12,7 @@ use std::fmt;
 use std::str::FromStr;
 use std::sync::{Arc, RwLock};
 
+use chrono::{DateTime, Utc};
 use jsonwebtoken::{Algorithm, DecodingKey, Validation};
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
@@ -64,6 +65,15 @@ impl ZoneScope {
             ZoneScope::Only(z) => z.contains(&zone),
         }
     }
+
+    /// Every zone of `other` is in this scope.
+    pub fn covers(&self, other: &ZoneScope) -> bool {
+        match (self, other) {
+            (ZoneScope::All, _) => true,
+            (ZoneScope::Only(_), ZoneScope::All) => false,
+            (ZoneScope::Only(_), ZoneScope::Only(z)) => z.iter().all(|z| self.contains(*z)),
+        }
+    }
 }
 
 impl fmt::Display for ZoneScope {
@@ -110,6 +120,9 @@ pub struct Principal {
     /// The API key behind it, so its connections can be closed on revocation.
     pub key_id: Option<i32>,
     pub anonymous: bool,
+    /// When the credentials stop being valid (a JWT's `exp`): from then on every
+    /// request is refused and open connections are ended.
+    pub expires_at: Option<DateTime<Utc>>,
 }
 
 impl Principal {
@@ -122,6 +135,7 @@ impl Principal {
             user: None,
             key_id: None,
             anonymous: true,
+            expires_at: None,
         }
     }
 
@@ -134,12 +148,19 @@ impl Principal {
             user: None,
             key_id: None,
             anonymous: false,
+            expires_at: None,
         }
+    }
+
+    fn expired(&self) -> bool {
+        self.expires_at.is_some_and(|at| at <= Utc::now())
     }
 
     /// Refused: 401 for an anonymous caller (credentials would help), else 403.
     fn refuse(&self, what: String) -> DomainError {
-        if self.anonymous {
+        if self.expired() {
+            DomainError::Unauthenticated(format!("the credentials of {} have expired", self.name))
+        } else if self.anonymous {
             DomainError::Unauthenticated(format!("{what} needs credentials"))
         } else {
             DomainError::Forbidden(format!("{} may not {what}", self.name))
@@ -147,7 +168,7 @@ impl Principal {
     }
 
     pub fn require_zone(&self, zone: i32) -> Result<(), DomainError> {
-        if self.zones.contains(zone) {
+        if self.zones.contains(zone) && !self.expired() {
             Ok(())
         } else {
             Err(self.refuse(format!("read zone {zone}")))
@@ -156,7 +177,7 @@ impl Principal {
 
     pub fn require_write(&self, zone: i32) -> Result<(), DomainError> {
         self.require_zone(zone)?;
-        if self.role >= Role::Writer && !self.anonymous {
+        if self.role >= Role::Writer && !self.anonymous && !self.expired() {
             Ok(())
         } else {
             Err(self.refuse(format!("change stock in zone {zone}")))
@@ -164,7 +185,7 @@ impl Principal {
     }
 
     pub fn require_role(&self, role: Role, what: &str) -> Result<(), DomainError> {
-        if self.role >= role && !self.anonymous {
+        if self.role >= role && !self.anonymous && !self.expired() {
             Ok(())
         } else {
             Err(self.refuse(what.to_owned()))
@@ -172,14 +193,41 @@ impl Principal {
     }
 
     pub fn require_admin(&self, what: &str) -> Result<(), DomainError> {
-        if self.role == Role::Admin && !self.anonymous {
+        if self.role == Role::Admin && !self.anonymous && !self.expired() {
             Ok(())
         } else {
             Err(self.refuse(what.to_owned()))
         }
     }
 
+    /// An admin of every zone: may create zones and bind keys to any user.
+    pub fn require_full_admin(&self, what: &str) -> Result<(), DomainError> {
+        self.require_admin(what)?;
+        if self.zones == ZoneScope::All {
+            Ok(())
+        } else {
+            Err(self.refuse(format!("{what} (an admin of some zones only)")))
+        }
+    }
+
+    /// What this principal may hand on: a role no higher than its own, zones within
+    /// its own, and a user binding only if it is an admin of every zone (binding a
+    /// user gives that user's notifications) or the binding is its own user.
+    pub fn may_grant(&self, role: Role, zones: &ZoneScope, user: Option<&str>) -> bool {
+        role <= self.role
+            && self.zones.covers(zones)
+            && (self.zones == ZoneScope::All || user.is_none() || user == self.user.as_deref())
+    }
+
+    /// Whether this principal could read `stream` (for what `/api/stats` shows).
+    pub fn sees_stream(&self, stream: &str) -> bool {
+        StreamKey::parse(stream).is_ok_and(|k| self.require_stream(&k).is_ok())
+    }
+
     pub fn require_stream(&self, stream: &StreamKey) -> Result<(), DomainError> {
+        if self.expired() {
+            return Err(self.refuse(format!("read {stream}")));
+        }
         match stream {
             StreamKey::Zone(z) => self.require_zone(*z),
             StreamKey::Alerts => Ok(()),
@@ -200,18 +248,18 @@ pub fn hash_key(key: &str) -> String {
     hex::encode(Sha256::digest(key.as_bytes()))
 }
 
-/// JWT claims (`zones` is a list of ids or `"*"`).
+/// JWT claims as zonecast reads them: `sub` (a non-empty user id), `role`, `zones`
+/// (a list of ids or `"*"`; required: a token without it grants nothing), `exp`
+/// (required), `nbf` (honoured when present).
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct Claims {
     pub sub: String,
     pub role: Role,
-    #[serde(default = "all_zones")]
-    pub zones: ZonesClaim,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub zones: Option<ZonesClaim>,
     pub exp: u64,
-}
-
-fn all_zones() -> ZonesClaim {
-    ZonesClaim::Star("*".into())
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub nbf: Option<u64>,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -227,6 +275,9 @@ pub enum AuthError {
     Missing,
     #[error("invalid or revoked credentials")]
     Invalid,
+    /// A well-formed token that grants nothing, and why (safe to tell the caller).
+    #[error("{0}")]
+    Rejected(&'static str),
     #[error(transparent)]
     Store(#[from] StoreError),
 }
@@ -275,21 +326,55 @@ impl Authenticator {
         };
         let mut validation = Validation::new(Algorithm::HS256);
         validation.leeway = 0;
+        validation.validate_nbf = true;
         let claims = jsonwebtoken::decode::<Claims>(token, secret, &validation)
-            .map_err(|_| AuthError::Invalid)?
+            .map_err(|e| {
+                use jsonwebtoken::errors::ErrorKind;
+                match e.kind() {
+                    ErrorKind::ExpiredSignature => AuthError::Rejected("the token has expired"),
+                    ErrorKind::ImmatureSignature => {
+                        AuthError::Rejected("the token is not valid yet (nbf)")
+                    }
+                    ErrorKind::MissingRequiredClaim(_) => {
+                        AuthError::Rejected("the token has no exp claim")
+                    }
+                    _ => AuthError::Invalid,
+                }
+            })?
             .claims;
         let zones = match claims.zones {
-            ZonesClaim::List(z) => ZoneScope::Only(z),
-            ZonesClaim::Star(s) if s == "*" => ZoneScope::All,
-            ZonesClaim::Star(_) => return Err(AuthError::Invalid),
+            None => {
+                return Err(AuthError::Rejected(
+                    "the token has no zones claim: give a list of zone ids or \"*\"",
+                ));
+            }
+            Some(ZonesClaim::List(z)) => ZoneScope::Only(z),
+            Some(ZonesClaim::Star(s)) if s == "*" => ZoneScope::All,
+            Some(ZonesClaim::Star(_)) => {
+                return Err(AuthError::Rejected(
+                    "the zones claim must be a list of zone ids or \"*\"",
+                ));
+            }
         };
+        let user = crate::domain::user_id(&claims.sub).map_err(|_| {
+            AuthError::Rejected("the token's sub must name a user (1 to 128 characters)")
+        })?;
+        let expires_at = i64::try_from(claims.exp)
+            .ok()
+            .and_then(|exp| DateTime::from_timestamp(exp, 0));
+        // `exp` is the first instant the token is invalid (jsonwebtoken still accepts
+        // it during that second); the same instant open connections end.
+        if expires_at.is_none_or(|at| at <= Utc::now()) {
+            return Err(AuthError::Rejected("the token has expired"));
+        }
         Ok(Principal {
-            name: format!("jwt:{}", claims.sub),
+            name: format!("jwt:{user}"),
             role: claims.role,
             zones,
-            user: Some(claims.sub),
+            user: Some(user),
             key_id: None,
             anonymous: false,
+            expires_at,
         })
     }
 
@@ -318,8 +403,25 @@ impl Authenticator {
         })
     }
 
-    /// Completes once `principal`'s key is revoked (never, for other credentials).
-    pub async fn revoked(&self, principal: &Principal) {
+    /// Completes once `principal`'s credentials stop being valid: its key is revoked,
+    /// or its token expires. Never, for credentials that do neither.
+    pub async fn ended(&self, principal: &Principal) -> Ended {
+        let expiry = async {
+            match principal.expires_at {
+                None => std::future::pending::<()>().await,
+                Some(at) => {
+                    let left = (at - Utc::now()).to_std().unwrap_or_default();
+                    tokio::time::sleep(left).await;
+                }
+            }
+        };
+        tokio::select! {
+            _ = self.revoked(principal) => Ended::Revoked,
+            _ = expiry => Ended::Expired,
+        }
+    }
+
+    async fn revoked(&self, principal: &Principal) {
         if principal.key_id.is_none() {
             return std::future::pending().await;
         }
@@ -335,6 +437,23 @@ impl Authenticator {
     }
 }
 
+/// Why a connection's credentials stopped being valid.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Ended {
+    Revoked,
+    Expired,
+}
+
+impl Ended {
+    /// For logs and close frames.
+    pub fn reason(self) -> &'static str {
+        match self {
+            Ended::Revoked => "credentials revoked",
+            Ended::Expired => "credentials expired",
+        }
+    }
+}
+
 pub fn principal_of(key: &ApiKey) -> Principal {
     Principal {
         name: format!("key:{}", key.name),
@@ -343,6 +462,7 @@ pub fn principal_of(key: &ApiKey) -> Principal {
         user: key.user_id.clone(),
         key_id: Some(key.id),
         anonymous: false,
+        expires_at: None,
     }
 }
 
@@ -375,5 +495,42 @@ mod tests {
             Err(DomainError::Unauthenticated(_))
         ));
         assert!(anon.require_stream(&StreamKey::User("u".into())).is_err());
+    }
+
+    #[test]
+    fn a_principal_grants_only_within_its_own_role_and_scope() {
+        let one = ZoneScope::Only(vec![1]);
+        let mut scoped = Principal::system("t");
+        scoped.zones = ZoneScope::Only(vec![1, 2]);
+        scoped.user = Some("lead".into());
+        assert!(scoped.may_grant(Role::Admin, &one, None));
+        assert!(scoped.may_grant(Role::Reader, &one, Some("lead")));
+        assert!(!scoped.may_grant(Role::Reader, &ZoneScope::All, None));
+        assert!(!scoped.may_grant(Role::Reader, &ZoneScope::Only(vec![3]), None));
+        assert!(!scoped.may_grant(Role::Reader, &one, Some("someone-else")));
+        let mut writer = Principal::system("w");
+        writer.role = Role::Writer;
+        assert!(!writer.may_grant(Role::Admin, &one, None));
+        assert!(Principal::system("full").may_grant(Role::Admin, &ZoneScope::All, Some("x")));
+        assert!(scoped.require_full_admin("create zones").is_err());
+    }
+
+    #[test]
+    fn expired_credentials_may_do_nothing() {
+        let mut p = Principal::system("jwt:a");
+        p.role = Role::Writer;
+        assert!(p.require_write(1).is_ok());
+        p.expires_at = Some(Utc::now() - chrono::Duration::seconds(1));
+        for refused in [
+            p.require_write(1),
+            p.require_zone(1),
+            p.require_role(Role::Reader, "read"),
+            p.require_stream(&StreamKey::Alerts),
+        ] {
+            assert!(
+                matches!(&refused, Err(DomainError::Unauthenticated(m)) if m.contains("expired")),
+                "{refused:?}"
+            );
+        }
     }
 }

@@ -21,6 +21,9 @@ pub enum DomainError {
     InsufficientStock { quantity: i64, would_be: i64 },
     #[error("{0}")]
     Conflict(String),
+    /// An idempotency key this principal already used for a different request.
+    #[error("idempotency key {0:?} was already used for a different request; use a new key")]
+    IdempotencyKeyReused(String),
     #[error("{0}")]
     Unauthenticated(String),
     #[error("{0}")]
@@ -165,6 +168,11 @@ pub struct NewItem {
 }
 
 impl NewItem {
+    /// The canonical form, for idempotency fingerprints.
+    pub fn canonical(&self) -> serde_json::Value {
+        serde_json::json!([self.sku, self.name, self.quantity, self.low_stock_threshold])
+    }
+
     pub fn parse(
         sku: &str,
         name: &str,
@@ -231,6 +239,24 @@ impl ItemPatch {
             ));
         }
         Ok(patch)
+    }
+
+    /// The canonical form of the change, for idempotency fingerprints: the same change
+    /// over REST or WebSocket gives the same text.
+    pub fn canonical(&self) -> serde_json::Value {
+        let (kind, value) = match self.quantity {
+            None => ("none", 0),
+            Some(QuantityTarget::Absolute(q)) => ("quantity", q),
+            Some(QuantityTarget::Delta(d)) => ("delta", d),
+        };
+        serde_json::json!([
+            kind,
+            value,
+            self.name,
+            self.low_stock_threshold,
+            self.expected_version,
+            self.reason
+        ])
     }
 
     /// Applies the patch to `item`, returning the new state; refuses a stale

@@ -8,6 +8,7 @@
 use bytes::{BufMut, Bytes, BytesMut};
 use chrono::{DateTime, Utc};
 use serde::Serialize;
+use tokio_tungstenite::tungstenite::Utf8Bytes;
 
 use crate::domain::format_time;
 
@@ -19,8 +20,10 @@ pub struct Event {
     pub at: DateTime<Utc>,
     /// The `data` member as stored in the log.
     pub data: String,
-    /// The event JSON: the WebSocket text frame and the SSE `data:` line.
+    /// The event JSON: the SSE `data:` line (and `text`'s bytes).
     pub json: Bytes,
+    /// The same bytes as a WebSocket text payload, checked as UTF-8 once.
+    pub text: Utf8Bytes,
     /// `id: {seq}\nevent: {type}\ndata: {json}\n\n`.
     pub sse: Bytes,
     /// When its transaction committed on this node (live events only), for the
@@ -37,7 +40,8 @@ impl Event {
             json_str(kind),
             format_time(&at)
         );
-        let json = Bytes::from(json);
+        let text = Utf8Bytes::from(json);
+        let json: Bytes = AsRef::<Bytes>::as_ref(&text).clone();
         let sse = sse_frame(Some(seq), kind, &json);
         Event {
             stream: stream.to_owned(),
@@ -46,6 +50,7 @@ impl Event {
             at,
             data,
             json,
+            text,
             sse,
             committed: None,
         }
@@ -123,5 +128,6 @@ mod tests {
         frame.extend_from_slice(&e.json);
         frame.extend_from_slice(b"\n\n");
         assert_eq!(&e.sse[..], &frame[..]);
+        assert_eq!(e.text.as_str().as_bytes(), &e.json[..]);
     }
 }

@@ -161,16 +161,28 @@ impl Stats {
         self.last_broadcast_ms.store(ms, Ordering::Relaxed);
     }
 
-    pub fn snapshot(&self) -> Snapshot {
+    /// The registry, whole (`visible` is `None`), or as seen by someone who may see
+    /// only the streams `visible` accepts: then a connection counts if it reads one of
+    /// them, and only those streams are listed.
+    pub fn snapshot(&self, visible: Option<&dyn Fn(&str) -> bool>) -> Snapshot {
         let conns = self.conns();
         let mut by_stream = BTreeMap::new();
         let mut by_transport = BTreeMap::new();
         let mut users = std::collections::HashSet::new();
+        let mut total = 0;
         for c in conns.values() {
+            let seen: Vec<&String> = match visible {
+                None => c.streams.iter().collect(),
+                Some(v) => c.streams.iter().filter(|s| v(s)).collect(),
+            };
+            if visible.is_some() && seen.is_empty() {
+                continue;
+            }
+            total += 1;
             *by_transport
                 .entry(c.transport.label().to_owned())
                 .or_insert(0) += 1;
-            for s in &c.streams {
+            for s in seen {
                 *by_stream.entry(s.clone()).or_insert(0) += 1;
             }
             if let Some(u) = &c.user {
@@ -179,7 +191,7 @@ impl Stats {
         }
         let last = self.last_broadcast_ms.load(Ordering::Relaxed);
         Snapshot {
-            total_connections: conns.len(),
+            total_connections: total,
             connections_by_stream: by_stream,
             connections_by_transport: by_transport,
             unique_users: users.len(),

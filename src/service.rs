@@ -10,6 +10,8 @@ use std::time::Duration;
 
 use chrono::Utc;
 use sea_orm::DatabaseTransaction;
+use serde_json::json;
+use sha2::Digest;
 
 use crate::auth::{Principal, Role, ZoneScope, hash_key, new_key};
 use crate::broker::Broker;
@@ -18,7 +20,7 @@ use crate::domain::{
     now, zone_name,
 };
 use crate::event::Event;
-use crate::store::{ApiKey, Store, StoreError};
+use crate::store::{ApiKey, KeyClaim, Store, StoreError};
 
 #[derive(Debug, thiserror::Error)]
 pub enum ServiceError {
@@ -113,7 +115,7 @@ impl Service {
     }
 
     pub async fn create_zone(&self, by: &Principal, name: &str) -> Result<Zone, ServiceError> {
-        by.require_admin("create zones")?;
+        by.require_full_admin("create zones")?;
         let name = zone_name(name)?;
         Ok(self.store.create_zone(&name, now()).await?)
     }
@@ -164,14 +166,19 @@ impl Service {
         by.require_write(zone_id)?;
         let actor = by.name.as_str();
         let stream = StreamKey::Zone(zone_id).to_string();
+        let keyed = Keyed::new(
+            by,
+            request_id.as_deref(),
+            json!(["create_item", zone_id, new.canonical()]),
+        );
         self.write(async |txn| {
+            if let Some(done) = claim(txn, keyed.as_ref()).await? {
+                return Ok((done, vec![]));
+            }
             if !Store::zone_exists_in(txn, zone_id).await? {
                 return Err(DomainError::NotFound("zone").into());
             }
             let seq = Store::next_seq(txn, &stream).await?;
-            if let Some(done) = replay(txn, &stream, request_id.as_deref()).await? {
-                return Ok((done, vec![]));
-            }
             if Store::sku_taken(txn, zone_id, &new.sku).await? {
                 return Err(DomainError::Conflict(format!(
                     "sku {:?} already exists in zone {zone_id}",
@@ -182,7 +189,17 @@ impl Service {
             let at = now();
             let item = Store::insert_item(txn, zone_id, &new, at).await?;
             let data = json(&ItemEventData::new(&item, None, None, actor))?;
-            let ev = Store::append(txn, &stream, seq, "item_created", data, request_id, at).await?;
+            let ev = Store::append(
+                txn,
+                &stream,
+                seq,
+                "item_created",
+                data,
+                request_id.clone(),
+                at,
+            )
+            .await?;
+            settle(txn, keyed.as_ref(), &ev).await?;
             Ok((ItemChange::from_event(&ev)?, vec![ev]))
         })
         .await
@@ -199,13 +216,18 @@ impl Service {
     ) -> Result<ItemChange, ServiceError> {
         let stream = self.item_stream(item_id, by).await?;
         let actor = by.name.as_str();
+        let keyed = Keyed::new(
+            by,
+            request_id.as_deref(),
+            json!(["update_item", item_id, patch.canonical()]),
+        );
         self.write(async |txn| {
-            // The stream row lock is taken first: it serialises every change to the
-            // zone, so the item read below cannot go stale before the update.
-            let seq = Store::next_seq(txn, &stream).await?;
-            if let Some(done) = replay(txn, &stream, request_id.as_deref()).await? {
+            if let Some(done) = claim(txn, keyed.as_ref()).await? {
                 return Ok((done, vec![]));
             }
+            // The stream row lock is taken before the item is read: it serialises every
+            // change to the zone, so the item read below cannot go stale.
+            let seq = Store::next_seq(txn, &stream).await?;
             let before = Store::item_in(txn, item_id)
                 .await?
                 .ok_or(DomainError::NotFound("item"))?;
@@ -218,7 +240,17 @@ impl Service {
                 "item_updated"
             };
             let data = ItemEventData::new(&after, Some(&before), patch.reason.clone(), actor);
-            let ev = Store::append(txn, &stream, seq, kind, json(&data)?, request_id, at).await?;
+            let ev = Store::append(
+                txn,
+                &stream,
+                seq,
+                kind,
+                json(&data)?,
+                request_id.clone(),
+                at,
+            )
+            .await?;
+            settle(txn, keyed.as_ref(), &ev).await?;
             let mut events = vec![];
             if !before.is_low() && after.is_low() {
                 events.push(low_stock_alert(txn, &after, ev.seq, at).await?);
@@ -243,18 +275,29 @@ impl Service {
     ) -> Result<ItemChange, ServiceError> {
         let stream = self.item_stream(item_id, by).await?;
         let actor = by.name.as_str();
+        let keyed = Keyed::new(by, request_id.as_deref(), json!(["delete_item", item_id]));
         self.write(async |txn| {
-            let seq = Store::next_seq(txn, &stream).await?;
-            if let Some(done) = replay(txn, &stream, request_id.as_deref()).await? {
+            if let Some(done) = claim(txn, keyed.as_ref()).await? {
                 return Ok((done, vec![]));
             }
+            let seq = Store::next_seq(txn, &stream).await?;
             let item = Store::item_in(txn, item_id)
                 .await?
                 .ok_or(DomainError::NotFound("item"))?;
             Store::delete_item(txn, item_id).await?;
             let at = now();
             let data = json(&ItemEventData::new(&item, None, None, actor))?;
-            let ev = Store::append(txn, &stream, seq, "item_deleted", data, request_id, at).await?;
+            let ev = Store::append(
+                txn,
+                &stream,
+                seq,
+                "item_deleted",
+                data,
+                request_id.clone(),
+                at,
+            )
+            .await?;
+            settle(txn, keyed.as_ref(), &ev).await?;
             Ok((ItemChange::from_event(&ev)?, vec![ev]))
         })
         .await
@@ -284,6 +327,20 @@ impl Service {
         by.require_admin("manage keys")?;
         let name = crate::domain::key_name(name)?;
         let user = user.map(crate::domain::user_id).transpose()?;
+        if !by.may_grant(role, &zones, user.as_deref()) {
+            return Err(DomainError::Forbidden(format!(
+                "{} may only create keys within its own role ({}) and zones ({}){}",
+                by.name,
+                by.role,
+                by.zones,
+                if by.zones == ZoneScope::All {
+                    ""
+                } else {
+                    ", bound to no user or its own"
+                }
+            ))
+            .into());
+        }
         let secret = new_key().map_err(|e| StoreError::Corrupt(format!("no randomness: {e}")))?;
         let key = self
             .store
@@ -300,18 +357,45 @@ impl Service {
         Ok((key, secret))
     }
 
+    /// The keys `by` may see: those it could have created itself.
     pub async fn keys(&self, by: &Principal) -> Result<Vec<ApiKey>, ServiceError> {
         by.require_admin("manage keys")?;
-        Ok(self.store.api_keys().await?)
+        let mut keys = self.store.api_keys().await?;
+        keys.retain(|k| by.may_grant(k.role, &k.zones, k.user_id.as_deref()));
+        Ok(keys)
     }
 
+    /// Revokes a key `by` may see; any other is "not found", so nothing says it exists.
     pub async fn revoke_key(&self, by: &Principal, name: &str) -> Result<ApiKey, ServiceError> {
         by.require_admin("manage keys")?;
+        let visible = self
+            .store
+            .api_key_by_name(name)
+            .await?
+            .is_some_and(|k| by.may_grant(k.role, &k.zones, k.user_id.as_deref()));
+        if !visible {
+            return Err(DomainError::NotFound("key").into());
+        }
         Ok(self
             .store
             .revoke_api_key(name, now())
             .await?
             .ok_or(DomainError::NotFound("key"))?)
+    }
+
+    /// Connections and totals of this node as `by` may see them: an admin of every
+    /// zone sees everything; an admin of some zones sees only connections reading a
+    /// stream it could read itself, and only those streams. Delivery totals are the
+    /// node's (they carry no names, and `/metrics` shows them anyway).
+    pub fn stats(&self, by: &Principal) -> Result<crate::observe::Snapshot, ServiceError> {
+        by.require_admin("read stats")?;
+        Ok(if by.zones == ZoneScope::All {
+            self.broker.stats.snapshot(None)
+        } else {
+            self.broker
+                .stats
+                .snapshot(Some(&|stream: &str| by.sees_stream(stream)))
+        })
     }
 
     /// Drops events past the retention window, and forgets them in the cache too, so a
@@ -357,19 +441,64 @@ impl Service {
     }
 }
 
-/// The original result of an idempotency key already used in this stream.
-async fn replay(
+/// An idempotency key with its owner and the fingerprint of the request it came with.
+struct Keyed<'a> {
+    principal: &'a str,
+    key: &'a str,
+    fingerprint: String,
+}
+
+impl<'a> Keyed<'a> {
+    /// `request` names the operation, its target and its parsed body, so the same
+    /// change over REST or WebSocket has the same fingerprint.
+    fn new(by: &'a Principal, key: Option<&'a str>, request: serde_json::Value) -> Option<Self> {
+        Some(Keyed {
+            principal: &by.name,
+            key: key?,
+            fingerprint: hex::encode(sha2::Sha256::digest(request.to_string().as_bytes())),
+        })
+    }
+}
+
+/// Claims the key for this transaction; for a key already used, the original result
+/// (same request) or `idempotency_key_reused` (another request).
+async fn claim(
     txn: &DatabaseTransaction,
-    stream: &str,
-    request_id: Option<&str>,
+    keyed: Option<&Keyed<'_>>,
 ) -> Result<Option<ItemChange>, ServiceError> {
-    let Some(rid) = request_id else {
+    let Some(k) = keyed else {
         return Ok(None);
     };
-    match Store::find_by_request(txn, stream, rid).await? {
-        Some(ev) => Ok(Some(ItemChange::from_event(&ev)?)),
-        None => Ok(None),
+    match Store::claim_key(txn, k.principal, k.key, &k.fingerprint, now()).await? {
+        KeyClaim::New => Ok(None),
+        KeyClaim::Used {
+            fingerprint,
+            stream,
+            seq,
+        } => {
+            if fingerprint != k.fingerprint {
+                return Err(DomainError::IdempotencyKeyReused(k.key.to_owned()).into());
+            }
+            let ev = Store::event_in(txn, &stream, seq).await?.ok_or_else(|| {
+                DomainError::Conflict(format!(
+                    "the result of idempotency key {:?} is no longer kept; use a new key",
+                    k.key
+                ))
+            })?;
+            Ok(Some(ItemChange::from_event(&ev)?))
+        }
     }
+}
+
+async fn settle(
+    txn: &DatabaseTransaction,
+    keyed: Option<&Keyed<'_>>,
+    ev: &Event,
+) -> Result<(), ServiceError> {
+    if let Some(k) = keyed {
+        Store::settle_key(txn, k.principal, k.key, &ev.stream, ev.seq).await?;
+    }
+    Ok(())
 }
 
 async fn low_stock_alert(

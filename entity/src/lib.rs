@@ -3,6 +3,7 @@
 
 pub mod api_key;
 pub mod event;
+pub mod idempotency_key;
 pub mod item;
 pub mod notification;
 pub mod stream;

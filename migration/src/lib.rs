@@ -8,6 +8,7 @@ pub use sea_orm_migration::prelude::*;
 mod m20261124_000001_create_stock_and_log;
 mod m20261125_000001_create_api_keys;
 mod m20261125_000002_create_notifications;
+mod m20261201_000001_create_idempotency_keys;
 
 pub struct Migrator;
 
@@ -18,6 +19,7 @@ impl MigratorTrait for Migrator {
             Box::new(m20261124_000001_create_stock_and_log::Migration),
             Box::new(m20261125_000001_create_api_keys::Migration),
             Box::new(m20261125_000002_create_notifications::Migration),
+            Box::new(m20261201_000001_create_idempotency_keys::Migration),
         ]
     }
 }

@@ -235,6 +235,9 @@ pub struct CreateAnnouncement {
 /// Live connections and delivery totals of this node.
 #[derive(Debug, Object)]
 pub struct StatsBody {
+    /// TCP connections open on this node (streams, idle keep-alive connections and
+    /// requests in flight), whoever's they are.
+    pub open_sockets: u64,
     pub total_connections: u64,
     pub connections_by_stream: std::collections::BTreeMap<String, u64>,
     pub connections_by_transport: std::collections::BTreeMap<String, u64>,

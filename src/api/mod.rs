@@ -24,6 +24,7 @@ use problem::ApiError;
 
 pub struct Api {
     pub service: Service,
+    pub slots: crate::server::Slots,
     pub auth: Authenticator,
     pub limits: Arc<Limits>,
     pub heartbeat: std::time::Duration,
@@ -315,10 +316,10 @@ impl Api {
     /// Connections by stream and transport, unique users, and delivery totals (admins).
     #[oai(path = "/stats", method = "get")]
     async fn stats(&self, p: Data<&Principal>) -> ApiResult<Json<StatsBody>> {
-        p.require_admin("read stats").map_err(ApiError::from)?;
-        let s = self.service.broker.stats.snapshot();
+        let s = self.service.stats(p.0)?;
         let n = |v: usize| v as u64;
         Ok(Json(StatsBody {
+            open_sockets: n(self.slots.open()),
             total_connections: n(s.total_connections),
             connections_by_stream: s
                 .connections_by_stream
@@ -359,12 +360,14 @@ impl Api {
 
 pub fn service(
     service: Service,
+    slots: crate::server::Slots,
     auth: Authenticator,
     limits: Arc<Limits>,
     heartbeat: std::time::Duration,
 ) -> OpenApiService<Api, ()> {
     let api = Api {
         service,
+        slots,
         auth,
         limits,
         heartbeat,

@@ -66,7 +66,7 @@ pub enum ApiError {
     /// `version_conflict`, or a duplicate.
     #[oai(status = 409, content_type = "application/problem+json")]
     Conflict(Json<Problem>),
-    /// `invalid` field values, or `insufficient_stock`.
+    /// `invalid` field values, `insufficient_stock`, or `idempotency_key_reused`.
     #[oai(status = 422, content_type = "application/problem+json")]
     Unprocessable(Json<Problem>),
     /// Over a rate limit: retry after `Retry-After` seconds.
@@ -102,11 +102,19 @@ impl From<AuthError> for ApiError {
                     "credentials cannot be checked right now; retry",
                 )))
             }
-            other => ApiError::Unauthorized(Json(Problem::new(
-                StatusCode::UNAUTHORIZED,
-                "unauthorized",
-                format!("{other}: send Authorization: Bearer, X-API-Key or ?access_token="),
-            ))),
+            other => {
+                let detail = match other {
+                    AuthError::Rejected(why) => why.to_owned(),
+                    other => {
+                        format!("{other}: send Authorization: Bearer, X-API-Key or ?access_token=")
+                    }
+                };
+                ApiError::Unauthorized(Json(Problem::new(
+                    StatusCode::UNAUTHORIZED,
+                    "unauthorized",
+                    detail,
+                )))
+            }
         }
     }
 }
@@ -147,6 +155,11 @@ impl From<DomainError> for ApiError {
             DomainError::Conflict(_) => {
                 ApiError::Conflict(Json(Problem::new(StatusCode::CONFLICT, "conflict", detail)))
             }
+            DomainError::IdempotencyKeyReused(_) => ApiError::Unprocessable(Json(Problem::new(
+                StatusCode::UNPROCESSABLE_ENTITY,
+                "idempotency_key_reused",
+                detail,
+            ))),
             DomainError::Unauthenticated(_) => ApiError::Unauthorized(Json(Problem::new(
                 StatusCode::UNAUTHORIZED,
                 "unauthorized",

@@ -68,6 +68,7 @@ pub fn connection_capacity() -> u64 {
 pub async fn serve<E>(
     listener: TcpListener,
     endpoint: E,
+    slots: Slots,
     limits: NetLimits,
     mut shutdown: watch::Receiver<bool>,
     grace: Duration,
@@ -78,7 +79,6 @@ where
     let local = listener.local_addr()?;
     let endpoint: Arc<dyn DynEndpoint<Output = poem::Response>> =
         Arc::new(ToDynEndpoint(poem::EndpointExt::map_to_response(endpoint)));
-    let slots = Slots::new(limits.max_connections, limits.max_per_ip);
     let (hard_stop, hard_stopped) = watch::channel(false);
     let server = conn::Serving {
         endpoint,

@@ -80,6 +80,15 @@ impl Store {
         Ok(api_key::Entity::find().count(&self.db).await?)
     }
 
+    pub async fn api_key_by_name(&self, name: &str) -> Result<Option<ApiKey>, StoreError> {
+        api_key::Entity::find()
+            .filter(api_key::Column::Name.eq(name))
+            .one(&self.db)
+            .await?
+            .map(to_key)
+            .transpose()
+    }
+
     pub async fn api_key_by_hash(&self, hash: &str) -> Result<Option<ApiKey>, StoreError> {
         api_key::Entity::find()
             .filter(api_key::Column::Hash.eq(hash))

@@ -95,15 +95,14 @@ impl Store {
         Ok(Event::render(stream, seq, kind, at, data))
     }
 
-    /// The event an idempotency key already produced in this stream, if any.
-    pub(crate) async fn find_by_request(
+    /// One event of the log, read in `txn`.
+    pub(crate) async fn event_in(
         txn: &DatabaseTransaction,
         stream: &str,
-        request_id: &str,
+        seq: u64,
     ) -> Result<Option<Event>, StoreError> {
-        event::Entity::find()
-            .filter(event::Column::Stream.eq(stream))
-            .filter(event::Column::RequestId.eq(request_id))
+        let seq = i64::try_from(seq).unwrap_or(i64::MAX);
+        event::Entity::find_by_id((stream.to_owned(), seq))
             .one(txn)
             .await?
             .map(to_event)
@@ -152,7 +151,8 @@ impl Store {
     }
 
     /// Deletes events older than `older_than` and all but the newest `keep` of each
-    /// stream. Returns how many were deleted.
+    /// stream, and the idempotency keys of the deleted events. Returns how many events
+    /// were deleted.
     pub async fn prune(&self, older_than: DateTime<Utc>, keep: u64) -> Result<u64, StoreError> {
         let by_age = event::Entity::delete_many()
             .filter(event::Column::CreatedAt.lt(older_than))
@@ -167,6 +167,7 @@ impl Store {
             vec![keep.into()],
         )
         .await?;
+        self.prune_keys().await?;
         Ok(by_age + by_count)
     }
 }

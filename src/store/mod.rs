@@ -4,6 +4,7 @@
 //!
 //! Must not publish anything: publishing happens after commit, in the service layer.
 
+mod idempotency;
 mod keys;
 mod log;
 mod notifications;
@@ -19,6 +20,7 @@ use sea_orm::{
     TransactionTrait, Value,
 };
 
+pub use idempotency::KeyClaim;
 pub use keys::ApiKey;
 pub use log::LogBounds;
 

@@ -5,3 +5,4 @@ pub mod sse;
 pub mod sse_multi;
 pub mod ws;
 pub mod ws_protocol;
+pub mod ws_socket;

@@ -247,16 +247,16 @@ pub fn feed_response(
             registration.add_stream(st);
         }
         tracing::info!(principal = %name, streams = ?streams, "SSE stream opened");
-        let revoked = async move { auth.revoked(&principal).await };
-        tokio::pin!(revoked);
+        let ended = async move { auth.ended(&principal).await };
+        tokio::pin!(ended);
         let mut beat = interval_at(Instant::now() + heartbeat, heartbeat);
         beat.set_missed_tick_behavior(MissedTickBehavior::Delay);
         loop {
             tokio::select! {
                 biased;
                 _ = stopping(&mut shutdown) => break,
-                _ = &mut revoked => {
-                    tracing::info!(principal = %name, "credentials revoked; ending SSE stream");
+                why = &mut ended => {
+                    tracing::info!(principal = %name, reason = why.reason(), "ending SSE stream");
                     break;
                 }
                 chunk = feed.next_chunk(&delivery) => match chunk {

@@ -1,33 +1,45 @@
 //! WebSocket connections (DESIGN §6): the same cursors as SSE, plus requests.
 //!
 //! One connection = a reader loop (requests, pings, shutdown), one writer task that
-//! owns the socket's sending half, and one feeder task per subscription. Everything
-//! outgoing goes through one bounded queue: when a client stops reading, the queue
-//! fills, feeders stop pulling from their cursors, and those catch up later from the
-//! cache or the log (or say `reset`). Memory per connection stays bounded.
+//! owns the socket's sending half (`ws_socket`), and one feeder task per subscription.
+//! Everything outgoing goes through one bounded queue: when a client stops reading,
+//! the queue fills, feeders stop pulling from their cursors, and those catch up later
+//! from the cache or the log (or say `reset`). Memory per connection stays bounded.
 //!
-//! Close codes: 1001 client silent for two ping intervals, 1009 frame over 64 KiB,
-//! 1012 server shutting down. Every other error is an `error` message and the
-//! connection stays open.
+//! Close codes (every other problem is an `error` message and the connection stays
+//! open):
+//!
+//! | code | when |
+//! |---|---|
+//! | 1001 | the client sent nothing (not even a Pong) for two ping intervals |
+//! | 1002 | a protocol error: unmasked frame, reserved bits or opcode, a continuation without a start, a bad close frame |
+//! | 1007 | a text frame that is not UTF-8 |
+//! | 1008 | credentials revoked or expired; messages far past the rate limit |
+//! | 1009 | a message or frame over 64 KiB |
+//! | 1012 | the server is shutting down |
 
 use std::collections::HashMap;
+use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
-use futures_util::{SinkExt, StreamExt};
-use poem::web::websocket::{CloseCode, Message, WebSocket, WebSocketConfig, WebSocketStream};
+use futures_util::StreamExt;
 use poem::web::{Data, Path, Query};
-use poem::{IntoResponse, Response, handler};
+use poem::{Request as HttpRequest, Response, handler};
 use serde::Deserialize;
 use serde_json::Value;
 use tokio::sync::mpsc;
 use tokio::task::JoinHandle;
 use tokio::time::{Instant, MissedTickBehavior, interval_at};
+use tokio_tungstenite::tungstenite::protocol::frame::CloseFrame;
+use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
+use tokio_tungstenite::tungstenite::{Error as WsError, Message};
 use tracing::Instrument;
 
 use super::sse::Delivery;
 use super::sse::{refusal, stopping};
 use super::ws_protocol::{self as proto, Code, Refusal, Request};
+use super::ws_socket::{self, Socket, Writer, close_frame};
 use crate::api::access::RateKey;
 use crate::api::problem::service_problem;
 use crate::app::AppState;
@@ -36,26 +48,15 @@ use crate::cursor::{Cursor, Start};
 use crate::domain::StreamKey;
 use crate::limits::check_direct;
 use crate::observe::{ConnGuard, Transport};
-use std::sync::Arc;
-
-/// Largest text frame a client may send.
-pub const MAX_MESSAGE: usize = 64 * 1024;
 
 static NEXT_CONNECTION: AtomicU64 = AtomicU64::new(1);
+
+/// Streams one connection may be subscribed to at once.
+pub const MAX_SUBSCRIPTIONS: usize = 32;
 
 #[derive(Debug, Default, Deserialize)]
 pub struct WsQuery {
     last_event_id: Option<String>,
-}
-
-fn config() -> WebSocketConfig {
-    // A 4 KiB read buffer and no write buffer instead of tungstenite's 128 KiB keep an
-    // idle connection small; frames above 64 KiB are refused.
-    WebSocketConfig::default()
-        .read_buffer_size(4096)
-        .write_buffer_size(0)
-        .max_message_size(Some(MAX_MESSAGE))
-        .max_frame_size(Some(MAX_MESSAGE))
 }
 
 /// Rate-limited messages in a row after which a flooding client is closed (1008).
@@ -70,7 +71,7 @@ struct Caller {
 /// `GET /ws`
 #[handler]
 pub fn plain_socket(
-    ws: WebSocket,
+    req: &HttpRequest,
     Data(state): Data<&AppState>,
     Data(principal): Data<&Principal>,
     Data(rate): Data<&RateKey>,
@@ -83,15 +84,13 @@ pub fn plain_socket(
         principal: principal.clone(),
         rate: rate.clone(),
     };
-    ws.config(config())
-        .on_upgrade(move |socket| run(socket, state, caller, None))
-        .into_response()
+    ws_socket::upgrade(req, move |socket| run(socket, state, caller, None))
 }
 
 /// `GET /ws/zones/{zone_id}`: already subscribed to the zone (`?last_event_id=N`).
 #[handler]
 pub async fn zone_socket(
-    ws: WebSocket,
+    req: &HttpRequest,
     Path(zone_id): Path<i32>,
     Query(q): Query<WsQuery>,
     Data(state): Data<&AppState>,
@@ -110,9 +109,9 @@ pub async fn zone_socket(
         principal: principal.clone(),
         rate: rate.clone(),
     };
-    ws.config(config())
-        .on_upgrade(move |socket| run(socket, state, caller, Some((zone_id, start))))
-        .into_response()
+    ws_socket::upgrade(req, move |socket| {
+        run(socket, state, caller, Some((zone_id, start)))
+    })
 }
 
 /// Aborts a feeder when its subscription is dropped.
@@ -142,7 +141,31 @@ struct Connection {
     send_patience: Duration,
 }
 
-async fn run(socket: WebSocketStream, state: AppState, caller: Caller, zone: Option<(i32, Start)>) {
+/// What the reader loop does after one incoming frame.
+enum Step {
+    Continue,
+    /// End the connection, with this close frame if the server is the one closing.
+    End(Option<CloseFrame>),
+}
+
+/// Whether an incoming message may be handled.
+enum Admitted {
+    Yes,
+    No(Step),
+}
+
+/// The close frame for a read error, if the client is still there to get one.
+fn close_for(e: &WsError) -> Option<CloseFrame> {
+    match e {
+        WsError::Capacity(_) => Some(close_frame(CloseCode::Size, "message over 64 KiB")),
+        WsError::Utf8(_) => Some(close_frame(CloseCode::Invalid, "text frame is not UTF-8")),
+        WsError::Protocol(p) => Some(close_frame(CloseCode::Protocol, &p.to_string())),
+        WsError::AttackAttempt => Some(close_frame(CloseCode::Protocol, "protocol violation")),
+        _ => None,
+    }
+}
+
+async fn run(socket: Socket, state: AppState, caller: Caller, zone: Option<(i32, Start)>) {
     let id = format!("ws-{}", NEXT_CONNECTION.fetch_add(1, Ordering::Relaxed));
     let span = tracing::info_span!("ws", connection = %id, principal = %caller.principal.name);
     serve(socket, state, caller, zone, id)
@@ -151,35 +174,20 @@ async fn run(socket: WebSocketStream, state: AppState, caller: Caller, zone: Opt
 }
 
 async fn serve(
-    socket: WebSocketStream,
+    socket: Socket,
     state: AppState,
     caller: Caller,
     zone: Option<(i32, Start)>,
     id: String,
 ) {
-    let (mut sink, mut incoming) = socket.split();
-    let (out, mut queue) = mpsc::channel::<Message>(state.config.ws_queue.max(8));
     let stats = state.service.broker.stats.clone();
-    let writer_stats = stats.clone();
-    let writer = tokio::spawn(async move {
-        while let Some(msg) = queue.recv().await {
-            let closing = matches!(msg, Message::Close(_));
-            if sink.send(msg).await.is_err() {
-                writer_stats.send_error();
-                break;
-            }
-            if closing {
-                break;
-            }
-        }
-        let _ = sink.close().await;
-    });
+    let (writer, mut incoming) = Writer::spawn(socket, state.config.ws_queue, stats.clone());
     let ping_every = state.config.ws_ping;
     let mut shutdown = state.shutdown.clone();
     let auth = state.auth.clone();
     let principal = caller.principal.clone();
-    let revoked = async move { auth.revoked(&principal).await };
-    tokio::pin!(revoked);
+    let ended = async move { auth.ended(&principal).await };
+    tokio::pin!(ended);
     let registration = stats.connect(Transport::Ws, caller.principal.user.as_deref());
     let mut conn = Connection {
         delivery: Arc::new(Delivery::new(stats, Transport::Ws)),
@@ -187,7 +195,7 @@ async fn serve(
         messages: state.limits.ws_messages(),
         refused_in_a_row: 0,
         caller,
-        out,
+        out: writer.queue.clone(),
         subscriptions: HashMap::new(),
         zone: zone.map(|z| z.0),
         send_patience: ping_every * 2,
@@ -207,7 +215,11 @@ async fn serve(
     }
     let subs: Vec<String> = first.iter().map(|c| c.stream().to_owned()).collect();
     let welcome = proto::welcome(&id, &subs, ping_every.as_millis());
-    let mut open = conn.send(welcome).await;
+    let mut step = if conn.send(welcome).await {
+        Step::Continue
+    } else {
+        Step::End(None)
+    };
     if let Some(cursor) = first {
         conn.feed(cursor);
     }
@@ -215,58 +227,50 @@ async fn serve(
     let mut ping = interval_at(Instant::now() + ping_every, ping_every);
     ping.set_missed_tick_behavior(MissedTickBehavior::Delay);
     let mut last_heard = Instant::now();
-    while open {
-        tokio::select! {
+    while let Step::Continue = step {
+        step = tokio::select! {
             biased;
             _ = stopping(&mut shutdown) => {
-                conn.close(CloseCode::Restart, "server restarting").await;
-                break;
+                Step::End(Some(close_frame(CloseCode::Restart, "server restarting")))
             }
-            _ = &mut revoked => {
-                tracing::info!("credentials revoked; closing");
-                conn.close(CloseCode::Policy, "credentials revoked").await;
-                break;
+            why = &mut ended => {
+                tracing::info!(reason = why.reason(), "closing");
+                Step::End(Some(close_frame(CloseCode::Policy, why.reason())))
             }
             msg = incoming.next() => {
                 last_heard = Instant::now();
                 match msg {
-                    None | Some(Ok(Message::Close(_))) => break,
-                    Some(Ok(Message::Text(text))) => open = conn.handle(&text).await,
-                    Some(Ok(Message::Binary(_))) => {
-                        let r = Refusal::new(Code::BadMessage, "binary frames are not accepted; send JSON text");
-                        open = conn.send(proto::error(None, &r)).await;
-                    }
-                    Some(Ok(_)) => {} // ping / pong: being heard is all that counts
+                    None | Some(Ok(Message::Close(_))) => Step::End(None),
+                    Some(Ok(Message::Text(text))) => conn.handle(Some(text.as_str())).await,
+                    Some(Ok(Message::Binary(_))) => conn.handle(None).await,
+                    // A ping costs the server a write: it counts like a message.
+                    Some(Ok(Message::Ping(_))) => conn.ping().await,
+                    Some(Ok(Message::Pong(_) | Message::Frame(_))) => Step::Continue,
                     Some(Err(e)) => {
-                        if e.to_string().contains("too long") {
-                            conn.close(CloseCode::Size, "message over 64 KiB").await;
-                        } else {
-                            tracing::debug!(error = %e, "read failed");
-                        }
-                        break;
+                        tracing::debug!(error = %e, "read failed");
+                        Step::End(close_for(&e))
                     }
                 }
             }
             _ = ping.tick() => {
                 if last_heard.elapsed() >= ping_every * 2 {
-                    conn.close(CloseCode::Away, "no response to pings").await;
-                    break;
+                    Step::End(Some(close_frame(CloseCode::Away, "no response to pings")))
+                } else {
+                    // A full queue means the client is not reading; the check above
+                    // will close it if it does not answer either.
+                    let _ = conn.out.try_send(Message::Ping(Default::default()));
+                    Step::Continue
                 }
-                // A full queue means the client is not reading; the check above will
-                // close it if it does not answer either.
-                let _ = conn.out.try_send(Message::Ping(Vec::new()));
             }
-        }
+        };
     }
-    // Feeders stop with their subscriptions; the writer drains the queue (ending with
-    // any close frame) and finishes.
+    let Step::End(frame) = step else {
+        return;
+    };
+    // Feeders stop with their subscriptions, then the socket is closed (see
+    // `ws_socket`): nothing of the connection outlives this function.
     drop(conn);
-    if tokio::time::timeout(Duration::from_secs(5), writer)
-        .await
-        .is_err()
-    {
-        tracing::debug!("writer did not finish; dropping the socket");
-    }
+    writer.finish(incoming, frame).await;
     tracing::debug!("disconnected");
 }
 
@@ -274,35 +278,58 @@ impl Connection {
     /// Queues a message; `false` when the client is gone or has not read for too long.
     async fn send(&self, text: String) -> bool {
         self.out
-            .send_timeout(Message::Text(text), self.send_patience)
+            .send_timeout(Message::Text(text.into()), self.send_patience)
             .await
             .is_ok()
     }
 
-    async fn close(&self, code: CloseCode, reason: &str) {
-        let _ = self
-            .out
-            .send_timeout(
-                Message::Close(Some((code, reason.into()))),
-                Duration::from_secs(1),
-            )
-            .await;
+    fn step(sent: bool) -> Step {
+        if sent {
+            Step::Continue
+        } else {
+            Step::End(None)
+        }
     }
 
-    /// Handles one text frame; `false` ends the connection.
-    async fn handle(&mut self, text: &str) -> bool {
-        if let Err(retry) = check_direct(&self.messages) {
-            self.refused_in_a_row += 1;
-            if self.refused_in_a_row >= FLOOD {
-                tracing::info!("flooding far past the message limit; closing");
-                self.close(CloseCode::Policy, "message rate far past the limit")
-                    .await;
-                return false;
-            }
-            let r = Refusal::rate_limited(retry, "messages");
-            return self.send(proto::error(None, &r)).await;
+    /// Counts one incoming message against the connection's limit. Refused: the
+    /// refusal is sent (or, far past the limit, the connection ends).
+    async fn admit(&mut self) -> Admitted {
+        let Err(retry) = check_direct(&self.messages) else {
+            self.refused_in_a_row = 0;
+            return Admitted::Yes;
+        };
+        self.refused_in_a_row += 1;
+        if self.refused_in_a_row >= FLOOD {
+            tracing::info!("flooding far past the message limit; closing");
+            return Admitted::No(Step::End(Some(close_frame(
+                CloseCode::Policy,
+                "message rate far past the limit",
+            ))));
         }
-        self.refused_in_a_row = 0;
+        let r = Refusal::rate_limited(retry, "messages");
+        Admitted::No(Self::step(self.send(proto::error(None, &r)).await))
+    }
+
+    /// A ping from the client: tungstenite answers it; it only counts.
+    async fn ping(&mut self) -> Step {
+        match self.admit().await {
+            Admitted::Yes => Step::Continue,
+            Admitted::No(step) => step,
+        }
+    }
+
+    /// Handles one data frame: a text message, or `None` for a binary one.
+    async fn handle(&mut self, text: Option<&str>) -> Step {
+        if let Admitted::No(step) = self.admit().await {
+            return step;
+        }
+        let Some(text) = text else {
+            let r = Refusal::new(
+                Code::BadMessage,
+                "binary frames are not accepted; send JSON text",
+            );
+            return Self::step(self.send(proto::error(None, &r)).await);
+        };
         let parsed = proto::parse(text);
         let rid = parsed.request_id.as_ref();
         let reply = match parsed.request {
@@ -311,7 +338,7 @@ impl Connection {
         };
         let text = reply.unwrap_or_else(|r| proto::error(rid, &r));
         // An empty reply was already queued by the handler (`subscribed`).
-        text.is_empty() || self.send(text).await
+        Self::step(text.is_empty() || self.send(text).await)
     }
 
     async fn answer(&mut self, request: Request, rid: Option<&Value>) -> Result<String, Refusal> {
@@ -343,6 +370,14 @@ impl Connection {
                 last_event_id,
             } => {
                 let key = stream.to_string();
+                if !self.subscriptions.contains_key(&key)
+                    && self.subscriptions.len() >= MAX_SUBSCRIPTIONS
+                {
+                    return Err(Refusal::new(
+                        Code::Invalid,
+                        format!("at most {MAX_SUBSCRIPTIONS} subscriptions per connection"),
+                    ));
+                }
                 let start = last_event_id.map_or(Start::Live, Start::After);
                 let cursor = self.open(&key, start).await?;
                 // Re-subscribing replaces the old feed; `subscribed` is queued before
@@ -417,7 +452,7 @@ impl Connection {
                                 Code::Internal,
                                 format!("subscription to {} ended; subscribe again with last_event_id {}", cursor.stream(), cursor.position()),
                             );
-                            let _ = out.send(Message::Text(proto::error(None, &r))).await;
+                            let _ = out.send(Message::Text(proto::error(None, &r).into())).await;
                             break;
                         }
                     };

@@ -2,6 +2,7 @@
 //! requests, and building the server's replies. No I/O here.
 
 use serde_json::{Map, Value, json};
+use tokio_tungstenite::tungstenite::Utf8Bytes;
 
 use crate::api::dto::{ItemBody, SnapshotBody};
 use crate::cursor::Item;
@@ -19,6 +20,7 @@ pub enum Code {
     InsufficientStock,
     Forbidden,
     RateLimited,
+    IdempotencyKeyReused,
     Internal,
 }
 
@@ -33,6 +35,7 @@ impl Code {
             Code::InsufficientStock => "insufficient_stock",
             Code::Forbidden => "forbidden",
             Code::RateLimited => "rate_limited",
+            Code::IdempotencyKeyReused => "idempotency_key_reused",
             Code::Internal => "internal",
         }
     }
@@ -73,6 +76,7 @@ impl From<DomainError> for Refusal {
             DomainError::VersionConflict { .. } => Code::VersionConflict,
             DomainError::InsufficientStock { .. } => Code::InsufficientStock,
             DomainError::Unauthenticated(_) | DomainError::Forbidden(_) => Code::Forbidden,
+            DomainError::IdempotencyKeyReused(_) => Code::IdempotencyKeyReused,
         };
         Refusal::new(code, e.to_string())
     }
@@ -310,14 +314,15 @@ pub fn pong(request_id: Option<&Value>) -> String {
     with_request_id(json!({"type": "pong"}), request_id)
 }
 
-/// A cursor item as a text frame: an event is its JSON, the same bytes as the SSE
-/// `data:` line.
-pub fn item(stream: &str, item: &Item) -> String {
+/// A cursor item as a text frame: an event is its JSON, the same (shared) bytes as the
+/// SSE `data:` line.
+pub fn item(stream: &str, item: &Item) -> Utf8Bytes {
     match item {
-        Item::Event(ev) => String::from_utf8_lossy(&ev.json).into_owned(),
+        Item::Event(ev) => ev.text.clone(),
         Item::Reset(r) => json!({"type": "reset", "stream": stream, "reason": r.reason,
                                  "earliest_id": r.earliest_id, "last_event_id": r.last_event_id})
-        .to_string(),
+        .to_string()
+        .into(),
     }
 }
 

@@ -270,8 +270,9 @@ async fn access_tokens_in_the_query_and_jwts_are_checked() {
         let claims = Claims {
             sub: "alice".into(),
             role: Role::Writer,
-            zones,
+            zones: Some(zones),
             exp,
+            nbf: None,
         };
         jsonwebtoken::encode(
             &jsonwebtoken::Header::default(),

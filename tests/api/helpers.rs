@@ -727,3 +727,138 @@ impl TestApp {
             .expect("server address")
     }
 }
+
+/// A WebSocket client written by hand on a raw TCP socket, for what a well-behaved
+/// library will not send: malformed frames, and a client that never reads.
+pub struct RawWs {
+    pub tcp: tokio::net::TcpStream,
+    /// Bytes read past the handshake, not yet parsed.
+    pending: Vec<u8>,
+}
+
+/// A client frame: `opcode`, FIN, the RSV bits, masked unless `unmasked`.
+pub fn ws_frame(opcode: u8, fin: bool, rsv: u8, payload: &[u8], unmasked: bool) -> Vec<u8> {
+    let mut f = vec![(u8::from(fin) << 7) | ((rsv & 7) << 4) | (opcode & 0x0f)];
+    let mask_bit = if unmasked { 0 } else { 0x80 };
+    match payload.len() {
+        n if n < 126 => f.push(mask_bit | n as u8),
+        n if n <= 0xffff => {
+            f.push(mask_bit | 126);
+            f.extend_from_slice(&(n as u16).to_be_bytes());
+        }
+        n => {
+            f.push(mask_bit | 127);
+            f.extend_from_slice(&(n as u64).to_be_bytes());
+        }
+    }
+    if unmasked {
+        f.extend_from_slice(payload);
+    } else {
+        let key = [0x11, 0x22, 0x33, 0x44];
+        f.extend_from_slice(&key);
+        f.extend(payload.iter().enumerate().map(|(i, b)| b ^ key[i % 4]));
+    }
+    f
+}
+
+impl RawWs {
+    /// Connects and upgrades `path` (with its query); `rcvbuf` shrinks the client's
+    /// receive buffer (a client that reads slowly fills the server's queue sooner).
+    pub async fn connect(app: &TestApp, path: &str, rcvbuf: Option<u32>) -> RawWs {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let socket = tokio::net::TcpSocket::new_v4().expect("socket");
+        if let Some(n) = rcvbuf {
+            socket.set_recv_buffer_size(n).expect("SO_RCVBUF");
+        }
+        let mut tcp = within("TCP connect", socket.connect(app.addr()))
+            .await
+            .expect("connect");
+        let head = format!(
+            "GET {path} HTTP/1.1\r\nHost: zonecast\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\
+             Sec-WebSocket-Version: 13\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n\r\n"
+        );
+        tcp.write_all(head.as_bytes()).await.expect("handshake");
+        let mut got = Vec::new();
+        let end = within("the 101", async {
+            let mut buf = [0u8; 1024];
+            loop {
+                let n = tcp.read(&mut buf).await.expect("read");
+                assert!(n > 0, "closed during the handshake");
+                got.extend_from_slice(&buf[..n]);
+                if let Some(i) = got.windows(4).position(|w| w == b"\r\n\r\n") {
+                    return i + 4;
+                }
+            }
+        })
+        .await;
+        assert!(
+            got.starts_with(b"HTTP/1.1 101"),
+            "{}",
+            String::from_utf8_lossy(&got)
+        );
+        RawWs {
+            tcp,
+            pending: got[end..].to_vec(),
+        }
+    }
+
+    pub async fn send_raw(&mut self, bytes: &[u8]) -> std::io::Result<()> {
+        use tokio::io::AsyncWriteExt;
+        self.tcp.write_all(bytes).await
+    }
+
+    pub async fn send_text(&mut self, text: &str) {
+        self.send_raw(&ws_frame(1, true, 0, text.as_bytes(), false))
+            .await
+            .expect("send");
+    }
+
+    /// The next frame from the server: `(opcode, payload)`; `None` once it closed.
+    pub async fn next_frame(&mut self) -> Option<(u8, Vec<u8>)> {
+        use tokio::io::AsyncReadExt;
+        loop {
+            if self.pending.len() >= 2 {
+                let op = self.pending[0] & 0x0f;
+                let len7 = (self.pending[1] & 0x7f) as usize;
+                let (len, head) = match len7 {
+                    126 if self.pending.len() >= 4 => (
+                        u16::from_be_bytes([self.pending[2], self.pending[3]]) as usize,
+                        4,
+                    ),
+                    127 if self.pending.len() >= 10 => {
+                        let mut b = [0u8; 8];
+                        b.copy_from_slice(&self.pending[2..10]);
+                        (u64::from_be_bytes(b) as usize, 10)
+                    }
+                    126 | 127 => (usize::MAX, 0),
+                    n => (n, 2),
+                };
+                if len != usize::MAX && self.pending.len() >= head + len {
+                    let payload = self.pending[head..head + len].to_vec();
+                    self.pending.drain(..head + len);
+                    return Some((op, payload));
+                }
+            }
+            let mut buf = [0u8; 8192];
+            match self.tcp.read(&mut buf).await {
+                Ok(0) | Err(_) => return None,
+                Ok(n) => self.pending.extend_from_slice(&buf[..n]),
+            }
+        }
+    }
+
+    /// Reads frames until the server's close frame; its code (`None`: the connection
+    /// ended without one).
+    pub async fn close_code(&mut self) -> Option<u16> {
+        within("a close frame", async {
+            while let Some((op, payload)) = self.next_frame().await {
+                if op == 8 {
+                    return (payload.len() >= 2)
+                        .then(|| u16::from_be_bytes([payload[0], payload[1]]));
+                }
+            }
+            None
+        })
+        .await
+    }
+}

@@ -1,6 +1,10 @@
 //! Hostile and careless clients (issue 10): bodies, scopes, idempotency keys, expired
 //! credentials, protocol abuse. Each test failed against the server before its fix.
 
+use std::time::Duration;
+
+use reqwest::Method;
+use serde_json::{Value, json};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 use zonecast::auth::{Role, ZoneScope};
@@ -132,5 +136,447 @@ async fn a_body_that_arrives_too_slowly_gets_408() {
     let answer = String::from_utf8_lossy(&buf[..n]).into_owned();
     assert_eq!(status_of(&answer), 408, "{answer}");
     assert_eq!(app.snapshot(zone).await["items"][0]["quantity"], 10);
+    app.stop().await;
+}
+
+/// Role × scope for key management and stats. A principal grants, sees and revokes
+/// only what lies within its own role and zones; an admin of some zones sees in
+/// `/api/stats` only the connections and streams it could read itself.
+#[tokio::test]
+async fn key_management_and_stats_stay_within_the_callers_role_and_scope() {
+    let db = TestDb::sqlite().await;
+    let app = spawn_app(&db, &[]).await;
+    let z1 = app.create_zone("One").await as i32;
+    let z2 = app.create_zone("Two").await as i32;
+    let one = || ZoneScope::Only(vec![z1]);
+    let who: Vec<(&str, String)> = vec![
+        (
+            "reader*",
+            app.make_key(Role::Reader, ZoneScope::All, None).await,
+        ),
+        ("reader1", app.make_key(Role::Reader, one(), None).await),
+        (
+            "writer*",
+            app.make_key(Role::Writer, ZoneScope::All, None).await,
+        ),
+        ("writer1", app.make_key(Role::Writer, one(), None).await),
+        ("admin*", app.key.clone()),
+        (
+            "admin1",
+            app.make_key(Role::Admin, one(), Some("lead")).await,
+        ),
+    ];
+    // (what, body of POST /api/keys, expected status per principal in `who` order)
+    let creates: Vec<(&str, Value, [u16; 6])> = vec![
+        (
+            "admin for *",
+            json!({"role": "admin", "zones": "*"}),
+            [403, 403, 403, 403, 201, 403],
+        ),
+        (
+            "reader for 1",
+            json!({"role": "reader", "zones": format!("{z1}")}),
+            [403, 403, 403, 403, 201, 201],
+        ),
+        (
+            "admin for 1",
+            json!({"role": "admin", "zones": format!("{z1}")}),
+            [403, 403, 403, 403, 201, 201],
+        ),
+        (
+            "reader for 2",
+            json!({"role": "reader", "zones": format!("{z2}")}),
+            [403, 403, 403, 403, 201, 403],
+        ),
+        (
+            "reader for 1,2",
+            json!({"role": "reader", "zones": format!("{z1},{z2}")}),
+            [403, 403, 403, 403, 201, 403],
+        ),
+        (
+            "reader for 1 as bob",
+            json!({"role": "reader", "zones": format!("{z1}"), "user": "bob"}),
+            [403, 403, 403, 403, 201, 403],
+        ),
+        (
+            "reader for 1 as lead",
+            json!({"role": "reader", "zones": format!("{z1}"), "user": "lead"}),
+            [403, 403, 403, 403, 201, 201],
+        ),
+    ];
+    let mut n = 0;
+    for (what, body, want) in &creates {
+        for ((name, key), want) in who.iter().zip(want) {
+            n += 1;
+            let mut body = body.clone();
+            body["name"] = json!(format!("made-{n}"));
+            let r = app
+                .request_as(Some(key), Method::POST, "/api/keys", Some(body))
+                .await;
+            assert_eq!(r.status, *want, "create {what} as {name}: {}", r.text);
+            if *want == 403 {
+                r.assert_problem(403, "forbidden");
+            }
+        }
+    }
+    // Listing: nothing for non-admins; an admin of zone 1 sees only keys it could
+    // have made.
+    let scoped = &who[5].1;
+    for (_, key) in &who[..4] {
+        app.request_as(Some(key), Method::GET, "/api/keys", None)
+            .await
+            .assert_problem(403, "forbidden");
+    }
+    let all = app.get("/api/keys").await.json();
+    let mine = app
+        .request_as(Some(scoped), Method::GET, "/api/keys", None)
+        .await
+        .json();
+    let all = all.as_array().expect("list");
+    let mine = mine.as_array().expect("list");
+    assert!(mine.len() < all.len());
+    for k in mine {
+        assert_eq!(k["zones"], format!("{z1}"), "{k}");
+        assert!(k["user"].is_null() || k["user"] == "lead", "{k}");
+    }
+    let admin_names: Vec<&str> = all.iter().filter_map(|k| k["name"].as_str()).collect();
+    // Revoking: an unscoped key is "not found" for the scoped admin and unchanged.
+    let unscoped = all
+        .iter()
+        .find(|k| k["zones"] == "*" && k["role"] == "reader")
+        .and_then(|k| k["name"].as_str())
+        .expect("an unscoped key");
+    app.request_as(
+        Some(scoped),
+        Method::DELETE,
+        &format!("/api/keys/{unscoped}"),
+        None,
+    )
+    .await
+    .assert_problem(404, "not_found");
+    assert!(
+        app.get("/api/keys")
+            .await
+            .json()
+            .as_array()
+            .expect("list")
+            .iter()
+            .any(|k| k["name"] == unscoped && k["revoked_at"].is_null())
+    );
+    let zone_one_key = mine
+        .iter()
+        .find(|k| {
+            k["role"] == "reader"
+                && k["user"].is_null()
+                && k["name"].as_str().is_some_and(|n| n.starts_with("made-"))
+        })
+        .and_then(|k| k["name"].as_str())
+        .expect("a zone-1 reader key made above");
+    let r = app
+        .request_as(
+            Some(scoped),
+            Method::DELETE,
+            &format!("/api/keys/{zone_one_key}"),
+            None,
+        )
+        .await;
+    assert_eq!(r.status, 200, "{}", r.text);
+    app.request_as(
+        Some(&who[2].1),
+        Method::DELETE,
+        &format!("/api/keys/{zone_one_key}"),
+        None,
+    )
+    .await
+    .assert_problem(403, "forbidden");
+    assert!(admin_names.contains(&zone_one_key));
+
+    // Stats: one stream per zone and one user stream are open.
+    let bob = app
+        .make_key(Role::Reader, ZoneScope::All, Some("bob"))
+        .await;
+    let mut open = Vec::new();
+    for path in [
+        format!("/sse/zones/{z1}/stock"),
+        format!("/sse/zones/{z2}/stock"),
+        "/sse/notifications".to_owned(),
+    ] {
+        let resp = client_with(Some(&bob))
+            .get(format!("{}{path}", app.base))
+            .send()
+            .await
+            .expect("sse");
+        assert_eq!(resp.status().as_u16(), 200, "{path}");
+        open.push(Sse::from_response(resp));
+    }
+    let full = within("stats to list three", async {
+        loop {
+            let st = app.get("/api/stats").await.json();
+            if st["total_connections"] == 3 {
+                return st;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    })
+    .await;
+    assert_eq!(full["connections_by_stream"][format!("zone:{z2}")], 1);
+    assert_eq!(full["connections_by_stream"]["user:bob"], 1);
+    assert_eq!(full["unique_users"], 1);
+    let part = app
+        .request_as(Some(scoped), Method::GET, "/api/stats", None)
+        .await;
+    assert_eq!(part.status, 200, "{}", part.text);
+    let part = part.json();
+    assert_eq!(part["total_connections"], 1, "{part}");
+    assert_eq!(
+        part["connections_by_stream"],
+        json!({ format!("zone:{z1}"): 1 }),
+        "{part}"
+    );
+    for (_, key) in &who[..4] {
+        app.request_as(Some(key), Method::GET, "/api/stats", None)
+            .await
+            .assert_problem(403, "forbidden");
+    }
+    drop(open);
+    app.stop().await;
+}
+
+/// PATCH as `key` with an optional idempotency key.
+async fn patch_as(
+    app: &TestApp,
+    key: &str,
+    item: i64,
+    body: Value,
+    idempotency: Option<&str>,
+) -> Reply {
+    let mut req = client_with(Some(key))
+        .patch(format!("{}/api/items/{item}", app.base))
+        .json(&body);
+    if let Some(k) = idempotency {
+        req = req.header("Idempotency-Key", k);
+    }
+    Reply::read(within("PATCH", req.send()).await.expect("sent")).await
+}
+
+#[tokio::test]
+async fn idempotency_keys_belong_to_their_principal_and_their_request() {
+    for db in test_dbs().await {
+        let app = spawn_app(&db, &[]).await;
+        let zone = app.create_zone("A").await;
+        let one = app.create_item(zone, "ONE", 10, 0).await;
+        let five = app.create_item(zone, "FIVE", 10, 0).await;
+        let a = app.make_key(Role::Writer, ZoneScope::All, None).await;
+        let b = app.make_key(Role::Writer, ZoneScope::All, None).await;
+        let first = patch_as(&app, &a, one, json!({"quantity": 3}), Some("r1")).await;
+        assert_eq!(first.status, 200, "{}", first.text);
+        // Another principal's "r1" is its own: applied, with its own result.
+        let other = patch_as(&app, &b, five, json!({"quantity": 77}), Some("r1")).await;
+        assert_eq!(other.status, 200, "{}", other.text);
+        assert_eq!(other.json()["item"]["id"], five);
+        assert_eq!(other.json()["item"]["quantity"], 77);
+        let last = app.snapshot(zone).await["last_event_id"].clone();
+        // The same request again: the original result, nothing applied.
+        let again = patch_as(&app, &a, one, json!({"quantity": 3}), Some("r1")).await;
+        assert_eq!((again.status, &again.text), (200, &first.text));
+        // The same key for another request: refused, nothing applied.
+        for (item, body) in [
+            (five, json!({"quantity": 1})),
+            (one, json!({"quantity": 4})),
+        ] {
+            patch_as(&app, &a, item, body, Some("r1"))
+                .await
+                .assert_problem(422, "idempotency_key_reused");
+        }
+        let snap = app.snapshot(zone).await;
+        assert_eq!(snap["last_event_id"], last);
+        assert_eq!(snap["items"][0]["quantity"], 3);
+        assert_eq!(snap["items"][1]["quantity"], 77);
+
+        // Over WebSocket the key is the same principal's: the same change is the
+        // original ack, another change is refused.
+        let mut ws = app.ws_raw(&format!("/ws?access_token={a}")).await;
+        assert_eq!(ws.recv().await["type"], "welcome");
+        ws.send(
+            json!({"type": "update_quantity", "request_id": "r1", "item_id": one, "quantity": 3}),
+        )
+        .await;
+        let ack = ws.recv().await;
+        assert_eq!(ack["type"], "ack", "{ack}");
+        assert_eq!(ack["event_id"], first.json()["event_id"]);
+        ws.send(
+            json!({"type": "update_quantity", "request_id": "r1", "item_id": five, "delta": -1}),
+        )
+        .await;
+        let err = ws.recv().await;
+        assert_eq!(
+            (
+                err["type"].as_str(),
+                err["code"].as_str(),
+                err["request_id"].as_str()
+            ),
+            (Some("error"), Some("idempotency_key_reused"), Some("r1")),
+            "{err}"
+        );
+        assert_eq!(app.snapshot(zone).await["last_event_id"], last);
+
+        // Concurrent requests with one new key: exactly one applies; the others get its
+        // result (same request) or are refused (another item).
+        let mut tasks = Vec::new();
+        for i in 0..12 {
+            let (base, key) = (app.base.clone(), a.clone());
+            let item = if i % 2 == 0 { one } else { five };
+            tasks.push(tokio::spawn(async move {
+                let r = client_with(Some(&key))
+                    .patch(format!("{base}/api/items/{item}"))
+                    .header("Idempotency-Key", "race")
+                    .json(&json!({"delta": -1}))
+                    .send()
+                    .await
+                    .expect("sent");
+                (item, r.status().as_u16(), r.text().await.expect("body"))
+            }));
+        }
+        let mut results = Vec::new();
+        for t in tasks {
+            results.push(within("a racing write", t).await.expect("task"));
+        }
+        let ok: Vec<&(i64, u16, String)> = results.iter().filter(|r| r.1 == 200).collect();
+        assert!(!ok.is_empty(), "{results:?}");
+        assert!(
+            ok.iter().all(|r| r.0 == ok[0].0 && r.2 == ok[0].2),
+            "{results:?}"
+        );
+        assert!(
+            results.iter().all(|r| r.1 == 200 || r.1 == 422),
+            "{results:?}"
+        );
+        let snap = app.snapshot(zone).await;
+        assert_eq!(
+            snap["last_event_id"].as_u64(),
+            last.as_u64().map(|l| l + 1),
+            "one change applied"
+        );
+
+        // A key lives as long as its event: once the log no longer keeps it, the key is
+        // free again.
+        app.service
+            .prune(Duration::from_secs(3600), 0)
+            .await
+            .expect("prune");
+        let reused = patch_as(&app, &a, five, json!({"quantity": 5}), Some("r1")).await;
+        assert_eq!(reused.status, 200, "{}", reused.text);
+        app.stop().await;
+    }
+}
+
+fn jwt(secret: &str, claims: &zonecast::auth::Claims) -> String {
+    jsonwebtoken::encode(
+        &jsonwebtoken::Header::default(),
+        claims,
+        &jsonwebtoken::EncodingKey::from_secret(secret.as_bytes()),
+    )
+    .expect("jwt")
+}
+
+fn claims(
+    sub: &str,
+    zones: Option<zonecast::auth::ZonesClaim>,
+    exp: u64,
+) -> zonecast::auth::Claims {
+    zonecast::auth::Claims {
+        sub: sub.into(),
+        role: Role::Writer,
+        zones,
+        exp,
+        nbf: None,
+    }
+}
+
+#[tokio::test]
+async fn an_expired_token_ends_its_open_connections() {
+    let db = TestDb::sqlite().await;
+    let app = spawn_app(&db, &["--jwt-secret", "s3cret"]).await;
+    let zone = app.create_zone("A").await;
+    let item = app.create_item(zone, "S", 10, 0).await;
+    let now = jsonwebtoken::get_current_timestamp();
+    let star = Some(zonecast::auth::ZonesClaim::Star("*".into()));
+    let token = jwt("s3cret", &claims("alice", star, now + 2));
+    let mut ws = app
+        .ws_raw(&format!("/ws/zones/{zone}?access_token={token}"))
+        .await;
+    assert_eq!(ws.recv().await["type"], "welcome");
+    let resp = client_with(Some(&token))
+        .get(format!("{}/sse/zones/{zone}/stock", app.base))
+        .send()
+        .await
+        .expect("sse");
+    assert_eq!(resp.status().as_u16(), 200);
+    let mut sse = Sse::from_response(resp);
+    ws.send(json!({"type": "update_quantity", "item_id": item, "delta": -1}))
+        .await;
+    loop {
+        let m = ws.recv().await;
+        if m["type"] == "ack" {
+            break;
+        }
+    }
+    // At `exp` both end: WS with 1008 and a reason that says why.
+    let frame = within("the close frame", async {
+        use tokio_tungstenite::tungstenite::Message;
+        loop {
+            match futures_util::StreamExt::next(&mut ws.inner).await {
+                Some(Ok(Message::Close(Some(f)))) => return f,
+                Some(Ok(_)) => continue,
+                other => panic!("no close frame: {other:?}"),
+            }
+        }
+    })
+    .await;
+    assert_eq!(u16::from(frame.code), 1008);
+    assert!(frame.reason.contains("expired"), "{}", frame.reason);
+    assert_eq!(sse.next().await.event, "stock_updated");
+    sse.assert_ends().await;
+    let r = app
+        .request_as(Some(&token), Method::GET, "/api/zones", None)
+        .await;
+    r.assert_problem(401, "unauthorized");
+    assert!(
+        r.json()["detail"]
+            .as_str()
+            .is_some_and(|d| d.contains("expired"))
+    );
+    app.stop().await;
+}
+
+#[tokio::test]
+async fn tokens_without_zones_with_an_empty_sub_or_before_nbf_grant_nothing() {
+    let db = TestDb::sqlite().await;
+    let app = spawn_app(&db, &["--jwt-secret", "s3cret"]).await;
+    let now = jsonwebtoken::get_current_timestamp();
+    let star = || Some(zonecast::auth::ZonesClaim::Star("*".into()));
+    let mut early = claims("alice", star(), now + 600);
+    early.nbf = Some(now + 300);
+    for (token, says) in [
+        (jwt("s3cret", &claims("alice", None, now + 600)), "zones"),
+        (jwt("s3cret", &claims("", star(), now + 600)), "sub"),
+        (jwt("s3cret", &early), "nbf"),
+    ] {
+        let r = app
+            .request_as(Some(&token), Method::GET, "/api/zones", None)
+            .await;
+        r.assert_problem(401, "unauthorized");
+        let detail = r.json()["detail"].as_str().unwrap_or("").to_owned();
+        assert!(detail.contains(says), "{says}: {detail}");
+        assert_eq!(
+            app.ws_status(&format!("/ws?access_token={token}")).await,
+            401
+        );
+    }
+    let good = jwt("s3cret", &claims("alice", star(), now + 600));
+    let r = app
+        .request_as(Some(&good), Method::GET, "/api/zones", None)
+        .await;
+    assert_eq!(r.status, 200, "{}", r.text);
     app.stop().await;
 }

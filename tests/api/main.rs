@@ -12,3 +12,4 @@ mod rest;
 mod restart;
 mod sse;
 mod ws;
+mod ws_abuse;
