@@ -14,7 +14,7 @@ use crate::auth::{Authenticator, Principal, Role, ZoneScope};
 use crate::broker::Broker;
 use crate::config::ServeArgs;
 use crate::domain::Zone;
-use crate::limits::{Limits, Rate};
+use crate::limits::{Limits, Rate, Rates};
 use crate::server::{self, NetLimits};
 use crate::service::{Service, ServiceError};
 use crate::store::{Store, StoreError};
@@ -102,7 +102,11 @@ impl Application {
     pub async fn build(config: ServeArgs) -> Result<Self, StartError> {
         let net = net_limits(&config)?;
         let store = Store::open(&config.database_url).await?;
-        let broker = Broker::new(config.bus_capacity, config.cache_events);
+        let broker = Broker::new(
+            config.bus_capacity,
+            config.cache_events,
+            config.cache_total_events,
+        );
         let service = Service::new(store, broker);
         let demo = if config.no_demo {
             None
@@ -125,20 +129,24 @@ impl Application {
             config.public_read,
         );
         auth.refresh_revocations().await?;
-        let limits = Arc::new(Limits::new(
-            Rate {
+        let limits = Arc::new(Limits::new(Rates {
+            writes: Rate {
                 per_second: config.write_rate,
                 burst: config.write_burst,
             },
-            Rate {
+            connects: Rate {
                 per_second: config.connect_rate,
                 burst: config.connect_burst,
             },
-            Rate {
+            auth_failures: Rate {
+                per_second: config.auth_failure_rate,
+                burst: config.auth_failure_burst,
+            },
+            ws_messages: Rate {
                 per_second: config.ws_message_rate,
                 burst: config.ws_message_burst,
             },
-        ));
+        }));
         let listener = TcpListener::bind(config.bind)
             .await
             .map_err(|source| StartError::Bind {
@@ -256,6 +264,7 @@ pub fn routes(state: AppState) -> impl poem::Endpoint {
         .at("/sse-client.html", get(pages::sse_client))
         .at("/ws-client.html", get(pages::ws_client))
         .around(api::body::limit_body)
+        .around(api::access::limit_writes)
         .around(api::access::authenticate)
         .around(pages::refuse_sse)
         .around(api::problem::problems)

@@ -20,10 +20,10 @@ pub struct Broker {
 }
 
 impl Broker {
-    pub fn new(bus_capacity: usize, cache_per_stream: usize) -> Self {
+    pub fn new(bus_capacity: usize, cache_per_stream: usize, cache_total: usize) -> Self {
         Broker {
             hub: Hub::new(bus_capacity),
-            cache: Arc::new(Cache::new(cache_per_stream)),
+            cache: Arc::new(Cache::new(cache_per_stream, cache_total)),
             stats: Arc::default(),
         }
     }

@@ -76,6 +76,12 @@ pub struct ServeArgs {
     #[arg(long, env = "ZONECAST_DATABASE_URL", default_value = DEFAULT_DATABASE_URL)]
     pub database_url: String,
 
+    /// Where the first start writes the admin key it creates when stdout is not a
+    /// terminal (mode 0600). Default: `zonecast-admin-key` beside the SQLite file,
+    /// else in the working directory.
+    #[arg(long, env = "ZONECAST_ADMIN_KEY_FILE")]
+    pub admin_key_file: Option<std::path::PathBuf>,
+
     /// Interval of SSE `heartbeat` events.
     #[arg(long, env = "ZONECAST_HEARTBEAT", default_value = "15s", value_parser = duration)]
     pub heartbeat: Duration,
@@ -108,6 +114,11 @@ pub struct ServeArgs {
     /// Recent events per stream kept in memory for replays.
     #[arg(long, env = "ZONECAST_CACHE_EVENTS", default_value_t = 2048)]
     pub cache_events: usize,
+
+    /// Recent events kept in memory over all streams; past it the stream used least
+    /// recently is forgotten (its replays read the log).
+    #[arg(long, env = "ZONECAST_CACHE_TOTAL_EVENTS", default_value_t = 200_000)]
+    pub cache_total_events: usize,
 
     /// Interval of WebSocket protocol pings; a client silent for two intervals is
     /// closed (1001).
@@ -146,6 +157,14 @@ pub struct ServeArgs {
 
     #[arg(long, env = "ZONECAST_CONNECT_BURST", default_value_t = 50)]
     pub connect_burst: u32,
+
+    /// Failed authentications per second per client address; past it the address
+    /// gets 429 instead of 401; 0 = off.
+    #[arg(long, env = "ZONECAST_AUTH_FAILURE_RATE", default_value_t = 5)]
+    pub auth_failure_rate: u32,
+
+    #[arg(long, env = "ZONECAST_AUTH_FAILURE_BURST", default_value_t = 20)]
+    pub auth_failure_burst: u32,
 
     /// Messages per second per WebSocket connection; 0 = off.
     #[arg(long, env = "ZONECAST_WS_MESSAGE_RATE", default_value_t = 50)]
@@ -203,6 +222,24 @@ pub struct ServeArgs {
 }
 
 impl ServeArgs {
+    /// The file the first admin key goes to when it cannot be shown on a terminal.
+    pub fn admin_key_path(&self) -> std::path::PathBuf {
+        if let Some(p) = &self.admin_key_file {
+            return p.clone();
+        }
+        let name = "zonecast-admin-key";
+        let file = self
+            .database_url
+            .strip_prefix("sqlite:")
+            .map(|rest| rest.trim_start_matches("//"))
+            .map(|rest| rest.split('?').next().unwrap_or(rest))
+            .filter(|f| !f.is_empty() && *f != ":memory:");
+        match file.and_then(|f| std::path::Path::new(f).parent()) {
+            Some(dir) if !dir.as_os_str().is_empty() => dir.join(name),
+            _ => std::path::PathBuf::from(name),
+        }
+    }
+
     /// Flags for an embedded server (tests, benchmarks): parsed like the command line.
     pub fn from_flags<I: IntoIterator<Item = S>, S: Into<std::ffi::OsString> + Clone>(
         flags: I,

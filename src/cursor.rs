@@ -277,3 +277,28 @@ impl Cursor {
             .is_some_and(|(&s, _)| s != self.next)
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    proptest::proptest! {
+        /// A resume point is a number (resume after it), blank (live), or anything
+        /// else (an unknown position); never a panic.
+        #[test]
+        fn any_resume_point_has_a_defined_start(raw in proptest::option::of(".{0,64}")) {
+            let start = Start::from_resume_point(raw.as_deref());
+            let trimmed = raw.as_deref().map(str::trim);
+            let expected = match trimmed {
+                None | Some("") => Start::Live,
+                Some(t) => t.parse().map_or(Start::Unparsable, Start::After),
+            };
+            proptest::prop_assert_eq!(start, expected);
+        }
+
+        #[test]
+        fn digits_resume_after_them(n in proptest::num::u64::ANY) {
+            proptest::prop_assert_eq!(Start::from_resume_point(Some(&format!(" {n} "))), Start::After(n));
+        }
+    }
+}

@@ -287,11 +287,15 @@ impl ItemPatch {
                 would_be
             }
         };
+        let version = item
+            .version
+            .checked_add(1)
+            .ok_or_else(|| DomainError::Invalid("the item's version cannot grow".into()))?;
         Ok(Item {
             quantity,
             name: self.name.clone().unwrap_or_else(|| item.name.clone()),
             low_stock_threshold: self.low_stock_threshold.unwrap_or(item.low_stock_threshold),
-            version: item.version + 1,
+            version,
             updated_at: at,
             ..item.clone()
         })
@@ -415,6 +419,39 @@ mod tests {
         assert!(ItemPatch::parse(Some(1), Some(1), None, None, None, None).is_err());
         assert!(ItemPatch::parse(None, None, None, None, None, None).is_err());
         assert!(ItemPatch::parse(Some(-1), None, None, None, None, None).is_err());
+    }
+
+    proptest::proptest! {
+        /// Whatever a client sends, parsing and applying a change never panics, and
+        /// refuses only with the documented errors.
+        #[test]
+        fn any_patch_is_applied_or_refused_with_a_defined_error(
+            quantity in proptest::option::of(proptest::num::i64::ANY),
+            delta in proptest::option::of(proptest::num::i64::ANY),
+            name in proptest::option::of(".{0,260}"),
+            threshold in proptest::option::of(proptest::num::i64::ANY),
+            expected in proptest::option::of(proptest::num::i64::ANY),
+            reason in proptest::option::of(".{0,600}"),
+            q0 in 0i64..=i64::MAX,
+            v0 in proptest::num::i64::ANY,
+        ) {
+            match ItemPatch::parse(quantity, delta, name.as_deref(), threshold, expected, reason.as_deref()) {
+                Err(e) => proptest::prop_assert!(matches!(e, DomainError::Invalid(_)), "{e:?}"),
+                Ok(p) => {
+                    let mut it = item(q0);
+                    it.version = v0;
+                    match p.apply(&it, now()) {
+                        Ok(next) => {
+                            proptest::prop_assert!(next.quantity >= 0);
+                            proptest::prop_assert_eq!(next.version, v0 + 1);
+                        }
+                        Err(e) => proptest::prop_assert!(matches!(e,
+                            DomainError::Invalid(_) | DomainError::VersionConflict { .. }
+                                | DomainError::InsufficientStock { .. }), "{e:?}"),
+                    }
+                }
+            }
+        }
     }
 
     #[test]

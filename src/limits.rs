@@ -1,8 +1,11 @@
 //! Rate limits (governor): writes and connection opens per principal (per client IP
-//! when anonymous), and messages per WebSocket connection. A limit of 0 is off.
+//! when anonymous), failed authentications per client IP, and messages per WebSocket
+//! connection. A limit of 0 is off.
 //!
 //! Keyed limiter state is pruned periodically (`prune`), so memory stays bounded by
-//! the callers active in the last few seconds.
+//! the callers active in the last few seconds; and each limiter tracks at most
+//! `MAX_TRACKED` callers at once: past that (a flood from many addresses) it prunes at
+//! once, and refuses new callers while it is still full.
 
 use std::num::NonZeroU32;
 use std::time::Duration;
@@ -40,33 +43,82 @@ impl RetryAfter {
     }
 }
 
+/// Callers one keyed limiter tracks at most (about 100 bytes each).
+pub const MAX_TRACKED: usize = 100_000;
+
 pub struct Limits {
-    writes: Option<DefaultKeyedRateLimiter<String>>,
-    connects: Option<DefaultKeyedRateLimiter<String>>,
+    writes: Option<Keyed>,
+    connects: Option<Keyed>,
+    auth_failures: Option<Keyed>,
     ws_messages: Option<Quota>,
 }
 
-fn check(
-    limiter: &Option<DefaultKeyedRateLimiter<String>>,
-    key: &str,
-    limit: &'static str,
-) -> Result<(), RetryAfter> {
+/// A keyed limiter and when it was last pruned because it was full.
+struct Keyed {
+    limiter: DefaultKeyedRateLimiter<String>,
+    pruned_at: std::sync::Mutex<std::time::Instant>,
+}
+
+impl Keyed {
+    fn new(q: Quota) -> Self {
+        Keyed {
+            limiter: DefaultKeyedRateLimiter::keyed(q),
+            pruned_at: std::sync::Mutex::new(std::time::Instant::now()),
+        }
+    }
+
+    /// At its bound even after pruning: a flood of distinct callers. Pruning scans
+    /// every caller, so it runs at most every 100 ms, not on every check.
+    fn full(&self) -> bool {
+        if self.limiter.len() < MAX_TRACKED {
+            return false;
+        }
+        let mut at = self.pruned_at.lock().unwrap_or_else(|e| e.into_inner());
+        if at.elapsed() >= Duration::from_millis(100) {
+            self.limiter.retain_recent();
+            *at = std::time::Instant::now();
+        }
+        self.limiter.len() >= MAX_TRACKED
+    }
+}
+
+fn check(limiter: &Option<Keyed>, key: &str, limit: &'static str) -> Result<(), RetryAfter> {
     let Some(l) = limiter else {
         return Ok(());
     };
-    l.check_key(&key.to_owned()).map_err(|nu| {
+    if l.full() {
+        // Everyone waits a moment rather than the state growing without bound.
+        metrics::counter!("zonecast_rate_limited_total", "limit" => limit).increment(1);
+        return Err(RetryAfter(Duration::from_secs(1)));
+    }
+    l.limiter.check_key(&key.to_owned()).map_err(|nu| {
         metrics::counter!("zonecast_rate_limited_total", "limit" => limit).increment(1);
         RetryAfter(nu.wait_time_from(DefaultClock::default().now()))
     })
 }
 
+/// The rates of one server's limits.
+#[derive(Debug, Clone, Copy)]
+pub struct Rates {
+    pub writes: Rate,
+    pub connects: Rate,
+    pub auth_failures: Rate,
+    pub ws_messages: Rate,
+}
+
 impl Limits {
-    pub fn new(writes: Rate, connects: Rate, ws_messages: Rate) -> Self {
+    pub fn new(r: Rates) -> Self {
         Limits {
-            writes: writes.quota().map(DefaultKeyedRateLimiter::keyed),
-            connects: connects.quota().map(DefaultKeyedRateLimiter::keyed),
-            ws_messages: ws_messages.quota(),
+            writes: r.writes.quota().map(Keyed::new),
+            connects: r.connects.quota().map(Keyed::new),
+            auth_failures: r.auth_failures.quota().map(Keyed::new),
+            ws_messages: r.ws_messages.quota(),
         }
+    }
+
+    /// One failed authentication from `ip`.
+    pub fn auth_failure(&self, ip: &str) -> Result<(), RetryAfter> {
+        check(&self.auth_failures, ip, "auth_failures")
     }
 
     pub fn write(&self, key: &str) -> Result<(), RetryAfter> {
@@ -84,18 +136,21 @@ impl Limits {
 
     /// Forgets callers whose limit has fully recovered.
     pub fn prune(&self) {
-        for l in [&self.writes, &self.connects].into_iter().flatten() {
-            l.retain_recent();
-            l.shrink_to_fit();
+        for l in [&self.writes, &self.connects, &self.auth_failures]
+            .into_iter()
+            .flatten()
+        {
+            l.limiter.retain_recent();
+            l.limiter.shrink_to_fit();
         }
     }
 
     /// Callers currently tracked (for tests of the bound).
     pub fn tracked(&self) -> usize {
-        [&self.writes, &self.connects]
+        [&self.writes, &self.connects, &self.auth_failures]
             .into_iter()
             .flatten()
-            .map(|l| l.len())
+            .map(|l| l.limiter.len())
             .sum()
     }
 }
@@ -115,21 +170,28 @@ pub fn check_direct(l: &Option<DefaultDirectRateLimiter>) -> Result<(), RetryAft
 mod tests {
     use super::*;
 
+    const OFF: Rate = Rate {
+        per_second: 0,
+        burst: 0,
+    };
+
+    fn limits(writes: Rate, connects: Rate) -> Limits {
+        Limits::new(Rates {
+            writes,
+            connects,
+            auth_failures: OFF,
+            ws_messages: OFF,
+        })
+    }
+
     #[test]
     fn a_burst_past_the_limit_is_refused_per_key() {
-        let l = Limits::new(
+        let l = limits(
             Rate {
                 per_second: 1,
                 burst: 2,
             },
-            Rate {
-                per_second: 0,
-                burst: 0,
-            },
-            Rate {
-                per_second: 0,
-                burst: 0,
-            },
+            OFF,
         );
         assert!(l.write("a").is_ok() && l.write("a").is_ok());
         let r = l.write("a").expect_err("third is over");
@@ -145,14 +207,7 @@ mod tests {
             per_second: 1000,
             burst: 1,
         };
-        let l = Limits::new(
-            fast,
-            fast,
-            Rate {
-                per_second: 0,
-                burst: 0,
-            },
-        );
+        let l = limits(fast, fast);
         for i in 0..100 {
             let _ = l.write(&format!("caller-{i}"));
         }
@@ -161,5 +216,22 @@ mod tests {
         std::thread::sleep(Duration::from_millis(20));
         l.prune();
         assert_eq!(l.tracked(), 0, "idle callers are forgotten");
+    }
+
+    #[test]
+    fn a_limiter_never_tracks_more_than_its_bound() {
+        let slow = Rate {
+            per_second: 1,
+            burst: 1,
+        };
+        let l = limits(slow, OFF);
+        let mut refused = 0;
+        for i in 0..MAX_TRACKED + 500 {
+            if l.write(&format!("ip:{i}")).is_err() {
+                refused += 1;
+            }
+        }
+        assert!(l.tracked() <= MAX_TRACKED, "{}", l.tracked());
+        assert_eq!(refused, 500, "callers past the bound wait their turn");
     }
 }

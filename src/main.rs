@@ -1,6 +1,8 @@
 //! The `zonecast` binary: parses flags, then serves or migrates. All the work is in the
 //! library (`zonecast::app`).
 
+use std::io::IsTerminal;
+
 use anyhow::Context;
 use clap::Parser;
 use zonecast::app::Application;
@@ -47,6 +49,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
 }
 
 async fn serve(args: zonecast::config::ServeArgs) -> anyhow::Result<()> {
+    let key_path = args.admin_key_path();
     let app = Application::build(args).await?;
     let base = format!("http://{}", app.addr());
     if let Some(z) = app.demo_zone() {
@@ -54,8 +57,18 @@ async fn serve(args: zonecast::config::ServeArgs) -> anyhow::Result<()> {
     }
     println!("zonecast is serving on {base}");
     if let Some(key) = app.first_admin_key() {
-        println!("  first admin key (shown once; keep it): {key}");
-        println!("  dashboard with it: {base}/?access_token={key}");
+        // A terminal shows it once; anywhere else stdout may be a log that keeps it.
+        if std::io::stdout().is_terminal() {
+            println!("  first admin key (shown once; keep it): {key}");
+            println!("  dashboard with it: {base}/?access_token={key}");
+        } else {
+            write_secret(&key_path, key)
+                .with_context(|| format!("cannot write the admin key to {}", key_path.display()))?;
+            println!(
+                "  first admin key written to {} (mode 0600; stdout is not a terminal)",
+                key_path.display()
+            );
+        }
     }
     println!("  dashboard: {base}/");
     // The last line of the start-up banner (tests wait for it).
@@ -71,7 +84,7 @@ async fn keys(database_url: &str, action: KeysAction) -> anyhow::Result<()> {
     let store = Store::open(database_url)
         .await
         .context("cannot open the database")?;
-    let service = Service::new(store, Broker::new(1, 0));
+    let service = Service::new(store, Broker::new(1, 0, 0));
     let cli = Principal::system("cli");
     match action {
         KeysAction::Create {
@@ -119,6 +132,20 @@ async fn keys(database_url: &str, action: KeysAction) -> anyhow::Result<()> {
         }
     }
     Ok(())
+}
+
+/// Writes `secret` to a file only its owner can read.
+fn write_secret(path: &std::path::Path, secret: &str) -> std::io::Result<()> {
+    use std::io::Write;
+    let mut opts = std::fs::OpenOptions::new();
+    opts.write(true).create(true).truncate(true);
+    #[cfg(unix)]
+    std::os::unix::fs::OpenOptionsExt::mode(&mut opts, 0o600);
+    let mut f = opts.open(path)?;
+    // `mode` applies to a new file only; an existing one is narrowed here.
+    #[cfg(unix)]
+    f.set_permissions(std::os::unix::fs::PermissionsExt::from_mode(0o600))?;
+    writeln!(f, "{secret}")
 }
 
 async fn shutdown_signal() {

@@ -16,7 +16,7 @@ use serde_json::{Value, json};
 use crate::auth::{Principal, Role};
 use crate::domain::{DomainError, StreamKey, format_time, now};
 use crate::event::Event;
-use crate::service::{Service, ServiceError};
+use crate::service::{Keyed, Service, ServiceError, claim, settle};
 use crate::store::{Store, StoreError};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
@@ -55,7 +55,9 @@ impl FromStr for Priority {
     }
 }
 
-#[derive(Debug, Clone, PartialEq)]
+/// As stored and as sent (`to_json`); read back from a `notification` event to
+/// replay an idempotency key's original result.
+#[derive(Debug, Clone, PartialEq, Deserialize)]
 pub struct Notification {
     pub id: i32,
     pub user_id: String,
@@ -195,11 +197,38 @@ impl Service {
         by: &Principal,
         user: &str,
         new: NewNotification,
+        request_id: Option<String>,
     ) -> Result<Notification, ServiceError> {
         by.require_role(Role::Writer, "create notifications")?;
         let user = crate::domain::user_id(user)?;
-        self.write(async |txn| Ok(notify_in(txn, &user, &new, now()).await?))
-            .await
+        let keyed = Keyed::new(
+            by,
+            request_id.as_deref(),
+            json!([
+                "notify",
+                user,
+                new.kind,
+                new.priority,
+                new.subject,
+                new.message,
+                new.data
+            ]),
+        );
+        self.write(async |txn| {
+            if let Some(done) = claim(txn, keyed.as_ref()).await? {
+                let n: Notification = serde_json::from_slice(&done.json)
+                    .ok()
+                    .and_then(|v: Value| serde_json::from_value(v["data"].clone()).ok())
+                    .ok_or_else(|| {
+                        StoreError::Corrupt(format!("event {}#{}", done.stream, done.seq))
+                    })?;
+                return Ok((n, vec![]));
+            }
+            let (n, events) = notify_in(txn, &user, &new, now()).await?;
+            settle(txn, keyed.as_ref(), &events[0]).await?;
+            Ok((n, events))
+        })
+        .await
     }
 
     /// Marks one of the caller's notifications read (`Some(id)`) or all of them.
@@ -210,6 +239,21 @@ impl Service {
     ) -> Result<ReadState, ServiceError> {
         let user = own_user(by)?.to_owned();
         let stream = StreamKey::User(user.clone()).to_string();
+        // A read that would change nothing takes no write lock: answered from a read.
+        let nothing_to_do = match only {
+            None => self.store.unread(&user).await? == 0,
+            Some(id) => match self.store.notification(id).await? {
+                Some(n) if n.user_id == user => n.read_at.is_some(),
+                _ => return Err(DomainError::NotFound("notification").into()),
+            },
+        };
+        if nothing_to_do {
+            let unread = self.store.unread(&user).await?;
+            return Ok(ReadState {
+                ids: vec![],
+                unread,
+            });
+        }
         self.write(async |txn| {
             let seq = Store::next_seq(txn, &stream).await?;
             if let Some(id) = only {
@@ -274,6 +318,10 @@ impl Service {
         let user = own_user(by)?;
         by.require_zone(zone)?;
         self.zone(zone).await?;
+        // Already so: nothing is written.
+        if self.store.watching(user, zone).await? == on {
+            return Ok(());
+        }
         if on {
             self.store.watch(user, zone, now()).await?;
         } else {
@@ -289,14 +337,24 @@ impl Service {
         subject: &str,
         message: &str,
         priority: Option<&str>,
+        request_id: Option<String>,
     ) -> Result<u64, ServiceError> {
         by.require_admin("make announcements")?;
         let new = NewNotification::parse(Some("announcement"), priority, subject, message, None)?;
         let data = json!({"subject": new.subject, "message": new.message,
                           "priority": new.priority, "actor": by.name});
         let stream = StreamKey::Alerts.to_string();
+        let keyed = Keyed::new(
+            by,
+            request_id.as_deref(),
+            json!(["announce", new.subject, new.message, new.priority]),
+        );
         self.write(async |txn| {
+            if let Some(done) = claim(txn, keyed.as_ref()).await? {
+                return Ok((done.seq, vec![]));
+            }
             let ev = append(txn, &stream, "announcement", &data, now()).await?;
+            settle(txn, keyed.as_ref(), &ev).await?;
             Ok((ev.seq, vec![ev]))
         })
         .await

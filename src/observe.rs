@@ -27,8 +27,83 @@ pub fn prometheus() -> Option<&'static PrometheusHandle> {
                 .and_then(|b| b.install_recorder())
                 .map_err(|e| tracing::warn!(error = %e, "metrics recorder not installed"))
                 .ok()
+                .inspect(|_| register_known())
         })
         .as_ref()
+}
+
+/// Every series zonecast records, as `(name, labels)`: registered at zero at start so
+/// that a dashboard or an alert on `rate()` sees them before their first event (the
+/// Prometheus instrumentation guide's advice).
+pub const COUNTERS: &[(&str, &[(&str, &str)])] = &[
+    ("zonecast_connections_opened_total", &[("transport", "sse")]),
+    ("zonecast_connections_opened_total", &[("transport", "ws")]),
+    ("zonecast_deliveries_total", &[("transport", "sse")]),
+    ("zonecast_deliveries_total", &[("transport", "ws")]),
+    ("zonecast_send_errors_total", &[]),
+    ("zonecast_replayed_events_total", &[("source", "cache")]),
+    ("zonecast_replayed_events_total", &[("source", "log")]),
+    ("zonecast_resets_total", &[("reason", "history_expired")]),
+    ("zonecast_resets_total", &[("reason", "unknown_position")]),
+    ("zonecast_rate_limited_total", &[("limit", "writes")]),
+    ("zonecast_rate_limited_total", &[("limit", "connects")]),
+    ("zonecast_rate_limited_total", &[("limit", "ws_messages")]),
+    ("zonecast_rate_limited_total", &[("limit", "auth_failures")]),
+    (
+        "zonecast_connections_refused_total",
+        &[("reason", "max_connections")],
+    ),
+    (
+        "zonecast_connections_refused_total",
+        &[("reason", "max_connections_per_ip")],
+    ),
+    (
+        "zonecast_connections_timed_out_total",
+        &[("phase", "header")],
+    ),
+    ("zonecast_connections_timed_out_total", &[("phase", "idle")]),
+    ("zonecast_accept_errors_total", &[("kind", "resources")]),
+    ("zonecast_accept_errors_total", &[("kind", "connection")]),
+];
+
+/// The event types of each stream kind, for `zonecast_events_appended_total`.
+pub const EVENT_TYPES: &[(&str, &[&str])] = &[
+    (
+        "zone",
+        &[
+            "item_created",
+            "stock_updated",
+            "item_updated",
+            "item_deleted",
+        ],
+    ),
+    ("alerts", &["low_stock_alert", "announcement"]),
+    (
+        "user",
+        &["notification", "notification_read", "unread_count"],
+    ),
+];
+
+fn register_known() {
+    for (name, labels) in COUNTERS {
+        let labels: Vec<metrics::Label> = labels
+            .iter()
+            .map(|(k, v)| metrics::Label::new(*k, *v))
+            .collect();
+        metrics::counter!(*name, labels).increment(0);
+    }
+    for (kind, types) in EVENT_TYPES {
+        for t in *types {
+            metrics::counter!("zonecast_events_appended_total", "stream_kind" => *kind, "type" => *t)
+                .increment(0);
+        }
+    }
+    for t in ["sse", "ws"] {
+        metrics::gauge!("zonecast_connections", "transport" => t).increment(0.0);
+    }
+    metrics::gauge!("zonecast_tcp_connections").increment(0.0);
+    let _ = metrics::histogram!("zonecast_write_duration_seconds");
+    let _ = metrics::histogram!("zonecast_delivery_lag_seconds");
 }
 
 /// The transport of a connection, as a metric label.

@@ -173,7 +173,7 @@ impl Service {
         );
         self.write(async |txn| {
             if let Some(done) = claim(txn, keyed.as_ref()).await? {
-                return Ok((done, vec![]));
+                return Ok((ItemChange::from_event(&done)?, vec![]));
             }
             if !Store::zone_exists_in(txn, zone_id).await? {
                 return Err(DomainError::NotFound("zone").into());
@@ -223,7 +223,7 @@ impl Service {
         );
         self.write(async |txn| {
             if let Some(done) = claim(txn, keyed.as_ref()).await? {
-                return Ok((done, vec![]));
+                return Ok((ItemChange::from_event(&done)?, vec![]));
             }
             // The stream row lock is taken before the item is read: it serialises every
             // change to the zone, so the item read below cannot go stale.
@@ -278,7 +278,7 @@ impl Service {
         let keyed = Keyed::new(by, request_id.as_deref(), json!(["delete_item", item_id]));
         self.write(async |txn| {
             if let Some(done) = claim(txn, keyed.as_ref()).await? {
-                return Ok((done, vec![]));
+                return Ok((ItemChange::from_event(&done)?, vec![]));
             }
             let seq = Store::next_seq(txn, &stream).await?;
             let item = Store::item_in(txn, item_id)
@@ -442,7 +442,7 @@ impl Service {
 }
 
 /// An idempotency key with its owner and the fingerprint of the request it came with.
-struct Keyed<'a> {
+pub(crate) struct Keyed<'a> {
     principal: &'a str,
     key: &'a str,
     fingerprint: String,
@@ -451,7 +451,11 @@ struct Keyed<'a> {
 impl<'a> Keyed<'a> {
     /// `request` names the operation, its target and its parsed body, so the same
     /// change over REST or WebSocket has the same fingerprint.
-    fn new(by: &'a Principal, key: Option<&'a str>, request: serde_json::Value) -> Option<Self> {
+    pub(crate) fn new(
+        by: &'a Principal,
+        key: Option<&'a str>,
+        request: serde_json::Value,
+    ) -> Option<Self> {
         Some(Keyed {
             principal: &by.name,
             key: key?,
@@ -460,12 +464,12 @@ impl<'a> Keyed<'a> {
     }
 }
 
-/// Claims the key for this transaction; for a key already used, the original result
-/// (same request) or `idempotency_key_reused` (another request).
-async fn claim(
+/// Claims the key for this transaction; for a key already used, the event the
+/// original request appended (same request) or `idempotency_key_reused` (another).
+pub(crate) async fn claim(
     txn: &DatabaseTransaction,
     keyed: Option<&Keyed<'_>>,
-) -> Result<Option<ItemChange>, ServiceError> {
+) -> Result<Option<Event>, ServiceError> {
     let Some(k) = keyed else {
         return Ok(None);
     };
@@ -485,12 +489,12 @@ async fn claim(
                     k.key
                 ))
             })?;
-            Ok(Some(ItemChange::from_event(&ev)?))
+            Ok(Some(ev))
         }
     }
 }
 
-async fn settle(
+pub(crate) async fn settle(
     txn: &DatabaseTransaction,
     keyed: Option<&Keyed<'_>>,
     ev: &Event,

@@ -8,8 +8,9 @@
 use poem::{Endpoint, IntoResponse, Request, Response};
 use serde::Deserialize;
 
-use super::problem::error_response;
+use super::problem::{ApiError, error_response};
 use crate::app::AppState;
+use crate::auth::AuthError;
 
 /// The key rate limits count a caller under: the principal, or the client IP when
 /// anonymous.
@@ -43,6 +44,23 @@ fn guarded(path: &str) -> bool {
         || path.starts_with("/ws/")
 }
 
+/// Every request that writes (any method but GET, HEAD and OPTIONS under `/api/`)
+/// counts against the caller's write limit, whatever its role, before its body is
+/// read. WebSocket messages that write are counted by the WS transport.
+pub async fn limit_writes<E: Endpoint>(next: E, req: Request) -> poem::Result<Response> {
+    let writes = !matches!(
+        *req.method(),
+        poem::http::Method::GET | poem::http::Method::HEAD | poem::http::Method::OPTIONS
+    ) && req.uri().path().starts_with("/api/");
+    if writes
+        && let (Some(state), Some(rate)) = (req.data::<AppState>(), req.data::<RateKey>())
+        && let Err(retry) = state.limits.write(&rate.0)
+    {
+        return Ok(error_response(ApiError::rate_limited(retry, "writes")));
+    }
+    next.call(req).await.map(IntoResponse::into_response)
+}
+
 pub async fn authenticate<E: Endpoint>(next: E, mut req: Request) -> poem::Result<Response> {
     if !guarded(req.uri().path()) {
         return next.call(req).await.map(IntoResponse::into_response);
@@ -50,15 +68,25 @@ pub async fn authenticate<E: Endpoint>(next: E, mut req: Request) -> poem::Resul
     let Some(state) = req.data::<AppState>().cloned() else {
         return next.call(req).await.map(IntoResponse::into_response);
     };
+    let ip = req
+        .remote_addr()
+        .as_socket_addr()
+        .map_or_else(|| "unknown".to_owned(), |a| a.ip().to_string());
     let principal = match state.auth.authenticate(credential(&req).as_deref()).await {
         Ok(p) => p,
+        Err(e @ (AuthError::Invalid | AuthError::Rejected(_))) => {
+            // Guessing costs the guesser: past the limit, 429 instead of 401.
+            if let Err(retry) = state.limits.auth_failure(&ip) {
+                return Ok(error_response(ApiError::rate_limited(
+                    retry,
+                    "failed authentications from this address",
+                )));
+            }
+            return Ok(error_response(e));
+        }
         Err(e) => return Ok(error_response(e)),
     };
     let rate_key = if principal.anonymous {
-        let ip = req
-            .remote_addr()
-            .as_socket_addr()
-            .map_or_else(|| "unknown".to_owned(), |a| a.ip().to_string());
         format!("ip:{ip}")
     } else {
         principal.name.clone()

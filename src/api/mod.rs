@@ -18,7 +18,6 @@ use crate::domain::{DomainError, ItemPatch, NewItem, request_id};
 use crate::limits::Limits;
 use crate::notifications::NewNotification;
 use crate::service::Service;
-use access::RateKey;
 use dto::*;
 use problem::ApiError;
 
@@ -28,14 +27,6 @@ pub struct Api {
     pub auth: Authenticator,
     pub limits: Arc<Limits>,
     pub heartbeat: std::time::Duration,
-}
-
-impl Api {
-    fn write_allowed(&self, rate: &RateKey) -> Result<(), ApiError> {
-        self.limits
-            .write(&rate.0)
-            .map_err(|r| ApiError::rate_limited(r, "writes"))
-    }
 }
 
 fn read_zone(p: &Principal, zone: i32) -> Result<(), ApiError> {
@@ -103,10 +94,8 @@ impl Api {
         body: Json<CreateItem>,
         #[oai(name = "Idempotency-Key")] key: Header<Option<String>>,
         p: Data<&Principal>,
-        rate: Data<&RateKey>,
     ) -> ApiResult<Created<ItemChangeBody>> {
         p.require_write(id.0).map_err(ApiError::from)?;
-        self.write_allowed(rate.0)?;
         let b = body.0;
         let new = NewItem::parse(&b.sku, &b.name, b.quantity, b.low_stock_threshold)
             .map_err(ApiError::from)?;
@@ -124,9 +113,7 @@ impl Api {
         body: Json<PatchItem>,
         #[oai(name = "Idempotency-Key")] key: Header<Option<String>>,
         p: Data<&Principal>,
-        rate: Data<&RateKey>,
     ) -> ApiResult<Json<ItemChangeBody>> {
-        self.write_allowed(rate.0)?;
         let b = body.0;
         let patch = ItemPatch::parse(
             b.quantity,
@@ -149,9 +136,7 @@ impl Api {
         id: Path<i32>,
         #[oai(name = "Idempotency-Key")] key: Header<Option<String>>,
         p: Data<&Principal>,
-        rate: Data<&RateKey>,
     ) -> ApiResult<Json<ItemChangeBody>> {
-        self.write_allowed(rate.0)?;
         let rid = request_id(key.0.as_deref()).map_err(ApiError::from)?;
         let change = self.service.delete_item(id.0, rid, p.0).await?;
         Ok(Json(change.into()))
@@ -255,10 +240,9 @@ impl Api {
     async fn create_notification(
         &self,
         body: Json<CreateNotification>,
+        #[oai(name = "Idempotency-Key")] key: Header<Option<String>>,
         p: Data<&Principal>,
-        rate: Data<&RateKey>,
     ) -> ApiResult<Created<NotificationBody>> {
-        self.write_allowed(rate.0)?;
         let b = body.0;
         let new = NewNotification::parse(
             b.kind.as_deref(),
@@ -268,7 +252,8 @@ impl Api {
             b.data,
         )
         .map_err(ApiError::from)?;
-        let n = self.service.notify(p.0, &b.user_id, new).await?;
+        let rid = request_id(key.0.as_deref()).map_err(ApiError::from)?;
+        let n = self.service.notify(p.0, &b.user_id, new, rid).await?;
         Ok(Created::Created(Json(n.into())))
     }
 
@@ -347,12 +332,14 @@ impl Api {
     async fn announce(
         &self,
         body: Json<CreateAnnouncement>,
+        #[oai(name = "Idempotency-Key")] key: Header<Option<String>>,
         p: Data<&Principal>,
     ) -> ApiResult<Created<EventId>> {
         let b = body.0;
+        let rid = request_id(key.0.as_deref()).map_err(ApiError::from)?;
         let event_id = self
             .service
-            .announce(p.0, &b.subject, &b.message, b.priority.as_deref())
+            .announce(p.0, &b.subject, &b.message, b.priority.as_deref(), rid)
             .await?;
         Ok(Created::Created(Json(EventId { event_id })))
     }

@@ -33,6 +33,25 @@ use super::accept::Slot;
 /// Largest request head (and pipelined bytes) hyper buffers for one connection.
 const MAX_HEAD: usize = 64 * 1024;
 
+/// A peer that acknowledges nothing of what is sent to it for this long is gone (its
+/// network went away without a FIN or RST). Without it, the kernel retries for about
+/// 15 minutes, and a vanished SSE client stays registered that long; with it, the
+/// next heartbeat after this long ends the connection.
+const PEER_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// Socket options for a client connection; failures only lose the optimisation.
+fn tune(tcp: &TcpStream) {
+    // Frames are coalesced before they are written; Nagle would only delay them.
+    let _ = tcp.set_nodelay(true);
+    let sock = socket2::SockRef::from(tcp);
+    let keepalive = socket2::TcpKeepalive::new()
+        .with_time(Duration::from_secs(60))
+        .with_interval(Duration::from_secs(10));
+    let _ = sock.set_tcp_keepalive(&keepalive);
+    #[cfg(target_os = "linux")]
+    let _ = sock.set_tcp_user_timeout(Some(PEER_TIMEOUT));
+}
+
 pub(super) struct Serving {
     pub endpoint: Arc<dyn DynEndpoint<Output = poem::Response>>,
     pub local: SocketAddr,
@@ -250,8 +269,7 @@ type PoemBody = http_body_util::combinators::BoxBody<Bytes, std::io::Error>;
 
 impl Serving {
     pub fn spawn(&self, tcp: TcpStream, peer: SocketAddr, slot: Slot) {
-        // Frames are coalesced before they are written; Nagle would only delay them.
-        let _ = tcp.set_nodelay(true);
+        tune(&tcp);
         let activity = Arc::new(Activity::new());
         let socket = Socket {
             io: tcp,

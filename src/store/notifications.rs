@@ -50,6 +50,21 @@ impl Store {
         to_notification(m)
     }
 
+    pub async fn notification(&self, id: i32) -> Result<Option<Notification>, StoreError> {
+        notification::Entity::find_by_id(id)
+            .one(&self.db)
+            .await?
+            .map(to_notification)
+            .transpose()
+    }
+
+    pub async fn watching(&self, user: &str, zone: i32) -> Result<bool, StoreError> {
+        Ok(watch::Entity::find_by_id((user.to_owned(), zone))
+            .one(&self.db)
+            .await?
+            .is_some())
+    }
+
     pub(crate) async fn notification_in(
         txn: &DatabaseTransaction,
         id: i32,

@@ -55,15 +55,41 @@ fn tagged(mut cursor: Cursor) -> Tagged {
     })
 }
 
-/// Parses `zone:1=42,alerts=3`; unknown or malformed parts are ignored (those
-/// streams start live).
-pub fn parse_positions(raw: &str) -> BTreeMap<String, u64> {
-    raw.split(',')
-        .filter_map(|part| {
-            let (stream, id) = part.trim().rsplit_once('=')?;
-            Some((stream.to_owned(), id.parse().ok()?))
-        })
-        .collect()
+/// A composite resume point, `zone:1=42,alerts=3`, read per stream.
+#[derive(Debug, Default, PartialEq, Eq)]
+pub struct Positions {
+    /// Streams it names, with where each resumes (`Start::Unparsable` when the
+    /// position is not a number that fits).
+    named: BTreeMap<String, Start>,
+    /// A part names no stream (`x`, `42`, `bogus=1`): it cannot be attributed, so
+    /// every stream it does not position resumes from an unknown position too.
+    garbled: bool,
+}
+
+impl Positions {
+    pub fn parse(raw: &str) -> Positions {
+        let mut p = Positions::default();
+        for part in raw.split(',').map(str::trim).filter(|s| !s.is_empty()) {
+            match part.rsplit_once('=') {
+                Some((stream, id)) if StreamKey::parse(stream).is_ok() => {
+                    let start = id.trim().parse().map_or(Start::Unparsable, Start::After);
+                    p.named.insert(stream.to_owned(), start);
+                }
+                _ => p.garbled = true,
+            }
+        }
+        p
+    }
+
+    /// Where `stream` starts: its own position, else live, or an unknown position
+    /// if the resume point had parts that could not be read.
+    pub fn start(&self, stream: &str) -> Start {
+        match self.named.get(stream) {
+            Some(s) => *s,
+            None if self.garbled => Start::Unparsable,
+            None => Start::Live,
+        }
+    }
 }
 
 impl Merged {
@@ -180,14 +206,14 @@ pub async fn streams(
         }
     }
     let raw = header_resume_point(req).or(resume.last_event_id);
-    let from = raw.as_deref().map(parse_positions).unwrap_or_default();
+    let from = raw.as_deref().map(Positions::parse).unwrap_or_default();
     let service = &state.service;
     let mut tagged_cursors = Vec::new();
     let mut positions = BTreeMap::new();
     for k in &keys {
         let name = k.to_string();
         let mut cursor = Cursor::subscribe(&service.broker, &service.store, &name);
-        let start = from.get(&name).map_or(Start::Live, |p| Start::After(*p));
+        let start = from.start(&name);
         if let Err(e) = cursor.seek(start).await {
             return unavailable(e);
         }
@@ -207,11 +233,22 @@ mod tests {
     use super::*;
 
     #[test]
-    fn composite_positions_parse() {
-        let p = parse_positions("zone:1=42, alerts=3,user:a=b=9,bad,zone:2=x");
-        assert_eq!(p.get("zone:1"), Some(&42));
-        assert_eq!(p.get("alerts"), Some(&3));
-        assert_eq!(p.get("user:a=b"), Some(&9));
-        assert_eq!(p.len(), 3);
+    fn composite_positions_parse_per_stream() {
+        let p = Positions::parse("zone:1=42, alerts=3,user:a=b=9,zone:2=x");
+        assert_eq!(p.start("zone:1"), Start::After(42));
+        assert_eq!(p.start("alerts"), Start::After(3));
+        assert_eq!(p.start("user:a=b"), Start::After(9));
+        assert_eq!(p.start("zone:2"), Start::Unparsable, "not a number");
+        assert_eq!(p.start("zone:3"), Start::Live, "not named: live");
+        let huge = format!("zone:1={}", "9".repeat(100));
+        assert_eq!(Positions::parse(&huge).start("zone:1"), Start::Unparsable);
+        for garbled in ["42", "zone:1=5,nonsense", "bogus=1"] {
+            let p = Positions::parse(garbled);
+            assert_eq!(p.start("alerts"), Start::Unparsable, "{garbled}");
+        }
+        assert_eq!(
+            Positions::parse("zone:1=5,x").start("zone:1"),
+            Start::After(5)
+        );
     }
 }

@@ -354,10 +354,7 @@ impl Connection {
                 Ok(proto::stock_snapshot(rid, snapshot.into()))
             }
             Request::UpdateQuantity { item_id, patch } => {
-                self.state
-                    .limits
-                    .write(&self.caller.rate.0)
-                    .map_err(|r| Refusal::rate_limited(r, "writes"))?;
+                self.write_allowed()?;
                 let key = rid.and_then(Value::as_str).map(str::to_owned);
                 let key = crate::domain::request_id(key.as_deref())?;
                 let change = service
@@ -391,6 +388,7 @@ impl Connection {
                 Ok(String::new())
             }
             Request::MarkRead { notification_id } => {
+                self.write_allowed()?;
                 let r = service
                     .mark_read(&self.caller.principal, notification_id)
                     .await?;
@@ -412,6 +410,14 @@ impl Connection {
                 Ok(proto::subscription("unsubscribed", rid, &key))
             }
         }
+    }
+
+    /// A message that writes counts against the caller's write limit, as over REST.
+    fn write_allowed(&self) -> Result<(), Refusal> {
+        self.state
+            .limits
+            .write(&self.caller.rate.0)
+            .map_err(|r| Refusal::rate_limited(r, "writes"))
     }
 
     /// Opens a positioned cursor on a stream this connection may read.

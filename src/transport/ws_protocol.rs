@@ -357,4 +357,84 @@ mod tests {
             Ok(Request::UpdateQuantity { item_id: 7, .. })
         ));
     }
+
+    use proptest::prelude::*;
+
+    /// JSON values shaped like client messages: the protocol's member names and
+    /// message types, with values of every kind.
+    fn message() -> impl Strategy<Value = Value> {
+        let leaf = prop_oneof![
+            Just(Value::Null),
+            any::<bool>().prop_map(Value::Bool),
+            any::<i64>().prop_map(|i| json!(i)),
+            any::<u64>().prop_map(|i| json!(i)),
+            any::<f64>().prop_map(|f| json!(f)),
+            ".{0,12}".prop_map(Value::String),
+            prop::sample::select(vec![
+                "ping",
+                "request_stock",
+                "update_quantity",
+                "subscribe",
+                "unsubscribe",
+                "mark_read",
+                "get_unread_count",
+                "zone:1",
+                "alerts",
+                "user:a",
+                "zone:0",
+            ])
+            .prop_map(|s| json!(s)),
+        ];
+        let names = prop::sample::select(vec![
+            "type",
+            "request_id",
+            "item_id",
+            "quantity",
+            "delta",
+            "expected_version",
+            "reason",
+            "stream",
+            "last_event_id",
+            "zone_id",
+            "notification_id",
+            "all",
+            "x",
+        ]);
+        let value = leaf.prop_recursive(3, 32, 6, |inner| {
+            prop_oneof![
+                prop::collection::vec(inner.clone(), 0..4).prop_map(Value::Array),
+                prop::collection::btree_map(".{0,6}", inner, 0..4)
+                    .prop_map(|m| Value::Object(m.into_iter().collect())),
+            ]
+        });
+        prop::collection::btree_map(names, value, 0..8)
+            .prop_map(|m| Value::Object(m.into_iter().map(|(k, v)| (k.to_owned(), v)).collect()))
+    }
+
+    fn defined(r: &Result<Request, Refusal>) -> bool {
+        match r {
+            Ok(_) => true,
+            Err(e) => matches!(e.code, Code::BadMessage | Code::UnknownType | Code::Invalid),
+        }
+    }
+
+    proptest! {
+        /// Any text frame is a request or a refusal with a parse error code, never a
+        /// panic; the reply to a refusal is itself valid JSON.
+        #[test]
+        fn any_text_is_a_request_or_a_defined_refusal(text in ".{0,200}") {
+            let p = parse(&text);
+            prop_assert!(defined(&p.request));
+            if let Err(r) = &p.request {
+                let reply: Value = serde_json::from_str(&error(p.request_id.as_ref(), r)).unwrap();
+                prop_assert_eq!(&reply["type"], "error");
+            }
+        }
+
+        #[test]
+        fn any_message_shaped_object_is_a_request_or_a_defined_refusal(v in message()) {
+            let p = parse(&v.to_string());
+            prop_assert!(defined(&p.request), "{v}");
+        }
+    }
 }

@@ -406,7 +406,8 @@ async fn bursts_past_the_write_limit_get_429_per_principal() {
         ],
     )
     .await;
-    let zone = app.create_zone("A").await; // zone creation is not a rate-limited write
+    // The admin's zone creation counts against the admin's budget, not `writer`'s.
+    let zone = app.create_zone("A").await;
     let item = app
         .service
         .create_item(

@@ -144,10 +144,11 @@ pub struct TestApp {
 
 /// Flags tests start with unless they give their own: no rate limits, so load tests
 /// measure correctness, not the limiter.
-const DEFAULT_FLAGS: [(&str, &str); 3] = [
+const DEFAULT_FLAGS: [(&str, &str); 4] = [
     ("--write-rate", "0"),
     ("--connect-rate", "0"),
     ("--ws-message-rate", "0"),
+    ("--auth-failure-rate", "0"),
 ];
 
 /// Starts zonecast on `db` with `--no-demo` plus `flags`; `http` carries an admin key.
@@ -604,6 +605,8 @@ pub struct Child {
     pub process: tokio::process::Child,
     pub base: String,
     pub key: Option<String>,
+    /// Where the first start wrote its admin key.
+    pub key_file: Option<std::path::PathBuf>,
     pub log_path: std::path::PathBuf,
     _log_dir: tempfile::TempDir,
 }
@@ -614,6 +617,7 @@ pub async fn spawn_binary(db_url: &str, args: &[&str]) -> Child {
     let log_dir = tempfile::tempdir().expect("temp dir");
     let log_path = log_dir.path().join("zonecast.log");
     let log = std::fs::File::create(&log_path).expect("log file");
+    let key_file = log_dir.path().join("admin-key");
     let mut process = tokio::process::Command::new(env!("CARGO_BIN_EXE_zonecast"))
         .args([
             "--bind",
@@ -622,6 +626,7 @@ pub async fn spawn_binary(db_url: &str, args: &[&str]) -> Child {
             db_url,
             "--no-demo",
         ])
+        .args(["--admin-key-file".as_ref(), key_file.as_os_str()])
         .args(args)
         .env("RUST_LOG", "info")
         .stdout(std::process::Stdio::piped())
@@ -631,11 +636,16 @@ pub async fn spawn_binary(db_url: &str, args: &[&str]) -> Child {
         .expect("start zonecast");
     let stdout = process.stdout.take().expect("stdout");
     let mut lines = BufReader::new(stdout).lines();
-    let (mut base, mut key) = (None, None);
+    let (mut base, mut key, mut key_file) = (None, None, None);
     within("the server to start", async {
         while let Ok(Some(line)) = lines.next_line().await {
-            if let Some(k) = line.split_whitespace().find(|w| w.starts_with("zk_")) {
-                key.get_or_insert_with(|| k.to_owned());
+            // Not a terminal: the key is in a file, and never on stdout.
+            assert!(!line.contains("zk_"), "a key was printed to a pipe: {line}");
+            if let Some(rest) = line.strip_prefix("  first admin key written to ") {
+                let path = rest.split(" (mode 0600").next().unwrap_or(rest);
+                let text = std::fs::read_to_string(path).expect("the key file");
+                key = Some(text.trim().to_owned());
+                key_file = Some(std::path::PathBuf::from(path));
             }
             if let Some(url) = line.strip_prefix("  API docs:  ") {
                 base = url.strip_suffix("/docs").map(str::to_owned);
@@ -652,6 +662,7 @@ pub async fn spawn_binary(db_url: &str, args: &[&str]) -> Child {
         process,
         base: base.expect("the server printed its address"),
         key,
+        key_file,
         log_path,
         _log_dir: log_dir,
     }

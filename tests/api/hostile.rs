@@ -580,3 +580,354 @@ async fn tokens_without_zones_with_an_empty_sub_or_before_nbf_grant_nothing() {
     assert_eq!(r.status, 200, "{}", r.text);
     app.stop().await;
 }
+
+#[tokio::test]
+async fn every_write_is_limited_and_a_no_op_takes_no_write_lock() {
+    let db = TestDb::sqlite().await;
+    let app = spawn_app(&db, &["--write-rate", "1", "--write-burst", "2"]).await;
+    let zone = app.create_zone("A").await;
+    let reader = app.make_key(Role::Reader, ZoneScope::All, Some("u1")).await;
+    let as_reader = |method: Method, path: String| {
+        let (app, key) = (&app, reader.clone());
+        async move { app.request_as(Some(&key), method, &path, None).await }
+    };
+    // A reader's writes share one budget: read-all, watch, unwatch.
+    assert_eq!(
+        as_reader(Method::POST, "/api/notifications/read-all".into())
+            .await
+            .status,
+        200
+    );
+    assert_eq!(
+        as_reader(Method::POST, format!("/api/zones/{zone}/watch"))
+            .await
+            .status,
+        200
+    );
+    let limited = as_reader(Method::DELETE, format!("/api/zones/{zone}/watch")).await;
+    limited.assert_problem(429, "rate_limited");
+    // Over WebSocket, mark_read counts against the same budget.
+    let mut ws = app.ws_raw(&format!("/ws?access_token={reader}")).await;
+    assert_eq!(ws.recv().await["type"], "welcome");
+    ws.send(json!({"type": "mark_read", "all": true})).await;
+    assert_eq!(ws.recv().await["code"], "rate_limited");
+
+    // With SQLite's write lock held elsewhere, calls that change nothing still answer
+    // at once: they never ask for the lock.
+    // Each call below has a principal of its own, so none is refused by the limit.
+    let watcher = app.make_key(Role::Reader, ZoneScope::All, Some("u2")).await;
+    let r = app
+        .request_as(
+            Some(&watcher),
+            Method::POST,
+            &format!("/api/zones/{zone}/watch"),
+            None,
+        )
+        .await;
+    assert_eq!(r.status, 200, "{}", r.text);
+    let fresh = app.make_key(Role::Reader, ZoneScope::All, Some("u3")).await;
+    let stranger = app.make_key(Role::Reader, ZoneScope::All, Some("u4")).await;
+    use sea_orm::sqlx::Connection;
+    let mut lock = sea_orm::sqlx::SqliteConnection::connect(&db.url)
+        .await
+        .expect("second connection");
+    sea_orm::sqlx::query("BEGIN IMMEDIATE")
+        .execute(&mut lock)
+        .await
+        .expect("take the write lock");
+    for (key, method, path) in [
+        (
+            &fresh,
+            Method::POST,
+            "/api/notifications/read-all".to_owned(),
+        ),
+        (&watcher, Method::POST, format!("/api/zones/{zone}/watch")),
+        (
+            &stranger,
+            Method::DELETE,
+            format!("/api/zones/{zone}/watch"),
+        ),
+    ] {
+        let started = std::time::Instant::now();
+        let r = app.request_as(Some(key), method, &path, None).await;
+        assert_eq!(r.status, 200, "{path}: {}", r.text);
+        assert!(
+            started.elapsed() < Duration::from_secs(3),
+            "{path} waited for the write lock"
+        );
+    }
+    sea_orm::sqlx::query("ROLLBACK")
+        .execute(&mut lock)
+        .await
+        .expect("release");
+    app.stop().await;
+}
+
+#[tokio::test]
+async fn the_multi_stream_endpoint_resets_a_stream_whose_position_it_cannot_read() {
+    let db = TestDb::sqlite().await;
+    let app = spawn_app(&db, &[]).await;
+    let zone = app.create_zone("A").await;
+    let item = app.create_item(zone, "S", 10, 0).await;
+    app.delta(item, -1).await;
+    let path = format!("/sse/streams?streams=zone:{zone},alerts");
+    let huge = "9".repeat(100);
+    for (resume, reset_streams) in [
+        (
+            format!("zone:{zone}=x,alerts=0"),
+            vec![format!("zone:{zone}")],
+        ),
+        (
+            format!("zone:{zone}={huge},alerts=0"),
+            vec![format!("zone:{zone}")],
+        ),
+        (
+            "garbage".to_owned(),
+            vec!["alerts".to_owned(), format!("zone:{zone}")],
+        ),
+    ] {
+        let mut sse = app.sse(&path, Some(&resume)).await;
+        let mut resets = Vec::new();
+        for _ in 0..reset_streams.len() {
+            let f = sse.next().await;
+            assert_eq!(f.event, "reset", "{resume}: {f:?}");
+            assert_eq!(f.data["reason"], "unknown_position", "{resume}");
+            assert!(f.data["last_event_id"].is_u64(), "{f:?}");
+            resets.push(f.data["stream"].as_str().expect("stream").to_owned());
+        }
+        resets.sort();
+        assert_eq!(resets, reset_streams, "{resume}");
+        // Then live: the next change arrives with every stream's position.
+        app.delta(item, -1).await;
+        let f = sse.next().await;
+        assert_eq!(f.event, "stock_updated", "{resume}");
+        assert!(f.id.contains(&format!("zone:{zone}=")), "{}", f.id);
+    }
+    app.stop().await;
+}
+
+#[tokio::test]
+async fn sse_clients_that_close_leave_at_once_not_after_heartbeats() {
+    let db = TestDb::sqlite().await;
+    let app = spawn_app(&db, &["--heartbeat", "60s"]).await;
+    let zone = app.create_zone("A").await;
+    let head = format!(
+        "GET /sse/zones/{zone}/stock HTTP/1.1\r\nHost: z\r\nAuthorization: Bearer {}\r\n\r\n",
+        app.key
+    );
+    let mut clients = Vec::new();
+    for _ in 0..40 {
+        let mut s = raw(&app).await;
+        s.write_all(head.as_bytes()).await.expect("write");
+        let mut buf = [0u8; 1024];
+        let n = within("the stream's head", s.read(&mut buf))
+            .await
+            .expect("read");
+        assert!(buf[..n].starts_with(b"HTTP/1.1 200"));
+        clients.push(s);
+    }
+    let count = |app: &TestApp| {
+        let http = app.http.clone();
+        let url = format!("{}/api/stats", app.base);
+        async move {
+            let v: Value = http
+                .get(url)
+                .send()
+                .await
+                .expect("stats")
+                .json()
+                .await
+                .expect("json");
+            v["total_connections"].as_u64().expect("count")
+        }
+    };
+    assert_eq!(count(&app).await, 40);
+    // Half close with a FIN, half with a reset (SO_LINGER 0).
+    for (i, s) in clients.into_iter().enumerate() {
+        if i % 2 == 1 {
+            socket2::SockRef::from(&s)
+                .set_linger(Some(Duration::ZERO))
+                .expect("linger");
+        }
+        drop(s);
+    }
+    within_for(
+        Duration::from_secs(3),
+        "closed clients to leave the registry",
+        async {
+            while count(&app).await > 0 {
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+        },
+    )
+    .await;
+    app.stop().await;
+}
+
+#[tokio::test]
+async fn failed_authentications_are_limited_per_client_address() {
+    let db = TestDb::sqlite().await;
+    let app = spawn_app(
+        &db,
+        &["--auth-failure-rate", "1", "--auth-failure-burst", "5"],
+    )
+    .await;
+    let from = |ip: &str| {
+        reqwest::Client::builder()
+            .local_address(ip.parse::<std::net::IpAddr>().expect("ip"))
+            .build()
+            .expect("client")
+    };
+    let guess = |i: usize| format!("zk_{i:064x}");
+    let mut statuses = Vec::new();
+    let mut retry_after = None;
+    for i in 0..10 {
+        let r = within(
+            "a guess",
+            from("127.0.0.1")
+                .get(format!("{}/api/zones", app.base))
+                .bearer_auth(guess(i))
+                .send(),
+        )
+        .await
+        .expect("sent");
+        statuses.push(r.status().as_u16());
+        if r.status().as_u16() == 429 {
+            retry_after = r.headers().get("retry-after").cloned();
+        }
+    }
+    assert_eq!(&statuses[..5], &[401; 5]);
+    assert!(statuses[5..].iter().all(|s| *s == 429), "{statuses:?}");
+    assert!(retry_after.is_some(), "429 without Retry-After");
+    // The address's valid credentials still work; another address has its own budget.
+    let ok = from("127.0.0.1")
+        .get(format!("{}/api/zones", app.base))
+        .bearer_auth(&app.key)
+        .send()
+        .await
+        .expect("sent");
+    assert_eq!(ok.status().as_u16(), 200);
+    let other = from("127.0.0.2")
+        .get(format!("{}/api/zones", app.base))
+        .bearer_auth(guess(99))
+        .send()
+        .await
+        .expect("sent");
+    assert_eq!(other.status().as_u16(), 401);
+    app.stop().await;
+}
+
+#[tokio::test]
+async fn the_first_admin_key_goes_to_a_private_file_not_to_a_pipe_or_a_log() {
+    let db = TestDb::sqlite().await;
+    // `spawn_binary` reads stdout through a pipe and fails on any `zk_` in it.
+    let mut child = spawn_binary(&db.url, &[]).await;
+    let key = child.key.clone().expect("the key, from its file");
+    let path = child.key_file.clone().expect("a key file");
+    use std::os::unix::fs::PermissionsExt;
+    let mode = std::fs::metadata(&path)
+        .expect("key file")
+        .permissions()
+        .mode();
+    assert_eq!(mode & 0o777, 0o600, "{path:?}");
+    let r = client_with(Some(&key))
+        .get(format!("{}/api/me", child.base))
+        .send()
+        .await
+        .expect("sent");
+    assert_eq!(r.status().as_u16(), 200, "the key in the file works");
+    let status = child.terminate(Duration::from_secs(15)).await;
+    assert!(status.success());
+    assert!(!child.logs().contains(&key[3..]), "the key reached the log");
+}
+
+#[tokio::test]
+async fn every_metric_exists_on_a_fresh_server_before_its_first_event() {
+    let db = TestDb::sqlite().await;
+    // A process of its own: in this one, other tests have recorded most series.
+    let mut child = spawn_binary(&db.url, &[]).await;
+    let text = reqwest::get(format!("{}/metrics", child.base))
+        .await
+        .expect("metrics")
+        .text()
+        .await
+        .expect("text");
+    let mut missing = Vec::new();
+    for (name, labels) in zonecast::observe::COUNTERS {
+        let labels: Vec<String> = labels.iter().map(|(k, v)| format!("{k}=\"{v}\"")).collect();
+        let series = if labels.is_empty() {
+            format!("{name} ")
+        } else {
+            format!("{name}{{{}}} ", labels.join(","))
+        };
+        if !text.lines().any(|l| l.starts_with(&series)) {
+            missing.push(series);
+        }
+    }
+    for (kind, types) in zonecast::observe::EVENT_TYPES {
+        for t in *types {
+            let series =
+                format!("zonecast_events_appended_total{{stream_kind=\"{kind}\",type=\"{t}\"}}");
+            if !text.contains(&series) {
+                missing.push(series);
+            }
+        }
+    }
+    for name in [
+        "zonecast_connections{transport=\"sse\"}",
+        "zonecast_connections{transport=\"ws\"}",
+        "zonecast_tcp_connections",
+        "zonecast_write_duration_seconds_count",
+        "zonecast_delivery_lag_seconds_count",
+    ] {
+        if !text.contains(name) {
+            missing.push(name.to_owned());
+        }
+    }
+    assert!(missing.is_empty(), "missing {missing:?} in:\n{text}");
+    assert!(child.terminate(Duration::from_secs(15)).await.success());
+}
+
+#[tokio::test]
+async fn notifications_and_announcements_take_idempotency_keys_too() {
+    for db in test_dbs().await {
+        let app = spawn_app(&db, &[]).await;
+        let post = |path: &'static str, body: Value, key: &'static str| {
+            let app = &app;
+            async move {
+                let r = app
+                    .http
+                    .post(format!("{}{path}", app.base))
+                    .header("Idempotency-Key", key)
+                    .json(&body)
+                    .send()
+                    .await
+                    .expect("sent");
+                Reply::read(r).await
+            }
+        };
+        let note = json!({"user_id": "u1", "subject": "Hi", "message": "Count bay 4"});
+        let first = post("/api/notifications", note.clone(), "n1").await;
+        assert_eq!(first.status, 201, "{}", first.text);
+        let again = post("/api/notifications", note.clone(), "n1").await;
+        assert_eq!((again.status, &again.text), (201, &first.text));
+        let mut other = note.clone();
+        other["message"] = json!("Count bay 5");
+        post("/api/notifications", other, "n1")
+            .await
+            .assert_problem(422, "idempotency_key_reused");
+        let u1 = app.make_key(Role::Reader, ZoneScope::All, Some("u1")).await;
+        let list = app
+            .request_as(Some(&u1), Method::GET, "/api/notifications", None)
+            .await
+            .json();
+        assert_eq!(list.as_array().map(Vec::len), Some(1), "{list}");
+
+        let ann = json!({"subject": "Stocktake", "message": "Friday 6:00"});
+        let a1 = post("/api/announcements", ann.clone(), "a1").await;
+        let a2 = post("/api/announcements", ann, "a1").await;
+        assert_eq!(a1.status, 201, "{}", a1.text);
+        assert_eq!(a1.json()["event_id"], a2.json()["event_id"]);
+        app.stop().await;
+    }
+}

@@ -5,6 +5,8 @@ mod helpers;
 mod access;
 mod concurrency;
 mod connections;
+mod crash;
+mod fuzz;
 mod hostile;
 mod notifications;
 mod operations;
