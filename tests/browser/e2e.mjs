@@ -5,7 +5,7 @@
 // Every wait is bounded; a failed check throws and the process exits non-zero.
 
 import { spawn } from "node:child_process";
-import { mkdtempSync, mkdirSync } from "node:fs";
+import { mkdtempSync, mkdirSync, readFileSync } from "node:fs";
 import { tmpdir } from "node:os";
 import { join, dirname } from "node:path";
 import { fileURLToPath } from "node:url";
@@ -34,8 +34,10 @@ function startServer(args = []) {
     let key = null;
     const timer = setTimeout(() => reject(new Error("server did not start")), 20000);
     createInterface({ input: proc.stdout }).on("line", (line) => {
-      const k = line.match(/zk_[0-9a-f]{64}/);
-      if (k && !key) key = k[0];
+      // stdout is a pipe, so the first admin key is in a file, never on stdout.
+      if (/zk_[0-9a-f]{64}/.test(line)) reject(new Error(`a key was printed to a pipe: ${line}`));
+      const f = line.match(/first admin key written to (\S+) \(mode 0600/);
+      if (f && !key) key = readFileSync(f[1], "utf8").trim();
       const m = line.match(/API docs:\s+(http:\/\/\S+)\/docs/);
       if (m) { clearTimeout(timer); resolve({ proc, base: m[1], key }); }
     });
@@ -90,7 +92,7 @@ const port = new URL(server.base).port;
 try {
   const { base } = server;
   const admin = server.key;
-  assert(admin, "the first start prints an admin key");
+  assert(admin, "the first start writes an admin key file");
   const alice = (await api(base, admin, "POST", "/api/keys", { name: "alice", role: "writer", user: "alice" })).key;
 
   // --- the dashboard shows the snapshot, then live changes -----------------------------
