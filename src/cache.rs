@@ -180,7 +180,13 @@ mod tests {
     }
 
     fn ev_in(stream: &str, seq: u64) -> Arc<Event> {
-        Arc::new(Event::render(stream, seq, "t", crate::domain::now(), "{}".into()))
+        Arc::new(Event::render(
+            stream,
+            seq,
+            "t",
+            crate::domain::now(),
+            "{}".into(),
+        ))
     }
 
     #[test]
