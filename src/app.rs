@@ -20,16 +20,20 @@ use crate::service::{Service, ServiceError};
 use crate::store::{Store, StoreError};
 use crate::{api, ops, pages, transport};
 
+/// Why the server did not start. Each message carries its cause's text once (no
+/// `source()` chain to print again below it), and says what to do where it can.
 #[derive(Debug, thiserror::Error)]
 pub enum StartError {
-    #[error("cannot open the database: {0}")]
-    Store(#[from] StoreError),
+    #[error("cannot open the database {url}: {error}")]
+    Store { url: String, error: StoreError },
     #[error("cannot prepare the demo data or the first admin key: {0}")]
-    Setup(#[from] ServiceError),
-    #[error("cannot listen on {addr}: {source}")]
+    Setup(ServiceError),
+    #[error(
+        "cannot listen on {addr}: {error} (is another server using it? --bind picks another address)"
+    )]
     Bind {
         addr: SocketAddr,
-        source: std::io::Error,
+        error: std::io::Error,
     },
     #[error(
         "--max-connections {requested} cannot be honoured: the open-file limit leaves room \
@@ -38,6 +42,26 @@ pub enum StartError {
     Capacity { requested: usize, available: u64 },
     #[error("--max-connections-per-ip {per_ip} is above --max-connections {total}")]
     PerIp { per_ip: usize, total: usize },
+}
+
+impl From<ServiceError> for StartError {
+    fn from(e: ServiceError) -> Self {
+        StartError::Setup(e)
+    }
+}
+
+/// A database URL fit for a message: without its password.
+pub fn redact(url: &str) -> String {
+    match (url.find("://"), url.rfind('@')) {
+        (Some(scheme), Some(at)) if at > scheme => {
+            let userinfo = &url[scheme + 3..at];
+            match userinfo.split_once(':') {
+                Some((user, _)) => format!("{}{user}:***{}", &url[..scheme + 3], &url[at..]),
+                None => url.to_owned(),
+            }
+        }
+        _ => url.to_owned(),
+    }
 }
 
 /// Connections allowed when `--max-connections` is not given, if the open-file limit
@@ -101,7 +125,20 @@ pub struct Application {
 impl Application {
     pub async fn build(config: ServeArgs) -> Result<Self, StartError> {
         let net = net_limits(&config)?;
-        let store = Store::open(&config.database_url).await?;
+        // Bind before anything is written: a start that cannot listen must leave the
+        // database as it found it, or its first admin key would be made and lost.
+        let listener = TcpListener::bind(config.bind)
+            .await
+            .map_err(|error| StartError::Bind {
+                addr: config.bind,
+                error,
+            })?;
+        let addr = listener.local_addr().unwrap_or(config.bind);
+        let db_error = |error| StartError::Store {
+            url: redact(&config.database_url),
+            error,
+        };
+        let store = Store::open(&config.database_url).await.map_err(db_error)?;
         let broker = Broker::new(
             config.bus_capacity,
             config.cache_events,
@@ -114,7 +151,7 @@ impl Application {
             service.seed_demo().await?
         };
         // A first start with no keys creates an admin key, shown once.
-        let first_admin_key = if service.store.api_key_count().await? == 0 {
+        let first_admin_key = if service.store.api_key_count().await.map_err(db_error)? == 0 {
             let system = Principal::system("setup");
             let (_, secret) = service
                 .create_key(&system, "admin", Role::Admin, ZoneScope::All, None)
@@ -128,7 +165,7 @@ impl Application {
             config.jwt_secret.as_deref(),
             config.public_read,
         );
-        auth.refresh_revocations().await?;
+        auth.refresh_revocations().await.map_err(db_error)?;
         let limits = Arc::new(Limits::new(Rates {
             writes: Rate {
                 per_second: config.write_rate,
@@ -147,13 +184,6 @@ impl Application {
                 burst: config.ws_message_burst,
             },
         }));
-        let listener = TcpListener::bind(config.bind)
-            .await
-            .map_err(|source| StartError::Bind {
-                addr: config.bind,
-                source,
-            })?;
-        let addr = listener.local_addr().unwrap_or(config.bind);
         let (stop, shutdown) = watch::channel(false);
         let slots = server::Slots::new(net.max_connections, net.max_per_ip);
         Ok(Application {
@@ -267,20 +297,30 @@ pub fn routes(state: AppState) -> impl poem::Endpoint {
         .around(api::access::limit_writes)
         .around(api::access::authenticate)
         .around(pages::refuse_sse)
-        .around(api::problem::problems)
-        .around(ops::request_span)
         .with_if(
             !origins.is_empty(),
             poem::middleware::Cors::new()
                 .allow_origins(origins)
+                .allow_methods([
+                    poem::http::Method::GET,
+                    poem::http::Method::POST,
+                    poem::http::Method::PATCH,
+                    poem::http::Method::DELETE,
+                    poem::http::Method::OPTIONS,
+                ])
                 .allow_headers([
                     "authorization",
                     "x-api-key",
                     "content-type",
                     "idempotency-key",
                     "last-event-id",
-                ]),
+                    "x-request-id",
+                ])
+                .expose_headers(["retry-after", "x-request-id"]),
         )
+        // Outside CORS, so that its refusals are problem+json too.
+        .around(api::problem::problems)
+        .around(ops::request_span)
         .data(state)
 }
 

@@ -66,6 +66,35 @@ impl ZoneScope {
         }
     }
 
+    /// The wire form, as in JWTs: `"*"` or a list of zone ids.
+    pub fn to_json(&self) -> serde_json::Value {
+        match self {
+            ZoneScope::All => serde_json::json!("*"),
+            ZoneScope::Only(z) => serde_json::json!(z),
+        }
+    }
+
+    /// Reads the wire form: `"*"` or a list of positive zone ids.
+    pub fn from_json(v: &serde_json::Value) -> Result<ZoneScope, DomainError> {
+        let bad = || {
+            DomainError::Invalid("zones must be \"*\" or a list of zone ids, like [1, 2]".into())
+        };
+        match v {
+            serde_json::Value::String(s) if s == "*" => Ok(ZoneScope::All),
+            serde_json::Value::Array(items) => items
+                .iter()
+                .map(|z| {
+                    z.as_i64()
+                        .and_then(|z| i32::try_from(z).ok())
+                        .filter(|z| *z > 0)
+                        .ok_or_else(bad)
+                })
+                .collect::<Result<Vec<_>, _>>()
+                .map(ZoneScope::Only),
+            _ => Err(bad()),
+        }
+    }
+
     /// Every zone of `other` is in this scope.
     pub fn covers(&self, other: &ZoneScope) -> bool {
         match (self, other) {

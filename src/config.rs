@@ -12,7 +12,11 @@ pub const DEFAULT_DATABASE_URL: &str = "sqlite://zonecast.db?mode=rwc";
 #[command(
     name = "zonecast",
     version,
-    about = "Real-time stock notification server"
+    about = "Real-time stock notification server",
+    after_help = "The first start on a database without API keys creates an admin key: printed \
+once on a terminal, else written to a file (--admin-key-file, mode 0600) whose path is \
+printed. To make another admin key at any time:\n  zonecast keys create --name NAME --role admin \
+[--database-url URL]"
 )]
 #[command(args_conflicts_with_subcommands = true)]
 pub struct Cli {

@@ -49,7 +49,16 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
 }
 
 async fn serve(args: zonecast::config::ServeArgs) -> anyhow::Result<()> {
+    let stopped = shutdown_signal();
     let key_path = args.admin_key_path();
+    let db_flag = if args.database_url == zonecast::config::DEFAULT_DATABASE_URL {
+        String::new()
+    } else {
+        format!(
+            " --database-url '{}'",
+            zonecast::app::redact(&args.database_url)
+        )
+    };
     let app = Application::build(args).await?;
     let base = format!("http://{}", app.addr());
     if let Some(z) = app.demo_zone() {
@@ -69,11 +78,16 @@ async fn serve(args: zonecast::config::ServeArgs) -> anyhow::Result<()> {
                 key_path.display()
             );
         }
+    } else {
+        // Keys exist; whoever starts it may not hold one.
+        println!(
+            "  this database has API keys already; to make an admin key:\n    zonecast keys create --name NAME --role admin{db_flag}"
+        );
     }
     println!("  dashboard: {base}/");
     // The last line of the start-up banner (tests wait for it).
     println!("  API docs:  {base}/docs");
-    app.run_until_stopped(shutdown_signal()).await?;
+    app.run_until_stopped(stopped).await?;
     Ok(())
 }
 
@@ -148,29 +162,36 @@ fn write_secret(path: &std::path::Path, secret: &str) -> std::io::Result<()> {
     writeln!(f, "{secret}")
 }
 
-async fn shutdown_signal() {
-    let ctrl_c = async {
+/// Completes on SIGTERM or SIGINT. The handlers are registered when this is called,
+/// not when the future is first polled: a signal that arrives right after the banner
+/// (an orchestrator stopping a fresh start) must still shut down gracefully.
+fn shutdown_signal() -> impl std::future::Future<Output = ()> {
+    #[cfg(unix)]
+    {
+        use tokio::signal::unix::{SignalKind, signal};
+        let term = signal(SignalKind::terminate());
+        let int = signal(SignalKind::interrupt());
+        async move {
+            match (term, int) {
+                (Ok(mut term), Ok(mut int)) => {
+                    tokio::select! {
+                        _ = term.recv() => {},
+                        _ = int.recv() => {},
+                    }
+                }
+                (term, int) => {
+                    let e = term.err().or(int.err());
+                    tracing::error!(error = ?e, "cannot listen for SIGTERM/SIGINT");
+                    std::future::pending::<()>().await;
+                }
+            }
+        }
+    }
+    #[cfg(not(unix))]
+    async {
         if let Err(e) = tokio::signal::ctrl_c().await {
             tracing::error!(error = %e, "cannot listen for Ctrl-C");
             std::future::pending::<()>().await;
         }
-    };
-    #[cfg(unix)]
-    let term = async {
-        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
-            Ok(mut s) => {
-                s.recv().await;
-            }
-            Err(e) => {
-                tracing::error!(error = %e, "cannot listen for SIGTERM");
-                std::future::pending::<()>().await;
-            }
-        }
-    };
-    #[cfg(not(unix))]
-    let term = std::future::pending::<()>();
-    tokio::select! {
-        _ = ctrl_c => {},
-        _ = term => {},
     }
 }

@@ -136,6 +136,11 @@ pub struct ReadState {
 }
 
 fn own_user(by: &Principal) -> Result<&str, DomainError> {
+    if by.anonymous {
+        return Err(DomainError::Unauthenticated(
+            "notifications are per user: send credentials bound to a user".into(),
+        ));
+    }
     by.user
         .as_deref()
         .ok_or_else(|| DomainError::Forbidden(format!("{} is not bound to a user", by.name)))

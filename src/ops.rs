@@ -65,11 +65,9 @@ pub async fn request_span<E: Endpoint>(next: E, req: Request) -> poem::Result<Re
         if let Ok(v) = HeaderValue::from_str(&id) {
             resp.headers_mut().insert("X-Request-Id", v);
         }
-        tracing::info!(
-            status = resp.status().as_u16(),
-            elapsed_ms = started.elapsed().as_secs_f64() * 1000.0,
-            "answered"
-        );
+        // Milliseconds to two decimals: `elapsed_ms=15.89`, not 15.886970999999999.
+        let elapsed_ms = (started.elapsed().as_secs_f64() * 100_000.0).round() / 100.0;
+        tracing::info!(status = resp.status().as_u16(), elapsed_ms, "answered");
         Ok(resp)
     }
     .instrument(span)

@@ -40,8 +40,13 @@ impl From<sea_orm::DbErr> for ServiceError {
 /// idempotency key answers with exactly the same result.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ItemChange {
+    /// The event the change appended; for a change that changed nothing, the zone's
+    /// last event (the item is as of it).
     pub event_id: u64,
     pub item: Item,
+    /// `false`: the request would change nothing (`delta: 0`, the same quantity);
+    /// nothing was appended and the version did not move.
+    pub changed: bool,
 }
 
 impl ItemChange {
@@ -51,6 +56,7 @@ impl ItemChange {
         Ok(ItemChange {
             event_id: ev.seq,
             item: data.item(ev.at),
+            changed: true,
         })
     }
 }
@@ -233,6 +239,19 @@ impl Service {
                 .ok_or(DomainError::NotFound("item"))?;
             let at = now();
             let after = patch.apply(&before, at)?;
+            let same = after.quantity == before.quantity
+                && after.name == before.name
+                && after.low_stock_threshold == before.low_stock_threshold;
+            if same {
+                // Nothing changes: no event, no new version (and the key, if any, is
+                // not kept: the transaction is rolled back).
+                let unchanged = ItemChange {
+                    event_id: seq - 1,
+                    item: before,
+                    changed: false,
+                };
+                return Ok((unchanged, vec![]));
+            }
             Store::save_item(txn, &after).await?;
             let kind = if patch.quantity.is_some() {
                 "stock_updated"
@@ -340,6 +359,13 @@ impl Service {
                 }
             ))
             .into());
+        }
+        if let ZoneScope::Only(ids) = &zones {
+            for id in ids {
+                if self.store.zone(*id).await?.is_none() {
+                    return Err(DomainError::Invalid(format!("zone {id} does not exist")).into());
+                }
+            }
         }
         let secret = new_key().map_err(|e| StoreError::Corrupt(format!("no randomness: {e}")))?;
         let key = self

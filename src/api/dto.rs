@@ -2,7 +2,7 @@
 //! chosen here, once; times are written as `…Z` like the events.
 
 use poem_openapi::Object;
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 
 use crate::domain::{Item, Snapshot, Zone, format_time};
 use crate::notifications::Notification;
@@ -26,7 +26,7 @@ impl From<Zone> for ZoneBody {
     }
 }
 
-#[derive(Debug, Object)]
+#[derive(Debug, Object, Deserialize)]
 pub struct CreateZone {
     pub name: String,
 }
@@ -80,19 +80,21 @@ impl From<Snapshot> for SnapshotBody {
     }
 }
 
-#[derive(Debug, Object)]
+#[derive(Debug, Object, Deserialize)]
 pub struct CreateItem {
     pub sku: String,
     pub name: String,
     #[oai(default)]
+    #[serde(default)]
     pub quantity: i64,
     #[oai(default)]
+    #[serde(default)]
     pub low_stock_threshold: i64,
 }
 
 /// Give `quantity` (absolute) or `delta` (relative), and/or `name`,
 /// `low_stock_threshold`. `expected_version` makes it a compare-and-set.
-#[derive(Debug, Object)]
+#[derive(Debug, Object, Deserialize)]
 pub struct PatchItem {
     pub quantity: Option<i64>,
     pub delta: Option<i64>,
@@ -105,8 +107,12 @@ pub struct PatchItem {
 /// An applied change: the event it appended and the item after it.
 #[derive(Debug, Object)]
 pub struct ItemChangeBody {
+    /// The event the change appended; when `changed` is false, the zone's last event.
     pub event_id: u64,
     pub item: ItemBody,
+    /// `false` when the request changed nothing (`delta: 0`, the same quantity): no
+    /// event was appended and the version did not move.
+    pub changed: bool,
 }
 
 impl From<ItemChange> for ItemChangeBody {
@@ -114,6 +120,7 @@ impl From<ItemChange> for ItemChangeBody {
         ItemChangeBody {
             event_id: c.event_id,
             item: c.item.into(),
+            changed: c.changed,
         }
     }
 }
@@ -127,13 +134,13 @@ pub struct EventsPage {
     pub next_after: u64,
 }
 
-#[derive(Debug, Object)]
+#[derive(Debug, Object, Deserialize)]
 pub struct CreateKey {
     pub name: String,
     /// `reader`, `writer` or `admin`.
     pub role: String,
-    /// `*` (default) or zone ids: `1,2`.
-    pub zones: Option<String>,
+    /// `"*"` (every zone, the default) or a list of zone ids: `[1, 2]`.
+    pub zones: Option<serde_json::Value>,
     /// The user id the key acts for.
     pub user: Option<String>,
 }
@@ -142,7 +149,8 @@ pub struct CreateKey {
 pub struct KeyBody {
     pub name: String,
     pub role: String,
-    pub zones: String,
+    /// `"*"` or a list of zone ids.
+    pub zones: serde_json::Value,
     pub user: Option<String>,
     pub created_at: String,
     pub revoked_at: Option<String>,
@@ -153,7 +161,7 @@ impl From<ApiKey> for KeyBody {
         KeyBody {
             name: k.name,
             role: k.role.to_string(),
-            zones: k.zones.to_string(),
+            zones: k.zones.to_json(),
             user: k.user_id,
             created_at: format_time(&k.created_at),
             revoked_at: k.revoked_at.as_ref().map(format_time),
@@ -199,7 +207,7 @@ impl From<Notification> for NotificationBody {
     }
 }
 
-#[derive(Debug, Object)]
+#[derive(Debug, Object, Deserialize)]
 pub struct CreateNotification {
     /// The user it is for.
     pub user_id: String,
@@ -225,7 +233,7 @@ pub struct ReadBody {
     pub unread_count: u64,
 }
 
-#[derive(Debug, Object)]
+#[derive(Debug, Object, Deserialize)]
 pub struct CreateAnnouncement {
     pub subject: String,
     pub message: String,
@@ -260,8 +268,8 @@ pub struct StatsMetrics {
 pub struct MeBody {
     pub name: String,
     pub role: String,
-    /// `*` or zone ids.
-    pub zones: String,
+    /// `"*"` or a list of zone ids.
+    pub zones: serde_json::Value,
     pub user: Option<String>,
 }
 

@@ -4,6 +4,7 @@
 pub mod access;
 pub mod body;
 pub mod dto;
+pub mod json_body;
 pub mod problem;
 
 use std::sync::Arc;
@@ -11,14 +12,15 @@ use std::sync::Arc;
 use poem::web::Data;
 use poem_openapi::param::{Header, Path, Query};
 use poem_openapi::payload::Json;
-use poem_openapi::{ApiResponse, OpenApi, OpenApiService};
+use poem_openapi::{ApiResponse, OpenApi, OpenApiService, SecurityScheme};
 
-use crate::auth::{Authenticator, Principal};
+use crate::auth::{Authenticator, Principal, ZoneScope};
 use crate::domain::{DomainError, ItemPatch, NewItem, request_id};
 use crate::limits::Limits;
 use crate::notifications::NewNotification;
 use crate::service::Service;
 use dto::*;
+use json_body::JsonBody;
 use problem::ApiError;
 
 pub struct Api {
@@ -35,6 +37,48 @@ fn read_zone(p: &Principal, zone: i32) -> Result<(), ApiError> {
 
 type ApiResult<T> = Result<T, ApiError>;
 
+/// `Authorization: Bearer` with an API key or a JWT.
+#[derive(SecurityScheme)]
+#[oai(ty = "bearer", rename = "bearer")]
+#[allow(dead_code)] // declared for the spec; the middleware reads the credentials
+struct BearerToken(poem_openapi::auth::Bearer);
+
+/// An API key in the `X-API-Key` header.
+#[derive(SecurityScheme)]
+#[allow(dead_code)] // declared for the spec; the middleware reads the credentials
+#[oai(
+    ty = "api_key",
+    key_name = "X-API-Key",
+    key_in = "header",
+    rename = "api_key"
+)]
+struct HeaderKey(poem_openapi::auth::ApiKey);
+
+/// An API key or JWT in `?access_token=` (what browsers' EventSource can send).
+#[derive(SecurityScheme)]
+#[oai(
+    ty = "api_key",
+    key_name = "access_token",
+    key_in = "query",
+    rename = "access_token"
+)]
+#[allow(dead_code)] // declared for the spec; the middleware reads the credentials
+struct QueryToken(poem_openapi::auth::ApiKey);
+
+/// The credentials an operation takes, declared so that the spec (and Swagger UI's
+/// Authorize button) knows them. The authentication middleware is what checks them;
+/// the fallback lets this extractor accept anything, since that middleware has already
+/// refused what it must (anonymous callers pass only with `--public-read`).
+#[derive(SecurityScheme)]
+#[allow(dead_code)]
+enum Credentials {
+    Bearer(BearerToken),
+    Header(HeaderKey),
+    Query(QueryToken),
+    #[oai(fallback)]
+    Checked,
+}
+
 #[derive(ApiResponse)]
 pub enum Created<T: poem_openapi::types::ToJSON> {
     #[oai(status = 201)]
@@ -45,18 +89,22 @@ pub enum Created<T: poem_openapi::types::ToJSON> {
 impl Api {
     /// The caller: principal name, role, zone scope and user.
     #[oai(path = "/me", method = "get")]
-    async fn me(&self, p: Data<&Principal>) -> Json<MeBody> {
+    async fn me(&self, _auth: Credentials, p: Data<&Principal>) -> Json<MeBody> {
         Json(MeBody {
             name: p.name.clone(),
             role: p.role.to_string(),
-            zones: p.zones.to_string(),
+            zones: p.zones.to_json(),
             user: p.user.clone(),
         })
     }
 
     /// All zones.
     #[oai(path = "/zones", method = "get")]
-    async fn zones(&self, p: Data<&Principal>) -> ApiResult<Json<Vec<ZoneBody>>> {
+    async fn zones(
+        &self,
+        _auth: Credentials,
+        p: Data<&Principal>,
+    ) -> ApiResult<Json<Vec<ZoneBody>>> {
         let zones = self.service.zones(p.0).await?;
         Ok(Json(zones.into_iter().map(Into::into).collect()))
     }
@@ -65,7 +113,8 @@ impl Api {
     #[oai(path = "/zones", method = "post")]
     async fn create_zone(
         &self,
-        body: Json<CreateZone>,
+        _auth: Credentials,
+        body: JsonBody<CreateZone>,
         p: Data<&Principal>,
     ) -> ApiResult<Created<ZoneBody>> {
         let zone = self.service.create_zone(p.0, &body.0.name).await?;
@@ -74,14 +123,24 @@ impl Api {
 
     /// One zone.
     #[oai(path = "/zones/:id", method = "get")]
-    async fn zone(&self, id: Path<i32>, p: Data<&Principal>) -> ApiResult<Json<ZoneBody>> {
+    async fn zone(
+        &self,
+        _auth: Credentials,
+        id: Path<i32>,
+        p: Data<&Principal>,
+    ) -> ApiResult<Json<ZoneBody>> {
         read_zone(p.0, id.0)?;
         Ok(Json(self.service.zone(id.0).await?.into()))
     }
 
     /// Consistent snapshot of the zone's items with the id of the last event included.
     #[oai(path = "/zones/:id/items", method = "get")]
-    async fn snapshot(&self, id: Path<i32>, p: Data<&Principal>) -> ApiResult<Json<SnapshotBody>> {
+    async fn snapshot(
+        &self,
+        _auth: Credentials,
+        id: Path<i32>,
+        p: Data<&Principal>,
+    ) -> ApiResult<Json<SnapshotBody>> {
         read_zone(p.0, id.0)?;
         Ok(Json(self.service.snapshot(id.0).await?.into()))
     }
@@ -90,8 +149,9 @@ impl Api {
     #[oai(path = "/zones/:id/items", method = "post")]
     async fn create_item(
         &self,
+        _auth: Credentials,
         id: Path<i32>,
-        body: Json<CreateItem>,
+        body: JsonBody<CreateItem>,
         #[oai(name = "Idempotency-Key")] key: Header<Option<String>>,
         p: Data<&Principal>,
     ) -> ApiResult<Created<ItemChangeBody>> {
@@ -109,8 +169,9 @@ impl Api {
     #[oai(path = "/items/:id", method = "patch")]
     async fn patch_item(
         &self,
+        _auth: Credentials,
         id: Path<i32>,
-        body: Json<PatchItem>,
+        body: JsonBody<PatchItem>,
         #[oai(name = "Idempotency-Key")] key: Header<Option<String>>,
         p: Data<&Principal>,
     ) -> ApiResult<Json<ItemChangeBody>> {
@@ -133,6 +194,7 @@ impl Api {
     #[oai(path = "/items/:id", method = "delete")]
     async fn delete_item(
         &self,
+        _auth: Credentials,
         id: Path<i32>,
         #[oai(name = "Idempotency-Key")] key: Header<Option<String>>,
         p: Data<&Principal>,
@@ -147,6 +209,7 @@ impl Api {
     #[oai(path = "/zones/:id/events", method = "get")]
     async fn events(
         &self,
+        _auth: Credentials,
         id: Path<i32>,
         #[oai(default)] after: Query<u64>,
         limit: Query<Option<u64>>,
@@ -169,7 +232,7 @@ impl Api {
 
     /// API keys (admin): name, role, zone scope, user; never the secrets.
     #[oai(path = "/keys", method = "get")]
-    async fn keys(&self, p: Data<&Principal>) -> ApiResult<Json<Vec<KeyBody>>> {
+    async fn keys(&self, _auth: Credentials, p: Data<&Principal>) -> ApiResult<Json<Vec<KeyBody>>> {
         let keys = self.service.keys(p.0).await?;
         Ok(Json(keys.into_iter().map(Into::into).collect()))
     }
@@ -178,7 +241,8 @@ impl Api {
     #[oai(path = "/keys", method = "post")]
     async fn create_key(
         &self,
-        body: Json<CreateKey>,
+        _auth: Credentials,
+        body: JsonBody<CreateKey>,
         p: Data<&Principal>,
     ) -> ApiResult<Created<NewKeyBody>> {
         let b = body.0;
@@ -186,12 +250,10 @@ impl Api {
             .role
             .parse()
             .map_err(|e: String| ApiError::from(DomainError::Invalid(e)))?;
-        let zones = b
-            .zones
-            .as_deref()
-            .unwrap_or("*")
-            .parse()
-            .map_err(|e: String| ApiError::from(DomainError::Invalid(e)))?;
+        let zones = match &b.zones {
+            None => ZoneScope::All,
+            Some(z) => ZoneScope::from_json(z).map_err(ApiError::from)?,
+        };
         let (key, secret) = self
             .service
             .create_key(p.0, &b.name, role, zones, b.user.as_deref())
@@ -206,6 +268,7 @@ impl Api {
     #[oai(path = "/keys/:name", method = "delete")]
     async fn revoke_key(
         &self,
+        _auth: Credentials,
         name: Path<String>,
         p: Data<&Principal>,
     ) -> ApiResult<Json<KeyBody>> {
@@ -221,6 +284,7 @@ impl Api {
     #[oai(path = "/notifications", method = "get")]
     async fn notifications(
         &self,
+        _auth: Credentials,
         #[oai(default)] unread: Query<bool>,
         before: Query<Option<i32>>,
         limit: Query<Option<u64>>,
@@ -239,7 +303,8 @@ impl Api {
     #[oai(path = "/notifications", method = "post")]
     async fn create_notification(
         &self,
-        body: Json<CreateNotification>,
+        _auth: Credentials,
+        body: JsonBody<CreateNotification>,
         #[oai(name = "Idempotency-Key")] key: Header<Option<String>>,
         p: Data<&Principal>,
     ) -> ApiResult<Created<NotificationBody>> {
@@ -259,7 +324,12 @@ impl Api {
 
     /// Mark one of the caller's notifications read.
     #[oai(path = "/notifications/:id/read", method = "post")]
-    async fn read_one(&self, id: Path<i32>, p: Data<&Principal>) -> ApiResult<Json<ReadBody>> {
+    async fn read_one(
+        &self,
+        _auth: Credentials,
+        id: Path<i32>,
+        p: Data<&Principal>,
+    ) -> ApiResult<Json<ReadBody>> {
         let r = self.service.mark_read(p.0, Some(id.0)).await?;
         Ok(Json(ReadBody {
             ids: r.ids,
@@ -269,7 +339,7 @@ impl Api {
 
     /// Mark all the caller's notifications read.
     #[oai(path = "/notifications/read-all", method = "post")]
-    async fn read_all(&self, p: Data<&Principal>) -> ApiResult<Json<ReadBody>> {
+    async fn read_all(&self, _auth: Credentials, p: Data<&Principal>) -> ApiResult<Json<ReadBody>> {
         let r = self.service.mark_read(p.0, None).await?;
         Ok(Json(ReadBody {
             ids: r.ids,
@@ -278,7 +348,11 @@ impl Api {
     }
 
     #[oai(path = "/notifications/unread-count", method = "get")]
-    async fn unread_count(&self, p: Data<&Principal>) -> ApiResult<Json<UnreadCount>> {
+    async fn unread_count(
+        &self,
+        _auth: Credentials,
+        p: Data<&Principal>,
+    ) -> ApiResult<Json<UnreadCount>> {
         Ok(Json(UnreadCount {
             count: self.service.unread_count(p.0).await?,
         }))
@@ -287,20 +361,30 @@ impl Api {
     /// The caller's user gets a `stock_alert` notification when an item of the zone
     /// crosses into low stock.
     #[oai(path = "/zones/:id/watch", method = "post")]
-    async fn watch(&self, id: Path<i32>, p: Data<&Principal>) -> ApiResult<Json<ZoneBody>> {
+    async fn watch(
+        &self,
+        _auth: Credentials,
+        id: Path<i32>,
+        p: Data<&Principal>,
+    ) -> ApiResult<Json<ZoneBody>> {
         self.service.watch(p.0, id.0, true).await?;
         Ok(Json(self.service.zone(id.0).await?.into()))
     }
 
     #[oai(path = "/zones/:id/watch", method = "delete")]
-    async fn unwatch(&self, id: Path<i32>, p: Data<&Principal>) -> ApiResult<Json<ZoneBody>> {
+    async fn unwatch(
+        &self,
+        _auth: Credentials,
+        id: Path<i32>,
+        p: Data<&Principal>,
+    ) -> ApiResult<Json<ZoneBody>> {
         self.service.watch(p.0, id.0, false).await?;
         Ok(Json(self.service.zone(id.0).await?.into()))
     }
 
     /// Connections by stream and transport, unique users, and delivery totals (admins).
     #[oai(path = "/stats", method = "get")]
-    async fn stats(&self, p: Data<&Principal>) -> ApiResult<Json<StatsBody>> {
+    async fn stats(&self, _auth: Credentials, p: Data<&Principal>) -> ApiResult<Json<StatsBody>> {
         let s = self.service.stats(p.0)?;
         let n = |v: usize| v as u64;
         Ok(Json(StatsBody {
@@ -331,7 +415,8 @@ impl Api {
     #[oai(path = "/announcements", method = "post")]
     async fn announce(
         &self,
-        body: Json<CreateAnnouncement>,
+        _auth: Credentials,
+        body: JsonBody<CreateAnnouncement>,
         #[oai(name = "Idempotency-Key")] key: Header<Option<String>>,
         p: Data<&Principal>,
     ) -> ApiResult<Created<EventId>> {

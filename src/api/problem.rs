@@ -214,15 +214,50 @@ fn code_for(status: StatusCode) -> &'static str {
     }
 }
 
+/// What is wrong with a path whose id did not parse, naming the id: every numeric
+/// path parameter follows the resource it identifies (`/api/zones/{id}`,
+/// `/sse/zones/{zone_id}/stock`, `/api/items/{id}`, `/api/notifications/{id}/read`).
+fn path_error(path: &str) -> String {
+    let segments: Vec<&str> = path.split('/').filter(|s| !s.is_empty()).collect();
+    for pair in segments.windows(2) {
+        let what = match pair[0] {
+            "zones" => "zone",
+            "items" => "item",
+            "notifications" => "notification",
+            _ => continue,
+        };
+        if pair[1].parse::<i32>().is_err() {
+            return format!(
+                "{what} id {:?} in the path is not a number: ids are positive integers",
+                pair[1]
+            );
+        }
+    }
+    "a parameter in the path is not valid".to_owned()
+}
+
 /// Middleware: every error that leaves a route becomes problem+json, including the
 /// ones poem and poem-openapi raise themselves (malformed JSON, bad path or query,
 /// unknown route).
 pub async fn problems<E: Endpoint>(next: E, req: Request) -> poem::Result<Response> {
+    let path = req.uri().path().to_owned();
     match next.call(req).await {
         Ok(resp) => Ok(resp.into_response()),
         Err(err) => {
             let status = err.status();
-            let detail = err.to_string();
+            let detail = if let Some(e) =
+                err.downcast_ref::<poem_openapi::error::ParseRequestPayloadError>()
+            {
+                e.reason.clone()
+            } else if err.is::<poem_openapi::error::ParsePathError>()
+                || err.is::<poem::error::ParsePathError>()
+            {
+                path_error(&path)
+            } else if err.is::<poem::error::CorsError>() {
+                "this origin is not allowed (see --cors-origin)".to_owned()
+            } else {
+                err.to_string()
+            };
             let resp = err.into_response();
             let is_problem = resp
                 .content_type()

@@ -24,12 +24,35 @@ pub use idempotency::KeyClaim;
 pub use keys::ApiKey;
 pub use log::LogBounds;
 
+/// Storage failures. `Display` carries the database's own message, once: the cause is
+/// not also exposed as `source()`, so an error chain printed at the top (`main`) does
+/// not repeat it line after line.
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
-    #[error("database error: {0}")]
-    Db(#[from] DbErr),
+    #[error("database error: {}", db_message(.0))]
+    Db(DbErr),
     #[error("corrupt row: {0}")]
     Corrupt(String),
+}
+
+impl From<DbErr> for StoreError {
+    fn from(e: DbErr) -> Self {
+        StoreError::Db(e)
+    }
+}
+
+/// sea-orm's message, without the wrapper texts it repeats from its own causes
+/// (`Connection Error: error returned from database: …`).
+fn db_message(e: &DbErr) -> String {
+    let mut msg = e.to_string();
+    for prefix in ["Connection Error: ", "Execution Error: ", "Query Error: "] {
+        if let Some(rest) = msg.strip_prefix(prefix) {
+            msg = rest.to_owned();
+        }
+    }
+    msg.strip_prefix("error returned from database: ")
+        .map(str::to_owned)
+        .unwrap_or(msg)
 }
 
 #[derive(Clone, Debug)]
@@ -60,7 +83,17 @@ impl Store {
             opts.max_connections(16).min_connections(1);
         }
         let db = Database::connect(opts).await?;
+        let pending: Vec<String> = Migrator::get_pending_migrations(&db)
+            .await?
+            .iter()
+            .map(|m| m.name().to_owned())
+            .collect();
         Migrator::up(&db, None).await?;
+        if pending.is_empty() {
+            tracing::debug!("database schema is up to date");
+        } else {
+            tracing::info!(applied = %pending.join(", "), "migrated the database");
+        }
         let store = Store { db };
         store.ensure_stream("alerts").await?;
         Ok(store)

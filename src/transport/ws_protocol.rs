@@ -282,7 +282,7 @@ pub fn welcome(connection_id: &str, subscriptions: &[String], heartbeat_ms: u128
 pub fn ack(request_id: Option<&Value>, change: ItemChange) -> String {
     let item = serde_json::to_value(ItemBody::from(change.item)).unwrap_or(Value::Null);
     with_request_id(
-        json!({"type": "ack", "event_id": change.event_id, "item": item}),
+        json!({"type": "ack", "event_id": change.event_id, "item": item, "changed": change.changed}),
         request_id,
     )
 }

@@ -488,13 +488,16 @@ async fn bursts_past_the_write_limit_get_429_per_principal() {
 #[tokio::test]
 async fn the_keys_cli_works_on_a_fresh_database() {
     let db = TestDb::sqlite().await;
-    let cli = |args: &[&str]| {
-        let out = std::process::Command::new(env!("CARGO_BIN_EXE_zonecast"))
+    let run = |args: &[&str]| {
+        std::process::Command::new(env!("CARGO_BIN_EXE_zonecast"))
             .args(args)
             .args(["--database-url", &db.url])
             .env("RUST_LOG", "error")
             .output()
-            .expect("run zonecast");
+            .expect("run zonecast")
+    };
+    let cli = |args: &[&str]| {
+        let out = run(args);
         assert!(
             out.status.success(),
             "{args:?}: {}",
@@ -502,7 +505,7 @@ async fn the_keys_cli_works_on_a_fresh_database() {
         );
         String::from_utf8_lossy(&out.stdout).into_owned()
     };
-    let out = cli(&[
+    let scanner = [
         "keys",
         "create",
         "--name",
@@ -513,7 +516,17 @@ async fn the_keys_cli_works_on_a_fresh_database() {
         "1",
         "--user",
         "u7",
-    ]);
+    ];
+    // On a fresh database zone 1 does not exist yet: a key for it is refused.
+    let refused = run(&scanner);
+    assert!(!refused.status.success());
+    let err = String::from_utf8_lossy(&refused.stderr);
+    assert!(err.contains("zone 1 does not exist"), "{err}");
+
+    let app = spawn_app(&db, &[]).await;
+    let zone = app.create_zone("A").await;
+    assert_eq!(zone, 1);
+    let out = cli(&scanner);
     let key = out.lines().last().expect("a last line").to_owned();
     assert!(key.starts_with("zk_") && key.len() == 67, "{out}");
     let list = cli(&["keys", "list"]);
@@ -521,10 +534,6 @@ async fn the_keys_cli_works_on_a_fresh_database() {
         list.contains("scanner-1") && list.contains("writer") && !list.contains(&key),
         "{list}"
     );
-
-    let app = spawn_app(&db, &[]).await;
-    let zone = app.create_zone("A").await;
-    assert_eq!(zone, 1);
     let r = app
         .request_as(Some(&key), Method::GET, "/api/zones/1/items", None)
         .await;

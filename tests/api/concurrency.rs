@@ -53,7 +53,11 @@ async fn concurrent_writers_and_many_subscribers_see_every_seq_once_in_order() {
                 let mut applied: HashMap<i64, i64> = HashMap::new();
                 for _ in 0..WRITES {
                     let item = items[(lcg(&mut rng) % items.len() as u64) as usize];
-                    let delta = (lcg(&mut rng) % 21) as i64 - 10;
+                    // Never 0: a zero delta changes nothing and appends no event.
+                    let delta = match (lcg(&mut rng) % 20) as i64 - 10 {
+                        0 => 10,
+                        d => d,
+                    };
                     let resp = http
                         .patch(format!("{base}/api/items/{item}"))
                         .json(&serde_json::json!({ "delta": delta }))

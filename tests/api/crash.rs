@@ -34,7 +34,9 @@ struct Ledger {
     unanswered: Vec<Change>,
 }
 
-async fn send(http: &reqwest::Client, base: &str, c: &Change) -> Result<u64, ()> {
+/// Sends a change; `Ok(Some(event))` when it changed the item, `Ok(None)` when the
+/// item already had that quantity (nothing appended).
+async fn send(http: &reqwest::Client, base: &str, c: &Change) -> Result<Option<u64>, ()> {
     let r = http
         .patch(format!("{base}/api/items/{}", c.item))
         .header("Idempotency-Key", &c.key)
@@ -48,7 +50,7 @@ async fn send(http: &reqwest::Client, base: &str, c: &Change) -> Result<u64, ()>
     let v: Value = r.json().await.map_err(|_| ())?;
     let id = v["event_id"].as_u64().ok_or(())?;
     assert_eq!(v["item"]["quantity"], c.quantity, "{v}");
-    Ok(id)
+    Ok((v["changed"] == true).then_some(id))
 }
 
 /// Writers change quantities (crossing the threshold both ways) until the server dies.
@@ -83,8 +85,10 @@ async fn write_until_killed(
                     },
                 };
                 match send(&http, &base, &c).await {
-                    Ok(id) => {
-                        ledger.lock().await.acked.insert(c.key.clone(), (id, c));
+                    Ok(changed) => {
+                        if let Some(id) = changed {
+                            ledger.lock().await.acked.insert(c.key.clone(), (id, c));
+                        }
                         acked.fetch_add(1, Ordering::Relaxed);
                     }
                     Err(()) => {
@@ -170,10 +174,12 @@ async fn kill_9_mid_load_loses_no_acknowledged_change() {
             let pending = std::mem::take(&mut ledger.lock().await.unanswered);
             let http = client_with(Some(&key));
             for c in pending {
-                let id = within("a retry", send(&http, &child.base, &c))
+                let changed = within("a retry", send(&http, &child.base, &c))
                     .await
                     .expect("a retried change is answered");
-                ledger.lock().await.acked.insert(c.key.clone(), (id, c));
+                if let Some(id) = changed {
+                    ledger.lock().await.acked.insert(c.key.clone(), (id, c));
+                }
             }
         }
         assert!(child.terminate(Duration::from_secs(15)).await.success());

@@ -607,6 +607,8 @@ pub struct Child {
     pub key: Option<String>,
     /// Where the first start wrote its admin key.
     pub key_file: Option<std::path::PathBuf>,
+    /// The start-up banner, as printed on stdout.
+    pub banner: Vec<String>,
     pub log_path: std::path::PathBuf,
     _log_dir: tempfile::TempDir,
 }
@@ -637,8 +639,10 @@ pub async fn spawn_binary(db_url: &str, args: &[&str]) -> Child {
     let stdout = process.stdout.take().expect("stdout");
     let mut lines = BufReader::new(stdout).lines();
     let (mut base, mut key, mut key_file) = (None, None, None);
+    let mut banner = Vec::new();
     within("the server to start", async {
         while let Ok(Some(line)) = lines.next_line().await {
+            banner.push(line.clone());
             // Not a terminal: the key is in a file, and never on stdout.
             assert!(!line.contains("zk_"), "a key was printed to a pipe: {line}");
             if let Some(rest) = line.strip_prefix("  first admin key written to ") {
@@ -663,6 +667,7 @@ pub async fn spawn_binary(db_url: &str, args: &[&str]) -> Child {
         base: base.expect("the server printed its address"),
         key,
         key_file,
+        banner,
         log_path,
         _log_dir: log_dir,
     }

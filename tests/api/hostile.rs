@@ -175,32 +175,32 @@ async fn key_management_and_stats_stay_within_the_callers_role_and_scope() {
         ),
         (
             "reader for 1",
-            json!({"role": "reader", "zones": format!("{z1}")}),
+            json!({"role": "reader", "zones": [z1]}),
             [403, 403, 403, 403, 201, 201],
         ),
         (
             "admin for 1",
-            json!({"role": "admin", "zones": format!("{z1}")}),
+            json!({"role": "admin", "zones": [z1]}),
             [403, 403, 403, 403, 201, 201],
         ),
         (
             "reader for 2",
-            json!({"role": "reader", "zones": format!("{z2}")}),
+            json!({"role": "reader", "zones": [z2]}),
             [403, 403, 403, 403, 201, 403],
         ),
         (
             "reader for 1,2",
-            json!({"role": "reader", "zones": format!("{z1},{z2}")}),
+            json!({"role": "reader", "zones": [z1, z2]}),
             [403, 403, 403, 403, 201, 403],
         ),
         (
             "reader for 1 as bob",
-            json!({"role": "reader", "zones": format!("{z1}"), "user": "bob"}),
+            json!({"role": "reader", "zones": [z1], "user": "bob"}),
             [403, 403, 403, 403, 201, 403],
         ),
         (
             "reader for 1 as lead",
-            json!({"role": "reader", "zones": format!("{z1}"), "user": "lead"}),
+            json!({"role": "reader", "zones": [z1], "user": "lead"}),
             [403, 403, 403, 403, 201, 201],
         ),
     ];
@@ -236,7 +236,7 @@ async fn key_management_and_stats_stay_within_the_callers_role_and_scope() {
     let mine = mine.as_array().expect("list");
     assert!(mine.len() < all.len());
     for k in mine {
-        assert_eq!(k["zones"], format!("{z1}"), "{k}");
+        assert_eq!(k["zones"], json!([z1]), "{k}");
         assert!(k["user"].is_null() || k["user"] == "lead", "{k}");
     }
     let admin_names: Vec<&str> = all.iter().filter_map(|k| k["name"].as_str()).collect();
