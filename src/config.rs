@@ -13,9 +13,9 @@ pub const DEFAULT_DATABASE_URL: &str = "sqlite://zonecast.db?mode=rwc";
     name = "zonecast",
     version,
     about = "Real-time stock notification server",
-    after_help = "The first start on a database without API keys creates an admin key: printed \
-once on a terminal, else written to a file (--admin-key-file, mode 0600) whose path is \
-printed. To make another admin key at any time:\n  zonecast keys create --name NAME --role admin \
+    after_help = "The first start on a database without API keys creates an admin key, writes \
+it to a file (--admin-key-file, mode 0600) whose path it prints, and on a terminal also \
+prints the key itself. To make another admin key at any time:\n  zonecast keys create --name NAME --role admin \
 [--database-url URL]"
 )]
 #[command(args_conflicts_with_subcommands = true)]
@@ -80,9 +80,8 @@ pub struct ServeArgs {
     #[arg(long, env = "ZONECAST_DATABASE_URL", default_value = DEFAULT_DATABASE_URL)]
     pub database_url: String,
 
-    /// Where the first start writes the admin key it creates when stdout is not a
-    /// terminal (mode 0600). Default: `zonecast-admin-key` beside the SQLite file,
-    /// else in the working directory.
+    /// Where the first start writes the admin key it creates (mode 0600). Default:
+    /// `zonecast-admin-key` beside the SQLite file, else in the working directory.
     #[arg(long, env = "ZONECAST_ADMIN_KEY_FILE")]
     pub admin_key_file: Option<std::path::PathBuf>,
 

@@ -66,17 +66,17 @@ async fn serve(args: zonecast::config::ServeArgs) -> anyhow::Result<()> {
     }
     println!("zonecast is serving on {base}");
     if let Some(key) = app.first_admin_key() {
-        // A terminal shows it once; anywhere else stdout may be a log that keeps it.
+        // Always to a file only its owner can read; on a terminal also shown, once.
+        // Anywhere else stdout may be a log that keeps it: the key stays off it.
+        write_secret(&key_path, key)
+            .with_context(|| format!("cannot write the admin key to {}", key_path.display()))?;
+        println!(
+            "  first admin key written to {} (mode 0600; delete it once the key is kept elsewhere)",
+            key_path.display()
+        );
         if std::io::stdout().is_terminal() {
-            println!("  first admin key (shown once; keep it): {key}");
+            println!("  first admin key (shown once): {key}");
             println!("  dashboard with it: {base}/?access_token={key}");
-        } else {
-            write_secret(&key_path, key)
-                .with_context(|| format!("cannot write the admin key to {}", key_path.display()))?;
-            println!(
-                "  first admin key written to {} (mode 0600; stdout is not a terminal)",
-                key_path.display()
-            );
         }
     } else {
         // Keys exist; whoever starts it may not hold one.

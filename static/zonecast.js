@@ -6,7 +6,36 @@
 // (a buffering proxy). It keeps the last event id of each stream (in memory and
 // localStorage) and resumes from it, so every event is handled exactly once; it
 // reconnects with exponential backoff and jitter, and reports its state to the page.
-// Writes go through the WebSocket when it is open, else REST.
+//
+// Quantity changes go through the WebSocket when it is open, else REST, each with an
+// idempotency key made when the change is made. A change that cannot be sent (the
+// browser is offline, or the connection drops before the answer) is queued with its
+// key and its expected_version, kept in localStorage, shown as pending, and sent
+// when the connection returns; since the key goes with it, a change the server
+// already applied is answered with its original result, never applied twice.
+// Refusals that need a person (version_conflict, insufficient_stock) stay in the
+// queue as conflicts until the page resolves them. See docs/zonecast-js.md.
+
+/**
+ * Where this tab keeps its queue: in localStorage (it survives a reload and a crash),
+ * under a key of the tab's own (kept in sessionStorage, which is per tab and survives
+ * a reload), so that two open tabs never overwrite each other's queue.
+ */
+function queueKey() {
+  let tab = globalThis.sessionStorage?.getItem("zonecast.tab");
+  if (!tab) {
+    tab = Math.random().toString(36).slice(2, 10);
+    globalThis.sessionStorage?.setItem("zonecast.tab", tab);
+  }
+  return `zonecast.queue.${tab}`;
+}
+
+/** A refusal that no retry will change: a person has to decide. */
+const CONFLICTS = new Set(["version_conflict", "insufficient_stock", "not_found", "invalid", "bad_request",
+  "forbidden", "unauthorized", "idempotency_key_reused"]);
+
+/** A failure of the network (or of a connection closing under a request), not a refusal. */
+const isNetworkError = (e) => e instanceof TypeError || e?.network === true;
 
 const EVENT_TYPES = [
   "item_created", "stock_updated", "item_updated", "item_deleted",
@@ -20,8 +49,17 @@ export class Zonecast {
    * @param {number} [opts.heartbeatMs] the server's SSE heartbeat interval
    * @param {(s: {state: string, transport: string|null, retryIn: number, lastEventId: object}) => void} [opts.onState]
    */
-  constructor({ token = null, heartbeatMs = 15000, onState = () => {}, base = "" } = {}) {
+  constructor({ token = null, heartbeatMs = 15000, onState = () => {}, onQueue = () => {}, base = "" } = {}) {
     this.token = token;
+    this.onQueue = onQueue;
+    // Changes not yet applied: {key, itemId, change, state, error, at}, oldest first.
+    this.queueKey = queueKey();
+    this.queue = JSON.parse(localStorage.getItem(this.queueKey) || "[]");
+    this.flushing = false;
+    this.flushTimer = null;
+    this.waiters = new Map(); // key -> {resolve, reject} of a queued change's promise
+    this.onOnline = () => this.flush();
+    globalThis.addEventListener?.("online", this.onOnline);
     this.base = base;
     this.heartbeatMs = heartbeatMs;
     this.onState = onState;
@@ -42,7 +80,9 @@ export class Zonecast {
   }
 
   report(state, retryIn = 0) {
+    const wasLive = this.state === "live";
     this.state = state;
+    if (state === "live" && !wasLive) this.flush();
     const lastEventId = Object.fromEntries([...this.streams].map(([k, s]) => [k, s.lastId]));
     this.onState({ state, transport: state === "live" ? this.transport : null, retryIn, lastEventId });
   }
@@ -58,7 +98,12 @@ export class Zonecast {
     const h = { ...headers };
     if (this.token) h.Authorization = `Bearer ${this.token}`;
     if (body !== undefined) h["Content-Type"] = "application/json";
-    const resp = await fetch(this.base + path, { method, headers: h, body: body === undefined ? undefined : JSON.stringify(body) });
+    let resp;
+    try {
+      resp = await fetch(this.base + path, { method, headers: h, body: body === undefined ? undefined : JSON.stringify(body) });
+    } catch (e) {
+      throw Object.assign(new Error(`the server cannot be reached (${e.message})`), { network: true });
+    }
     const data = await resp.json().catch(() => ({}));
     if (!resp.ok) throw Object.assign(new Error(data.detail || `HTTP ${resp.status}`), { status: resp.status, problem: data });
     return data;
@@ -198,14 +243,14 @@ export class Zonecast {
       if (v.request_id !== undefined && this.pending.has(v.request_id)) {
         const p = this.pending.get(v.request_id);
         this.pending.delete(v.request_id);
-        if (v.type === "error") p.reject(Object.assign(new Error(v.message), { code: v.code }));
+        if (v.type === "error") p.reject(Object.assign(new Error(v.message), { code: v.code, retryAfterMs: v.retry_after_ms }));
         else p.resolve(v);
       }
     };
     ws.onclose = () => {
       this.ws = null;
       this.wsOpen = false;
-      for (const p of this.pending.values()) p.reject(new Error("connection closed"));
+      for (const p of this.pending.values()) p.reject(Object.assign(new Error("connection closed"), { network: true }));
       this.pending.clear();
       if (!this.closed) this.retry(() => this.ensureWs());
     };
@@ -217,7 +262,7 @@ export class Zonecast {
       this.pending.set(request_id, { resolve, reject });
       this.ws.send(JSON.stringify({ ...msg, request_id }));
       setTimeout(() => {
-        if (this.pending.delete(request_id)) reject(new Error("no reply"));
+        if (this.pending.delete(request_id)) reject(Object.assign(new Error("no reply"), { network: true }));
       }, 10000);
     });
   }
@@ -236,9 +281,111 @@ export class Zonecast {
 
   // --- writes --------------------------------------------------------------------
 
-  /** Changes a quantity: `{quantity}` or `{delta}`, optional `expected_version`, `reason`. */
-  async updateQuantity(itemId, change) {
+  /**
+   * Changes a quantity: `{quantity}` or `{delta}`, optional `expected_version`,
+   * `reason`. Resolves with the item once the change is applied, now or, if it had to
+   * be queued, when the connection returns; rejects with `.code` if the server
+   * refuses it (a conflict stays in the queue until `resolve` is called).
+   */
+  updateQuantity(itemId, change) {
     const key = `q-${Date.now().toString(36)}-${Math.random().toString(36).slice(2, 10)}`;
+    const entry = { key, itemId, change, state: "pending", error: null, at: new Date().toISOString() };
+    this.queue.push(entry);
+    this.saveQueue();
+    const done = new Promise((resolve, reject) => this.waiters.set(key, { resolve, reject }));
+    this.flush();
+    return done;
+  }
+
+  /** The queued changes (pending, sending, conflict), oldest first. */
+  pendingChanges() {
+    return this.queue.map((e) => ({ ...e }));
+  }
+
+  /**
+   * Resolves a conflict: `"discard"` drops the change; `"retry"` sends it again as a
+   * new change (a new key), without its `expected_version` ("apply anyway").
+   */
+  resolve(key, action) {
+    const i = this.queue.findIndex((e) => e.key === key);
+    if (i < 0) return;
+    const entry = this.queue[i];
+    if (action === "discard") {
+      this.queue.splice(i, 1);
+      this.waiters.get(key)?.reject(Object.assign(new Error("discarded"), { code: "discarded" }));
+      this.waiters.delete(key);
+    } else {
+      const { expected_version, ...change } = entry.change;
+      const fresh = `q-${Date.now().toString(36)}-${Math.random().toString(36).slice(2, 10)}`;
+      this.queue[i] = { ...entry, key: fresh, change, state: "pending", error: null };
+      const w = this.waiters.get(key);
+      this.waiters.delete(key);
+      if (w) this.waiters.set(fresh, w);
+    }
+    this.saveQueue();
+    this.flush();
+  }
+
+  saveQueue() {
+    localStorage.setItem(this.queueKey, JSON.stringify(this.queue));
+    this.onQueue(this.pendingChanges());
+  }
+
+  /** Sends queued changes, oldest first, one at a time, until one cannot be sent. */
+  async flush() {
+    if (this.flushing || this.closed) return;
+    this.flushing = true;
+    clearTimeout(this.flushTimer);
+    try {
+      for (;;) {
+        const entry = this.queue.find((e) => e.state === "pending");
+        if (!entry) break;
+        if (globalThis.navigator?.onLine === false) {
+          for (const e of this.queue) if (e.state === "pending") e.queued = true;
+          this.saveQueue();
+          break;
+        }
+        entry.state = "sending";
+        this.saveQueue();
+        let item;
+        try {
+          item = await this.send(entry);
+        } catch (e) {
+          const code = e.code ?? e.problem?.code;
+          if (isNetworkError(e) || !CONFLICTS.has(code)) {
+            // Not sent, sent and not answered, or refused for now (rate limited, the
+            // server unavailable): the same key goes again later.
+            entry.state = "pending";
+            entry.queued = true;
+            this.saveQueue();
+            this.flushTimer = setTimeout(() => this.flush(), Math.max(2000, e.retryAfterMs ?? 0));
+            break;
+          }
+          const error = Object.assign(new Error(e.message), { code: code ?? "error" });
+          if (entry.queued) {
+            // Made a while ago, refused now: the person who made it decides (resolve).
+            entry.state = "conflict";
+            entry.error = { code: error.code, message: e.message };
+          } else {
+            // Refused at once: the caller has the answer; nothing stays queued.
+            this.queue = this.queue.filter((x) => x.key !== entry.key);
+          }
+          this.saveQueue();
+          this.waiters.get(entry.key)?.reject(error);
+          this.waiters.delete(entry.key);
+          continue;
+        }
+        this.queue = this.queue.filter((e) => e.key !== entry.key);
+        this.saveQueue();
+        this.waiters.get(entry.key)?.resolve(item);
+        this.waiters.delete(entry.key);
+      }
+    } finally {
+      this.flushing = false;
+    }
+  }
+
+  async send({ key, itemId, change }) {
     if (this.wsOpen) {
       const ack = await this.wsRequest({ type: "update_quantity", request_id: key, item_id: itemId, ...change });
       return ack.item;
@@ -257,6 +404,8 @@ export class Zonecast {
 
   close() {
     this.closed = true;
+    globalThis.removeEventListener?.("online", this.onOnline);
+    clearTimeout(this.flushTimer);
     clearTimeout(this.timer);
     clearTimeout(this.reopen);
     clearTimeout(this.watchdog);

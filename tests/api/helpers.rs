@@ -647,6 +647,7 @@ pub async fn spawn_binary(db_url: &str, args: &[&str]) -> Child {
             assert!(!line.contains("zk_"), "a key was printed to a pipe: {line}");
             if let Some(rest) = line.strip_prefix("  first admin key written to ") {
                 let path = rest.split(" (mode 0600").next().unwrap_or(rest);
+                assert!(!rest.contains("zk_"));
                 let text = std::fs::read_to_string(path).expect("the key file");
                 key = Some(text.trim().to_owned());
                 key_file = Some(std::path::PathBuf::from(path));

@@ -6,6 +6,7 @@ mod access;
 mod concurrency;
 mod connections;
 mod crash;
+mod docs;
 mod first_run;
 mod fuzz;
 mod hostile;

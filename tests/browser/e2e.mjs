@@ -75,7 +75,7 @@ function watch(page, name) {
     // While the server is down on purpose, the browser reports refused connections.
     if (allowNetworkErrors && /ERR_CONNECTION_REFUSED|Failed to load resource|WebSocket connection/.test(m.text())) return;
     // A change the server refuses on purpose is reported by the browser as a failed load.
-    if (allowRefusals && /status of 422/.test(m.text())) return;
+    if (allowRefusals && /status of (409|422)/.test(m.text())) return;
     errors.push(`${name}: ${m.text()}`);
   });
   return page;
@@ -142,13 +142,149 @@ try {
   assert(true, "marking it read in one tab lowers the count in the other");
   await page.click("#bell");
 
+  // --- activity: the zone's changes, live and paged back through history ------------------
+  for (let i = 0; i < 25; i++) await api(base, admin, "PATCH", "/api/items/6", { delta: -1, reason: `count ${i}` });
+  const act = watch(await ctx.newPage(), "activity");
+  await act.goto(`${base}/?zone=1&heartbeat_ms=1000`);
+  await act.waitForSelector('#status[data-state="live"]', { timeout: 10000 });
+  const lastId = (await api(base, admin, "GET", "/api/zones/1/items")).last_event_id;
+  await act.waitForSelector(`#activity-list li[data-id="${lastId}"]`, { timeout: 5000 });
+  const topEntry = await act.locator("#activity-list li").first().innerText();
+  assert(topEntry.includes("key:admin") && topEntry.includes("→") && topEntry.includes("count 24") && topEntry.includes("LBL-A6"),
+    `the activity feed says who, what, from → to and why (${topEntry.replace(/\n/g, " ")})`);
+  assert(await act.locator("#activity-list li").count() === 20, "it opens with the last 20 changes");
+  const picked = await api(base, admin, "PATCH", "/api/items/1", { delta: -1, reason: "picked for order 7" });
+  await act.waitForSelector(`#activity-list li[data-id="${picked.event_id}"]`, { timeout: 3000 });
+  assert((await act.locator("#activity-list li").first().getAttribute("data-id")) === String(picked.event_id), "a live change appears at the top");
+  for (let i = 0; i < 10 && await act.locator("#older").isVisible(); i++) {
+    const n = await act.locator("#activity-list li").count();
+    await act.click("#older");
+    await act.waitForFunction((m) => document.querySelectorAll("#activity-list li").length > m, n, { timeout: 3000 });
+  }
+  assert(await act.locator('#activity-list li[data-id="1"][data-type="item_created"]').count() === 1, "paging back reaches the zone's first change");
+
+  // --- trend: one item's quantity over time ------------------------------------------------
+  await act.click('#items tr[data-item="6"] button.trend-link');
+  await act.waitForSelector("#trend svg[data-points]", { timeout: 5000 });
+  const points = Number(await act.getAttribute("#trend svg", "data-points"));
+  assert(points >= 26, `the trend chart plots the item's changes from the log (${points} points)`);
+  assert(await act.locator("#trend svg path.line").count() === 1 && await act.locator("#trend svg line.threshold").count() === 1, "with its line and its low-stock threshold");
+  await api(base, admin, "PATCH", "/api/items/6", { delta: -1 });
+  await act.waitForFunction((n) => Number(document.querySelector("#trend svg")?.dataset.points) === n + 1, points, { timeout: 3000 });
+  assert(true, "a live change adds a point to the chart");
+
+  // --- find: filter and sort -----------------------------------------------------------------
+  const visible = (p) => p.evaluate(() => [...document.querySelectorAll("#items tr[data-item]")].filter((tr) => !tr.hidden).map((tr) => tr.dataset.sku));
+  await act.fill("#find", "m6");
+  assert(JSON.stringify((await visible(act)).sort()) === JSON.stringify(["BOLT-M6", "NUT-M6", "WSH-M6"]), "the filter matches SKU or name");
+  await act.fill("#find", "gloves");
+  assert(JSON.stringify(await visible(act)) === JSON.stringify(["GLV-L"]), "and by name");
+  await act.fill("#find", "");
+  await act.selectOption("#sort", "qty-asc");
+  const quantities = await act.evaluate(() => [...document.querySelectorAll("#items tr[data-item] td.qty")].map((td) => parseInt(td.textContent, 10)));
+  assert(quantities.every((q, i) => i === 0 || quantities[i - 1] <= q), `sorted by quantity (${quantities})`);
+  await act.selectOption("#sort", "low");
+  assert(await act.locator("#items tr[data-item]").first().evaluate((tr) => tr.classList.contains("low")), "low stock first puts a low row on top");
+  await act.selectOption("#sort", "listed");
+
+  // --- manage: create, rename, set the threshold, delete; refusals say why -------------------
+  await act.click("#add-item summary");
+  await act.fill("#new-item [name=sku]", "HOOK-S");
+  await act.fill("#new-item [name=name]", "S hooks");
+  await act.fill("#new-item [name=quantity]", "30");
+  await act.fill("#new-item [name=low_stock_threshold]", "5");
+  await act.click("#new-item button[type=submit]");
+  await act.waitForSelector('#items tr[data-sku="HOOK-S"]', { timeout: 3000 });
+  assert(true, "an item created from the page appears in the table");
+  allowRefusals = true;
+  await act.fill("#new-item [name=sku]", "HOOK-S");
+  await act.fill("#new-item [name=name]", "again");
+  await act.click("#new-item button[type=submit]");
+  await act.waitForSelector("#new-item-error:not(:empty)", { timeout: 3000 });
+  const dup = await act.innerText("#new-item-error");
+  assert(dup.includes("already exists"), `a duplicate SKU is refused with the API's message (${dup})`);
+  const hook = await act.getAttribute('#items tr[data-sku="HOOK-S"]', "data-item");
+  await act.click(`#items tr[data-item="${hook}"] button.edit`);
+  const editor = `#items tr[data-editor="${hook}"]`;
+  await act.fill(`${editor} [name=name]`, "   ");
+  await act.click(`${editor} button[type=submit]`);
+  await act.waitForSelector(`${editor} .error:not(:empty)`, { timeout: 3000 });
+  const blank = await act.innerText(`${editor} .error`);
+  assert(blank.includes("name must not be empty"), `a blank name is refused with the API's message (${blank})`);
+  allowRefusals = false;
+  await act.fill(`${editor} [name=name]`, "Hooks, S");
+  await act.fill(`${editor} [name=low_stock_threshold]`, "8");
+  await act.click(`${editor} button[type=submit]`);
+  await act.waitForFunction((id) => document.querySelector(`#items tr[data-item="${id}"] td.name`)?.textContent === "Hooks, S"
+    && document.querySelector(`#items tr[data-item="${id}"] td:nth-child(4)`)?.textContent === "8", hook, { timeout: 3000 });
+  assert(true, "renaming and a new threshold show in the table");
+  await act.click(`#items tr[data-item="${hook}"] button.edit`);
+  await act.click(`${editor} button.delete`);
+  await act.click(`${editor} button.delete`);
+  await act.waitForSelector(`#items tr[data-item="${hook}"]`, { state: "detached", timeout: 3000 });
+  assert(true, "deleting takes the item off the table");
+  assert(await act.locator("#new-zone-button").isHidden(), "a writer is not offered zone creation");
+  const adminPage = watch(await (await browser.newContext()).newPage(), "admin");
+  await adminPage.goto(`${base}/?access_token=${admin}&zone=1&heartbeat_ms=1000`);
+  await adminPage.waitForSelector("#new-zone-button:not([hidden])", { timeout: 10000 });
+  await adminPage.click("#new-zone-button");
+  await adminPage.fill("#new-zone-name", "Overflow");
+  await adminPage.click("#new-zone button[type=submit]");
+  await adminPage.waitForFunction(() => document.querySelector("#zone").selectedOptions[0]?.textContent === "Overflow"
+    && new URLSearchParams(location.search).get("zone") === document.querySelector("#zone").value
+    && document.querySelectorAll("#items tr").length === 0, null, { timeout: 3000 });
+  assert(true, "an admin creates a zone from the page and it opens, empty");
+  await adminPage.context().close();
+
+  // --- a scanner on flaky Wi-Fi: changes made offline are queued, then applied once ---------
+  const stock = async () => Object.fromEntries((await api(base, admin, "GET", "/api/zones/1/items")).items.map((i) => [i.id, i]));
+  const before2 = await stock();
+  const logBefore = (await api(base, admin, "GET", "/api/zones/1/items")).last_event_id;
+  allowNetworkErrors = true;
+  await ctx.setOffline(true);
+  await act.waitForFunction(() => navigator.onLine === false);
+  await act.click('#items tr[data-item="2"] button:text("−")');
+  await act.click('#items tr[data-item="2"] button:text("−")');
+  await act.click('#items tr[data-item="3"] button:text("+")');
+  // A count made offline, on a version someone else moves meanwhile.
+  await act.fill('#items tr[data-item="4"] input', "3");
+  await act.click('#items tr[data-item="4"] button:text("Set")');
+  await act.waitForSelector("#queue-list li >> nth=3", { timeout: 3000 });
+  assert(await act.locator('#queue-list li[data-state="pending"]').count() === 4, "changes made offline are shown as pending");
+  assert((await act.innerText('#items tr[data-item="2"] .badge.pending')).includes("2 pending"), "and marked on their rows");
+  assert((await api(base, admin, "GET", "/api/zones/1/items")).last_event_id === logBefore, "none of them reached the server while offline");
+  await api(base, admin, "PATCH", "/api/items/4", { delta: 1, reason: "found one" });
+  await ctx.setOffline(false);
+  await act.waitForSelector('#queue-list li[data-state="conflict"]', { timeout: 15000 });
+  await act.waitForFunction(() => document.querySelectorAll("#queue-list li").length === 1, null, { timeout: 15000 });
+  const after2 = await stock();
+  assert(after2[2].quantity === before2[2].quantity - 2 && after2[3].quantity === before2[3].quantity + 1,
+    "back online, each queued change is applied exactly once");
+  assert((await api(base, admin, "GET", "/api/zones/1/items")).last_event_id === logBefore + 4, "one event each, and the other writer's");
+  const conflict = await act.innerText('#queue-list li[data-state="conflict"]');
+  assert(conflict.includes("Set GLV-L to 3") && conflict.includes("someone else"), `the stale count is shown as a conflict (${conflict.replace(/\n/g, " ")})`);
+  await act.click('#queue-list li[data-state="conflict"] button.apply');
+  await act.waitForSelector("#queue", { state: "hidden", timeout: 5000 });
+  assert((await stock())[4].quantity === 3, "applying it anyway sets the count");
+  allowNetworkErrors = false;
+  await act.close();
+
   // --- screenshots (desktop, phone) ---------------------------------------------------------
   mkdirSync(SHOTS, { recursive: true });
-  await page.screenshot({ path: join(SHOTS, "dashboard-desktop.png") });
+  await page.click('#items tr[data-item="6"] button.trend-link');
+  await page.waitForSelector("#trend svg[data-points]", { timeout: 5000 });
+  await page.screenshot({ path: join(SHOTS, "dashboard-desktop.png"), fullPage: true, animations: "disabled" });
   const phone = watch(await (await browser.newContext({ viewport: { width: 390, height: 844 }, isMobile: true })).newPage(), "phone");
   await phone.goto(`${base}/?access_token=${alice}&zone=1`);
   await phone.waitForSelector('#status[data-state="live"]', { timeout: 10000 });
-  await phone.screenshot({ path: join(SHOTS, "dashboard-phone.png") });
+  await phone.waitForSelector("#items tr >> nth=5", { timeout: 10000 });
+  assert(await phone.locator('#items tr[data-item="1"] td.sku').isVisible(), "the phone layout keeps the SKU visible");
+  const cut = await phone.evaluate(() => [...document.querySelectorAll("#items input, #items button, #find, #sort")]
+    .filter((e) => e.offsetParent !== null)
+    .filter((e) => { const r = e.getBoundingClientRect(); return r.left < 0 || r.right > window.innerWidth; })
+    .map((e) => e.outerHTML.slice(0, 60)));
+  assert(cut.length === 0, `no input is cut off at phone width (${cut.join(" | ")})`);
+  await phone.screenshot({ path: join(SHOTS, "dashboard-phone.png"), fullPage: true, animations: "disabled" });
   assert(true, "screenshots written to docs/screenshots");
   await phone.close();
   await page2.close();
