@@ -42,6 +42,8 @@ pub enum StartError {
     Capacity { requested: usize, available: u64 },
     #[error("--max-connections-per-ip {per_ip} is above --max-connections {total}")]
     PerIp { per_ip: usize, total: usize },
+    #[error("--tls-cert/--tls-key: {0}")]
+    Tls(String),
 }
 
 impl From<ServiceError> for StartError {
@@ -115,6 +117,7 @@ pub struct AppState {
 pub struct Application {
     listener: TcpListener,
     net: NetLimits,
+    tls: Option<tokio_rustls::TlsAcceptor>,
     addr: SocketAddr,
     state: AppState,
     stop: watch::Sender<bool>,
@@ -125,6 +128,12 @@ pub struct Application {
 impl Application {
     pub async fn build(config: ServeArgs) -> Result<Self, StartError> {
         let net = net_limits(&config)?;
+        let tls = match (&config.tls_cert, &config.tls_key) {
+            (Some(cert), Some(key)) => {
+                Some(server::tls::acceptor(cert, key).map_err(StartError::Tls)?)
+            }
+            _ => None,
+        };
         // Bind before anything is written: a start that cannot listen must leave the
         // database as it found it, or its first admin key would be made and lost.
         let listener = TcpListener::bind(config.bind)
@@ -189,6 +198,7 @@ impl Application {
         Ok(Application {
             listener,
             net,
+            tls,
             addr,
             state: AppState {
                 service,
@@ -210,6 +220,12 @@ impl Application {
 
     pub fn port(&self) -> u16 {
         self.addr.port()
+    }
+
+    /// `http://ADDR` or, with TLS, `https://ADDR`.
+    pub fn base_url(&self) -> String {
+        let scheme = if self.tls.is_some() { "https" } else { "http" };
+        format!("{scheme}://{}", self.addr)
     }
 
     pub fn service(&self) -> &Service {
@@ -250,6 +266,7 @@ impl Application {
             routes(state.clone()),
             state.slots.clone(),
             self.net,
+            self.tls,
             state.shutdown.clone(),
             grace,
         );

@@ -85,6 +85,19 @@ pub struct ServeArgs {
     #[arg(long, env = "ZONECAST_ADMIN_KEY_FILE")]
     pub admin_key_file: Option<std::path::PathBuf>,
 
+    /// A PEM certificate chain: serve HTTPS (HTTP/2 and HTTP/1.1) instead of HTTP.
+    #[arg(long, env = "ZONECAST_TLS_CERT", requires = "tls_key")]
+    pub tls_cert: Option<std::path::PathBuf>,
+
+    /// The PEM private key of `--tls-cert`.
+    #[arg(
+        long,
+        env = "ZONECAST_TLS_KEY",
+        requires = "tls_cert",
+        hide_env_values = true
+    )]
+    pub tls_key: Option<std::path::PathBuf>,
+
     /// Interval of SSE `heartbeat` events.
     #[arg(long, env = "ZONECAST_HEARTBEAT", default_value = "15s", value_parser = duration)]
     pub heartbeat: Duration,

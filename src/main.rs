@@ -60,7 +60,7 @@ async fn serve(args: zonecast::config::ServeArgs) -> anyhow::Result<()> {
         )
     };
     let app = Application::build(args).await?;
-    let base = format!("http://{}", app.addr());
+    let base = app.base_url();
     if let Some(z) = app.demo_zone() {
         println!("created demo zone {} ({:?})", z.id, z.name);
     }

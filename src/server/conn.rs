@@ -55,6 +55,7 @@ fn tune(tcp: &TcpStream) {
 pub(super) struct Serving {
     pub endpoint: Arc<dyn DynEndpoint<Output = poem::Response>>,
     pub local: SocketAddr,
+    pub tls: Option<tokio_rustls::TlsAcceptor>,
     pub limits: NetLimits,
     pub shutdown: watch::Receiver<bool>,
     pub hard_stop: watch::Receiver<bool>,
@@ -282,10 +283,15 @@ impl Serving {
         let endpoint = self.endpoint.clone();
         let local = LocalAddr(Addr::SocketAddr(self.local));
         let remote = super::remote(peer);
+        let scheme = if self.tls.is_some() {
+            Scheme::HTTPS
+        } else {
+            Scheme::HTTP
+        };
         let service = hyper::service::service_fn(move |req: hyper::Request<Incoming>| {
             let in_flight = InFlight::start(&activity);
             let endpoint = endpoint.clone();
-            let req = poem::Request::from((req, local.clone(), remote.clone(), Scheme::HTTP));
+            let req = poem::Request::from((req, local.clone(), remote.clone(), scheme.clone()));
             async move {
                 let resp = endpoint.get_response(req).await;
                 if resp.status() == poem::http::StatusCode::SWITCHING_PROTOCOLS {
@@ -298,30 +304,57 @@ impl Serving {
                 }))
             }
         });
-        let mut shutdown = self.shutdown.clone();
-        let mut hard_stop = self.hard_stop.clone();
+        let shutdown = self.shutdown.clone();
+        let hard_stop = self.hard_stop.clone();
+        let tls = self.tls.clone();
         tokio::spawn(async move {
-            let mut builder = auto::Builder::new(TokioExecutor::new());
-            builder
-                .http1()
-                .keep_alive(true)
-                .half_close(false)
-                .max_buf_size(MAX_HEAD);
-            builder
-                .http2()
-                .max_concurrent_streams(200)
-                .max_pending_accept_reset_streams(20)
-                .max_header_list_size(16 * 1024);
-            let conn = builder.serve_connection_with_upgrades(TokioIo::new(socket), service);
-            tokio::pin!(conn);
-            tokio::select! {
-                _ = conn.as_mut() => return,
-                _ = shutdown.wait_for(|stop| *stop) => conn.as_mut().graceful_shutdown(),
-            }
-            tokio::select! {
-                _ = conn => {}
-                _ = hard_stop.wait_for(|stop| *stop) => {}
+            match tls {
+                None => serve_io(socket, service, shutdown, hard_stop).await,
+                // The handshake reads through the socket, under its header deadline.
+                Some(tls) => match tls.accept(socket).await {
+                    Ok(stream) => serve_io(stream, service, shutdown, hard_stop).await,
+                    Err(e) => tracing::debug!(error = %e, "TLS handshake failed"),
+                },
             }
         });
+    }
+}
+
+/// Serves HTTP/1.1 or HTTP/2 on one connection until it ends or the server stops.
+async fn serve_io<I, S>(
+    io: I,
+    service: S,
+    mut shutdown: watch::Receiver<bool>,
+    mut hard_stop: watch::Receiver<bool>,
+) where
+    I: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+    S: hyper::service::Service<
+            hyper::Request<Incoming>,
+            Response = hyper::Response<Tracked<PoemBody>>,
+            Error = std::convert::Infallible,
+        > + Send
+        + 'static,
+    S::Future: Send + 'static,
+{
+    let mut builder = auto::Builder::new(TokioExecutor::new());
+    builder
+        .http1()
+        .keep_alive(true)
+        .half_close(false)
+        .max_buf_size(MAX_HEAD);
+    builder
+        .http2()
+        .max_concurrent_streams(200)
+        .max_pending_accept_reset_streams(20)
+        .max_header_list_size(16 * 1024);
+    let conn = builder.serve_connection_with_upgrades(TokioIo::new(io), service);
+    tokio::pin!(conn);
+    tokio::select! {
+        _ = conn.as_mut() => return,
+        _ = shutdown.wait_for(|stop| *stop) => conn.as_mut().graceful_shutdown(),
+    }
+    tokio::select! {
+        _ = conn => {}
+        _ = hard_stop.wait_for(|stop| *stop) => {}
     }
 }

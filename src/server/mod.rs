@@ -18,11 +18,15 @@
 //!   deadline: heartbeats and pings keep it alive, and the transports end it.
 //! - Accept errors are counted, logged at most once per interval, and backed off.
 //!
+//! With `tls`, each admitted connection first completes a TLS handshake (within the
+//! header deadline), then speaks HTTP/2 or HTTP/1.1 as ALPN chose.
+//!
 //! It must not know about routes, credentials or streams: it sees bytes, addresses and
 //! one endpoint.
 
 mod accept;
 mod conn;
+pub mod tls;
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -65,11 +69,13 @@ pub fn connection_capacity() -> u64 {
 /// Serves `endpoint` on `listener` until `shutdown` turns true; then stops accepting,
 /// asks every connection to finish, and waits up to `grace` for their sockets to
 /// close before dropping the rest.
+#[allow(clippy::too_many_arguments)]
 pub async fn serve<E>(
     listener: TcpListener,
     endpoint: E,
     slots: Slots,
     limits: NetLimits,
+    tls: Option<tokio_rustls::TlsAcceptor>,
     mut shutdown: watch::Receiver<bool>,
     grace: Duration,
 ) -> std::io::Result<()>
@@ -83,6 +89,7 @@ where
     let server = conn::Serving {
         endpoint,
         local,
+        tls,
         limits: limits.clone(),
         shutdown: shutdown.clone(),
         hard_stop: hard_stopped,

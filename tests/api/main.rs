@@ -15,5 +15,6 @@ mod operations;
 mod rest;
 mod restart;
 mod sse;
+mod tls;
 mod ws;
 mod ws_abuse;

@@ -4,7 +4,7 @@
 //
 // Every wait is bounded; a failed check throws and the process exits non-zero.
 
-import { spawn } from "node:child_process";
+import { spawn, execFileSync } from "node:child_process";
 import { mkdtempSync, mkdirSync, readFileSync } from "node:fs";
 import { tmpdir } from "node:os";
 import { join, dirname } from "node:path";
@@ -24,6 +24,8 @@ function assert(cond, what) {
   console.log(`ok - ${what}`);
 }
 
+const started = []; // every server process, killed at the end whatever happens
+
 /** Starts the server; resolves with {proc, base, key} once its banner is printed. */
 function startServer(args = []) {
   return new Promise((resolve, reject) => {
@@ -31,6 +33,7 @@ function startServer(args = []) {
       stdio: ["ignore", "pipe", "inherit"],
       env: { ...process.env, RUST_LOG: "warn" },
     });
+    started.push(proc);
     let key = null;
     const timer = setTimeout(() => reject(new Error("server did not start")), 20000);
     createInterface({ input: proc.stdout }).on("line", (line) => {
@@ -38,7 +41,7 @@ function startServer(args = []) {
       if (/zk_[0-9a-f]{64}/.test(line)) reject(new Error(`a key was printed to a pipe: ${line}`));
       const f = line.match(/first admin key written to (\S+) \(mode 0600/);
       if (f && !key) key = readFileSync(f[1], "utf8").trim();
-      const m = line.match(/API docs:\s+(http:\/\/\S+)\/docs/);
+      const m = line.match(/API docs:\s+(https?:\/\/\S+)\/docs/);
       if (m) { clearTimeout(timer); resolve({ proc, base: m[1], key }); }
     });
     proc.on("exit", (code) => reject(new Error(`server exited with ${code}`)));
@@ -357,9 +360,42 @@ try {
   await raw.waitForSelector('#log .frame[data-type="stock_updated"]', { timeout: 5000 });
   assert(true, "and the SSE page logs the resulting event");
 
+  // --- HTTPS with HTTP/2: ten EventSources in one page share one connection -----------------
+  const cert = join(dir, "cert.pem");
+  const certKey = join(dir, "key.pem");
+  execFileSync("openssl", ["req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1", "-nodes",
+    "-keyout", certKey, "-out", cert, "-days", "2", "-subj", "/CN=localhost",
+    "-addext", "subjectAltName=DNS:localhost,IP:127.0.0.1"], { stdio: "ignore" });
+  const tls = await startServer(["--bind", "127.0.0.1:0", "--tls-cert", cert, "--tls-key", certKey]);
+  assert(tls.base.startsWith("https://"), `the server says it serves HTTPS (${tls.base})`);
+  const tlsCtx = await browser.newContext({ ignoreHTTPSErrors: true });
+  const tp = watch(await tlsCtx.newPage(), "https");
+  await tp.goto(`${tls.base}/sse-client.html`);
+  const proto = await tp.evaluate(() => performance.getEntriesByType("navigation")[0]?.nextHopProtocol);
+  assert(proto === "h2", `the page talks HTTP/2 over TLS (${proto})`);
+  await tp.evaluate((key) => {
+    window.opened = 0;
+    window.got = new Set();
+    for (let i = 0; i < 10; i++) {
+      const es = new EventSource(`/sse/zones/1/stock?access_token=${key}`);
+      es.onopen = () => { window.opened += 1; };
+      es.addEventListener("stock_updated", () => window.got.add(i));
+    }
+  }, admin);
+  await tp.waitForFunction(() => window.opened === 10, null, { timeout: 10000 });
+  assert(true, "ten EventSources open at once (HTTP/1.1 allows six per host)");
+  await tp.evaluate(async (key) => {
+    const r = await fetch("/api/items/1", { method: "PATCH", headers: { Authorization: `Bearer ${key}`, "Content-Type": "application/json" }, body: JSON.stringify({ delta: -1 }) });
+    if (!r.ok) throw new Error(`PATCH ${r.status}`);
+  }, admin);
+  await tp.waitForFunction(() => window.got.size === 10, null, { timeout: 5000 });
+  assert(true, "and every one of them receives the change");
+  await tlsCtx.close();
+  await stopServer(tls);
+
   assert(errors.length === 0, `no console errors (${errors.join(" | ")})`);
   console.log("all browser checks passed");
 } finally {
   await browser.close();
-  server.proc.kill("SIGTERM");
+  for (const p of started) if (p.exitCode === null) p.kill("SIGTERM");
 }
