@@ -13,9 +13,9 @@ use std::time::{Duration, Instant};
 use futures_util::StreamExt;
 use tokio::sync::Mutex;
 use zonecast::app::Application;
-use zonecast::auth::Principal;
 use zonecast::config::ServeArgs;
 use zonecast::domain::{ItemPatch, NewItem};
+use zonecast::domain::{Principal, StreamKey};
 
 fn env_usize(name: &str, default: usize) -> usize {
     std::env::var(name)
@@ -91,15 +91,15 @@ async fn fanout(subscribers: usize, changes: usize) {
         )
         .await
         .expect("item");
-    let stream = format!("zone:{}", zone.id);
+    let stream = StreamKey::Zone(zone.id);
 
     // The probe: marks the instant each event reaches the hub.
     let published = Arc::new(Mutex::new(HashMap::new()));
-    let mut probe = service.broker.subscribe(&stream);
+    let mut probe = service.broker().subscribe(&stream);
     let probe_task = {
         let published = published.clone();
         tokio::spawn(async move {
-            let rx = probe.receiver_for_bench();
+            let rx = probe.raw().receiver();
             while let Ok(ev) = rx.recv().await {
                 published.lock().await.insert(ev.seq, Instant::now());
                 if published.lock().await.len() >= changes {
@@ -126,7 +126,7 @@ async fn fanout(subscribers: usize, changes: usize) {
         assert_eq!(resp.status().as_u16(), 200, "a subscriber was refused");
         tasks.push(tokio::spawn(subscriber(resp, changes)));
     }
-    while service.broker.hub.subscribers(&stream) < subscribers + 1 {
+    while service.broker().subscribers(&stream) < subscribers + 1 {
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
 

@@ -10,15 +10,17 @@ use poem::{EndpointExt, Route, get};
 use tokio::net::TcpListener;
 use tokio::sync::watch;
 
-use crate::auth::{Authenticator, Principal, Role, ZoneScope};
-use crate::broker::Broker;
+use crate::broker_memory::MemoryBroker;
 use crate::config::ServeArgs;
-use crate::domain::Zone;
+use crate::credentials::Authenticator;
+use crate::domain::{Principal, Role, Zone, ZoneScope};
 use crate::limits::{Limits, Rate, Rates};
+use crate::observe::Stats;
 use crate::server::{self, NetLimits};
 use crate::service::{Service, ServiceError};
+use crate::state::AppState;
 use crate::store::{Store, StoreError};
-use crate::{api, ops, pages, transport};
+use crate::{api, http, ops, pages, transport};
 
 /// Why the server did not start. Each message carries its cause's text once (no
 /// `source()` chain to print again below it), and says what to do where it can.
@@ -100,20 +102,6 @@ fn net_limits(config: &ServeArgs) -> Result<NetLimits, StartError> {
     })
 }
 
-/// Shared by every request handler.
-#[derive(Clone)]
-pub struct AppState {
-    pub service: Service,
-    pub config: Arc<ServeArgs>,
-    pub auth: Authenticator,
-    pub limits: Arc<Limits>,
-    /// Turns `true` once shutdown starts; every open stream watches it and ends, so
-    /// graceful shutdown does not wait out its grace on streams that never end.
-    pub shutdown: watch::Receiver<bool>,
-    /// The server's connection slots (open sockets, for `/api/stats`).
-    pub slots: server::Slots,
-}
-
 pub struct Application {
     listener: TcpListener,
     net: NetLimits,
@@ -147,13 +135,15 @@ impl Application {
             url: redact(&config.database_url),
             error,
         };
+        // Before any metric handle is taken: a handle taken earlier records nowhere.
+        crate::observe::prometheus();
         let store = Store::open(&config.database_url).await.map_err(db_error)?;
-        let broker = Broker::new(
+        let broker = Arc::new(MemoryBroker::new(
             config.bus_capacity,
             config.cache_events,
             config.cache_total_events,
-        );
-        let service = Service::new(store, broker);
+        ));
+        let service = Service::new(store, broker, Arc::new(Stats::default()));
         let demo = if config.no_demo {
             None
         } else {
@@ -251,7 +241,6 @@ impl Application {
         let state = self.state;
         let pruner = tokio::spawn(prune_forever(state.clone()));
         let upkeep = tokio::spawn(upkeep_forever(state.clone()));
-        crate::observe::prometheus();
         let grace = state.config.shutdown_grace;
         let stop = self.stop;
         let signal = async move {
@@ -282,13 +271,7 @@ impl Application {
 }
 
 pub fn routes(state: AppState) -> impl poem::Endpoint {
-    let api = api::service(
-        state.service.clone(),
-        state.slots.clone(),
-        state.auth.clone(),
-        state.limits.clone(),
-        state.config.heartbeat,
-    );
+    let api = api::service(&state);
     let origins = state.config.cors_origin.clone();
     let docs = api.swagger_ui();
     let spec = api.spec_endpoint();
@@ -310,9 +293,9 @@ pub fn routes(state: AppState) -> impl poem::Endpoint {
         .at("/zonecast.js", get(pages::client))
         .at("/sse-client.html", get(pages::sse_client))
         .at("/ws-client.html", get(pages::ws_client))
-        .around(api::body::limit_body)
-        .around(api::access::limit_writes)
-        .around(api::access::authenticate)
+        .around(http::body::limit_body)
+        .around(http::access::limit_writes)
+        .around(http::access::authenticate)
         .around(pages::refuse_sse)
         .with_if(
             !origins.is_empty(),
@@ -336,7 +319,7 @@ pub fn routes(state: AppState) -> impl poem::Endpoint {
                 .expose_headers(["retry-after", "x-request-id"]),
         )
         // Outside CORS, so that its refusals are problem+json too.
-        .around(api::problem::problems)
+        .around(http::problem::problems)
         .around(ops::request_span)
         .data(state)
 }

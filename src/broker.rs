@@ -1,43 +1,113 @@
-//! Where committed events enter the node: the broker records them in the recent-event
-//! cache and hands them to the hub. This is the in-process broker (one node, SQLite or
-//! PostgreSQL); a PostgreSQL LISTEN/NOTIFY broker for several nodes feeds the same two.
+//! Where committed events enter a node and where its subscribers tap them.
+//!
+//! `Broker` is what the service publishes to and what cursors subscribe through. Every
+//! broker has the same node-local half, `Local`: the recent-event cache (replays without
+//! queries) and the hub (one broadcast channel per live stream). Brokers differ in how
+//! events from *other* nodes arrive; `broker_memory` is the one-node broker, where
+//! every event is published by this node.
 //!
 //! Must only ever be given committed events: a cursor trusts that any seq it sees
-//! here is in the log.
+//! through a broker is in the log.
 
 use std::sync::Arc;
 
 use crate::cache::Cache;
-use crate::event::Event;
+use crate::domain::{Event, StreamKey};
 use crate::hub::{Hub, Subscription};
-use crate::observe::Stats;
+use crate::observe::{ReplayCounts, Replays};
 
-#[derive(Clone)]
-pub struct Broker {
-    pub hub: Hub,
-    pub cache: Arc<Cache>,
-    pub stats: Arc<Stats>,
+/// The events of one node: publish, subscribe, and what the node holds.
+pub trait Broker: Send + Sync {
+    /// The node-local cache and hub.
+    fn local(&self) -> &Local;
+
+    /// Events committed together on this node, in seq order within each stream.
+    fn publish(&self, events: &[Arc<Event>]);
+
+    /// Subscribes to `stream` on this node.
+    fn subscribe(&self, stream: &StreamKey) -> Tap {
+        self.local().subscribe(stream)
+    }
+
+    /// Streams with at least one subscriber on this node.
+    fn live_streams(&self) -> Vec<StreamKey> {
+        self.local().hub.live_streams()
+    }
+
+    /// Subscribers of `stream` on this node.
+    fn subscribers(&self, stream: &StreamKey) -> usize {
+        self.local().hub.subscribers(stream)
+    }
+
+    /// Streams whose recent events this node holds in memory.
+    fn cached_streams(&self) -> Vec<StreamKey> {
+        self.local().cache.stream_keys()
+    }
+
+    /// Forgets the cached events of `stream` the log no longer keeps, so the cache
+    /// never answers a resume that the log would answer with `reset`.
+    fn forget_before(&self, stream: &StreamKey, first_kept: u64) {
+        self.local().cache.forget_before(stream, first_kept);
+    }
+
+    /// How this node's cursors were fed from memory and from the log.
+    fn replays(&self) -> ReplayCounts {
+        self.local().replays.counts()
+    }
 }
 
-impl Broker {
+/// What a cursor reads from: its stream's live events, and the node's recent ones.
+pub struct Tap {
+    pub(crate) live: Subscription,
+    pub(crate) cache: Arc<Cache>,
+    pub(crate) replays: Arc<Replays>,
+}
+
+impl Tap {
+    pub fn stream(&self) -> &StreamKey {
+        self.live.stream()
+    }
+
+    /// The live receiver, which may lag and lose events (the fan-out benchmark reads
+    /// publish instants from it). Anything that must not miss events reads through a
+    /// `Cursor`.
+    #[doc(hidden)]
+    pub fn raw(&mut self) -> &mut Subscription {
+        &mut self.live
+    }
+}
+
+/// The node-local half of every broker: the recent-event cache and the hub.
+pub struct Local {
+    hub: Hub,
+    cache: Arc<Cache>,
+    replays: Arc<Replays>,
+}
+
+impl Local {
+    /// `bus_capacity` events a subscriber may lag on the hub; the cache keeps
+    /// `cache_per_stream` recent events of each stream, `cache_total` in all.
     pub fn new(bus_capacity: usize, cache_per_stream: usize, cache_total: usize) -> Self {
-        Broker {
+        Local {
             hub: Hub::new(bus_capacity),
             cache: Arc::new(Cache::new(cache_per_stream, cache_total)),
-            stats: Arc::default(),
+            replays: Arc::default(),
         }
     }
 
-    /// Publishes events committed together, in seq order within each stream.
-    pub fn publish(&self, events: &[Arc<Event>]) {
+    /// Records committed events in the cache, then hands them to local subscribers.
+    pub fn deliver(&self, events: &[Arc<Event>]) {
         self.cache.insert(events);
-        self.stats.broadcast(events.len() as u64);
         for ev in events {
             self.hub.publish(ev.clone());
         }
     }
 
-    pub fn subscribe(&self, stream: &str) -> Subscription {
-        self.hub.subscribe(stream)
+    pub fn subscribe(&self, stream: &StreamKey) -> Tap {
+        Tap {
+            live: self.hub.subscribe(stream),
+            cache: self.cache.clone(),
+            replays: self.replays.clone(),
+        }
     }
 }

@@ -10,7 +10,7 @@
 use std::collections::{BTreeMap, HashMap};
 use std::sync::{Arc, Mutex, MutexGuard};
 
-use crate::event::Event;
+use crate::domain::{Event, StreamKey};
 
 struct Run {
     events: BTreeMap<u64, Arc<Event>>,
@@ -20,7 +20,7 @@ struct Run {
 
 #[derive(Default)]
 struct Streams {
-    runs: HashMap<String, Run>,
+    runs: HashMap<StreamKey, Run>,
     /// Events held, over all streams.
     total: usize,
     clock: u64,
@@ -92,7 +92,7 @@ impl Cache {
     }
 
     /// Consecutive events of `stream` starting exactly at `from`, at most `max`.
-    pub fn run_from(&self, stream: &str, from: u64, max: usize) -> Vec<Arc<Event>> {
+    pub fn run_from(&self, stream: &StreamKey, from: u64, max: usize) -> Vec<Arc<Event>> {
         let mut s = self.streams();
         let used = s.tick();
         let Some(run) = s.runs.get_mut(stream) else {
@@ -109,21 +109,21 @@ impl Cache {
     }
 
     /// The newest seq cached for `stream`: a seq known to be committed.
-    pub fn newest(&self, stream: &str) -> Option<u64> {
+    pub fn newest(&self, stream: &StreamKey) -> Option<u64> {
         self.streams()
             .runs
             .get(stream)
             .and_then(|r| r.events.last_key_value().map(|(k, _)| *k))
     }
 
-    pub fn contains(&self, stream: &str, seq: u64) -> bool {
+    pub fn contains(&self, stream: &StreamKey, seq: u64) -> bool {
         self.streams()
             .runs
             .get(stream)
             .is_some_and(|r| r.events.contains_key(&seq))
     }
 
-    pub fn stream_keys(&self) -> Vec<String> {
+    pub fn stream_keys(&self) -> Vec<StreamKey> {
         self.streams().runs.keys().cloned().collect()
     }
 
@@ -138,7 +138,7 @@ impl Cache {
 
     /// Forgets events the log no longer keeps, so the cache never answers a resume that
     /// the log would answer with `reset`.
-    pub fn forget_before(&self, stream: &str, first_kept: u64) {
+    pub fn forget_before(&self, stream: &StreamKey, first_kept: u64) {
         let mut s = self.streams();
         let Some(run) = s.runs.get_mut(stream) else {
             return;
@@ -154,14 +154,14 @@ impl Cache {
 mod tests {
     use super::*;
 
+    use crate::domain::EventKind;
+
     fn ev(seq: u64) -> Arc<Event> {
-        Arc::new(Event::render(
-            "s",
-            seq,
-            "t",
-            crate::domain::now(),
-            "{}".into(),
-        ))
+        ev_in(&StreamKey::Alerts, seq)
+    }
+
+    fn s() -> StreamKey {
+        StreamKey::Alerts
     }
 
     #[test]
@@ -169,43 +169,47 @@ mod tests {
         let c = Cache::new(4, 1000);
         c.insert(&[ev(1), ev(2), ev(4), ev(5), ev(6)]);
         // 1 was evicted (bound 4); 3 is a hole.
-        assert!(c.run_from("s", 1, 10).is_empty());
-        assert_eq!(c.run_from("s", 2, 10).len(), 1);
-        let seqs: Vec<u64> = c.run_from("s", 4, 10).iter().map(|e| e.seq).collect();
+        assert!(c.run_from(&s(), 1, 10).is_empty());
+        assert_eq!(c.run_from(&s(), 2, 10).len(), 1);
+        let seqs: Vec<u64> = c.run_from(&s(), 4, 10).iter().map(|e| e.seq).collect();
         assert_eq!(seqs, vec![4, 5, 6]);
-        assert_eq!(c.newest("s"), Some(6));
-        c.forget_before("s", 5);
-        assert!(c.run_from("s", 4, 10).is_empty());
+        assert_eq!(c.newest(&s()), Some(6));
+        c.forget_before(&s(), 5);
+        assert!(c.run_from(&s(), 4, 10).is_empty());
         assert_eq!(c.len(), 2);
     }
 
-    fn ev_in(stream: &str, seq: u64) -> Arc<Event> {
+    fn ev_in(stream: &StreamKey, seq: u64) -> Arc<Event> {
         Arc::new(Event::render(
             stream,
             seq,
-            "t",
+            EventKind::Announcement,
             crate::domain::now(),
             "{}".into(),
         ))
     }
 
+    fn z(n: i32) -> StreamKey {
+        StreamKey::Zone(n)
+    }
+
     #[test]
     fn the_stream_used_least_recently_goes_first_past_the_total() {
         let c = Cache::new(10, 25);
-        for s in ["a", "b", "c"] {
-            c.insert(&(1..=8).map(|n| ev_in(s, n)).collect::<Vec<_>>());
+        for n in [1, 2, 3] {
+            c.insert(&(1..=8).map(|seq| ev_in(&z(n), seq)).collect::<Vec<_>>());
         }
         assert_eq!(c.len(), 24);
-        // "a" is read, so "b" is now the one used least recently.
-        assert_eq!(c.run_from("a", 1, 100).len(), 8);
-        c.insert(&[ev_in("d", 1), ev_in("d", 2)]);
+        // Zone 1 is read, so zone 2 is now the one used least recently.
+        assert_eq!(c.run_from(&z(1), 1, 100).len(), 8);
+        c.insert(&[ev_in(&z(4), 1), ev_in(&z(4), 2)]);
         assert!(c.len() <= 25, "{}", c.len());
-        assert!(c.newest("b").is_none(), "b was evicted");
-        assert_eq!(c.newest("a"), Some(8));
-        assert_eq!(c.newest("d"), Some(2));
+        assert!(c.newest(&z(2)).is_none(), "zone 2 was evicted");
+        assert_eq!(c.newest(&z(1)), Some(8));
+        assert_eq!(c.newest(&z(4)), Some(2));
         // Many streams of one event each never hold more than the total.
         for i in 0..1000 {
-            c.insert(&[ev_in(&format!("user:{i}"), 1)]);
+            c.insert(&[ev_in(&StreamKey::User(format!("u{i}")), 1)]);
         }
         assert!(c.len() <= 25);
     }

@@ -52,10 +52,10 @@ pub enum KeysAction {
         name: String,
         /// reader, writer or admin.
         #[arg(long)]
-        role: crate::auth::Role,
+        role: crate::domain::Role,
         /// Zone ids the key may use (`1,2`), or `*` for all.
         #[arg(long, default_value = "*")]
-        zones: crate::auth::ZoneScope,
+        zones: crate::domain::ZoneScope,
         /// The user id the key acts for (its notifications).
         #[arg(long)]
         user: Option<String>,
@@ -64,6 +64,24 @@ pub enum KeysAction {
     List,
     /// Revoke a key by name; servers refuse it at once and close its connections.
     Revoke { name: String },
+}
+
+/// Parses a size: `65536`, `64KiB`, `64k`, `1MiB`, `1M`.
+pub fn parse_size(s: &str) -> Result<usize, String> {
+    let t = s.trim();
+    let digits = t.find(|c: char| !c.is_ascii_digit()).unwrap_or(t.len());
+    let (n, unit) = t.split_at(digits);
+    let n: usize = n
+        .parse()
+        .map_err(|_| format!("{s:?} is not a size (examples: 65536, 64KiB, 1MiB)"))?;
+    let factor = match unit.trim().to_ascii_lowercase().as_str() {
+        "" | "b" => 1,
+        "k" | "kb" | "kib" => 1024,
+        "m" | "mb" | "mib" => 1024 * 1024,
+        _ => return Err(format!("{s:?}: unknown unit (B, KiB, MiB)")),
+    };
+    n.checked_mul(factor)
+        .ok_or_else(|| format!("{s:?} is too large"))
 }
 
 fn duration(s: &str) -> Result<Duration, String> {
@@ -225,7 +243,7 @@ pub struct ServeArgs {
     pub header_timeout: Duration,
 
     /// Largest request body (`65536`, `64KiB`, `1MiB`); larger ones get 413.
-    #[arg(long, env = "ZONECAST_MAX_BODY", default_value = "64KiB", value_parser = crate::api::body::parse_size)]
+    #[arg(long, env = "ZONECAST_MAX_BODY", default_value = "64KiB", value_parser = parse_size)]
     pub max_body: usize,
 
     /// A keep-alive connection with no request in flight is closed after this.
@@ -331,4 +349,19 @@ pub fn apply_config_file<I: IntoIterator<Item = std::ffi::OsString>>(
         }
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn sizes_parse_with_units() {
+        assert_eq!(parse_size("65536"), Ok(65536));
+        assert_eq!(parse_size("64KiB"), Ok(65536));
+        assert_eq!(parse_size("64k"), Ok(65536));
+        assert_eq!(parse_size("1 MiB"), Ok(1 << 20));
+        assert!(parse_size("x").is_err());
+        assert!(parse_size("1GiB").is_err());
+    }
 }

@@ -10,7 +10,7 @@ use std::sync::{Arc, Mutex, MutexGuard};
 
 use tokio::sync::broadcast;
 
-use crate::event::Event;
+use crate::domain::{Event, StreamKey};
 
 #[derive(Clone)]
 pub struct Hub {
@@ -22,11 +22,11 @@ struct Inner {
     /// Memory for it is shared by all receivers of the stream.
     capacity: usize,
     /// std `Mutex`: held only for map operations, never across an `.await`.
-    channels: Mutex<HashMap<String, broadcast::Sender<Arc<Event>>>>,
+    channels: Mutex<HashMap<StreamKey, broadcast::Sender<Arc<Event>>>>,
 }
 
 impl Inner {
-    fn channels(&self) -> MutexGuard<'_, HashMap<String, broadcast::Sender<Arc<Event>>>> {
+    fn channels(&self) -> MutexGuard<'_, HashMap<StreamKey, broadcast::Sender<Arc<Event>>>> {
         // A panic while holding this lock cannot leave the map half-updated (each
         // operation is a single insert/remove), so a poisoned lock is still usable.
         self.channels.lock().unwrap_or_else(|e| e.into_inner())
@@ -36,23 +36,18 @@ impl Inner {
 /// A receiver on one stream; dropping the last one removes the stream's channel.
 pub struct Subscription {
     inner: Arc<Inner>,
-    stream: String,
+    stream: StreamKey,
     rx: Option<broadcast::Receiver<Arc<Event>>>,
 }
 
 impl Subscription {
-    pub fn stream(&self) -> &str {
+    pub fn stream(&self) -> &StreamKey {
         &self.stream
     }
 
-    /// The raw receiver, for measuring publish instants in the fan-out benchmark;
-    /// anything that must not miss events reads through a `Cursor` instead.
-    #[doc(hidden)]
-    pub fn receiver_for_bench(&mut self) -> &mut broadcast::Receiver<Arc<Event>> {
-        self.receiver()
-    }
-
-    pub(crate) fn receiver(&mut self) -> &mut broadcast::Receiver<Arc<Event>> {
+    /// The raw receiver: it may lag and lose events. Anything that must not miss
+    /// events reads through a `Cursor`.
+    pub fn receiver(&mut self) -> &mut broadcast::Receiver<Arc<Event>> {
         // Only `Drop` takes the receiver out.
         self.rx.as_mut().expect("receiver present until drop")
     }
@@ -83,19 +78,19 @@ impl Hub {
         }
     }
 
-    pub fn subscribe(&self, stream: &str) -> Subscription {
+    pub fn subscribe(&self, stream: &StreamKey) -> Subscription {
         let mut map = self.inner.channels();
         let rx = match map.get(stream) {
             Some(tx) => tx.subscribe(),
             None => {
                 let (tx, rx) = broadcast::channel(self.inner.capacity);
-                map.insert(stream.to_owned(), tx);
+                map.insert(stream.clone(), tx);
                 rx
             }
         };
         Subscription {
             inner: self.inner.clone(),
-            stream: stream.to_owned(),
+            stream: stream.clone(),
             rx: Some(rx),
         }
     }
@@ -110,11 +105,11 @@ impl Hub {
     }
 
     /// Streams with at least one local subscriber.
-    pub fn live_streams(&self) -> usize {
-        self.inner.channels().len()
+    pub fn live_streams(&self) -> Vec<StreamKey> {
+        self.inner.channels().keys().cloned().collect()
     }
 
-    pub fn subscribers(&self, stream: &str) -> usize {
+    pub fn subscribers(&self, stream: &StreamKey) -> usize {
         self.inner
             .channels()
             .get(stream)
@@ -129,12 +124,16 @@ mod tests {
     #[test]
     fn channel_lives_exactly_as_long_as_its_subscribers() {
         let hub = Hub::new(4);
-        let a = hub.subscribe("zone:1");
-        let b = hub.subscribe("zone:1");
-        assert_eq!((hub.live_streams(), hub.subscribers("zone:1")), (1, 2));
+        let z = StreamKey::Zone(1);
+        let a = hub.subscribe(&z);
+        let b = hub.subscribe(&z);
+        assert_eq!(
+            (hub.live_streams(), hub.subscribers(&z)),
+            (vec![z.clone()], 2)
+        );
         drop(a);
-        assert_eq!(hub.live_streams(), 1);
+        assert_eq!(hub.live_streams().len(), 1);
         drop(b);
-        assert_eq!(hub.live_streams(), 0);
+        assert!(hub.live_streams().is_empty());
     }
 }

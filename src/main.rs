@@ -6,9 +6,9 @@ use std::io::IsTerminal;
 use anyhow::Context;
 use clap::Parser;
 use zonecast::app::Application;
-use zonecast::auth::Principal;
-use zonecast::broker::Broker;
+use zonecast::broker_memory::MemoryBroker;
 use zonecast::config::{Cli, Command, KeysAction};
+use zonecast::domain::Principal;
 use zonecast::domain::format_time;
 use zonecast::service::Service;
 use zonecast::store::Store;
@@ -98,7 +98,9 @@ async fn keys(database_url: &str, action: KeysAction) -> anyhow::Result<()> {
     let store = Store::open(database_url)
         .await
         .context("cannot open the database")?;
-    let service = Service::new(store, Broker::new(1, 0, 0));
+    // The CLI publishes nothing anyone listens to: a broker with no bus and no cache.
+    let broker = std::sync::Arc::new(MemoryBroker::new(1, 0, 0));
+    let service = Service::new(store, broker, std::sync::Arc::default());
     let cli = Principal::system("cli");
     match action {
         KeysAction::Create {

@@ -1,10 +1,14 @@
 //! What an operator watches: Prometheus metrics (`/metrics`), the live connection
 //! registry and totals behind `/api/stats`.
 //!
-//! The metrics recorder is process-global (the `metrics` facade), installed once;
-//! several servers in one process (tests) share it. The registry is per server.
-//! Recording is cheap and never blocks: atomics, and a std `Mutex` held only for
-//! map updates on connect and disconnect.
+//! The metrics recorder is process-global (the `metrics` facade), installed once, before
+//! any handle is taken (a handle taken earlier would record nowhere); several servers in
+//! one process (tests) share it. The registry is per server. Recording is cheap and
+//! never blocks: atomics, and a std `Mutex` held only for map updates on connect and
+//! disconnect. Series recorded per delivered or replayed event use handles taken once
+//! (`Stats`, `Replays`, `transport::Delivery`); series recorded once per connection,
+//! write or refusal look their handle up where they record (a registry read, small
+//! next to a transaction or a TCP accept).
 
 use std::collections::{BTreeMap, HashMap};
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -12,6 +16,8 @@ use std::sync::{Arc, Mutex, MutexGuard, OnceLock};
 
 use chrono::{DateTime, Utc};
 use metrics_exporter_prometheus::{PrometheusBuilder, PrometheusHandle};
+
+use crate::domain::{ResetReason, StreamKey};
 
 static PROMETHEUS: OnceLock<Option<PrometheusHandle>> = OnceLock::new();
 
@@ -109,8 +115,8 @@ fn register_known() {
 /// The transport of a connection, as a metric label.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Transport {
-    Sse,
-    Ws,
+    Sse = 0,
+    Ws = 1,
 }
 
 impl Transport {
@@ -122,25 +128,13 @@ impl Transport {
     }
 }
 
-/// The kind of a stream key, as a metric label (never the key: unbounded labels).
-pub fn stream_kind(stream: &str) -> &'static str {
-    if stream.starts_with("zone:") {
-        "zone"
-    } else if stream.starts_with("user:") {
-        "user"
-    } else {
-        "alerts"
-    }
-}
-
 struct ConnInfo {
     transport: Transport,
     user: Option<String>,
-    streams: Vec<String>,
+    streams: Vec<StreamKey>,
 }
 
 /// Live connections and totals of one server.
-#[derive(Default)]
 pub struct Stats {
     next_id: AtomicU64,
     conns: Mutex<HashMap<u64, ConnInfo>>,
@@ -149,6 +143,92 @@ pub struct Stats {
     send_errors: AtomicU64,
     /// Milliseconds since the epoch of the last publish; 0 for never.
     last_broadcast_ms: AtomicU64,
+    /// Metric handles, taken once (a registry lookup per delivery costs more than the
+    /// delivery's bookkeeping): `[sse, ws]`.
+    deliveries: [metrics::Counter; 2],
+    send_error_total: metrics::Counter,
+}
+
+impl Default for Stats {
+    fn default() -> Self {
+        Stats {
+            next_id: AtomicU64::new(0),
+            conns: Mutex::default(),
+            messages_sent: AtomicU64::new(0),
+            broadcasts: AtomicU64::new(0),
+            send_errors: AtomicU64::new(0),
+            last_broadcast_ms: AtomicU64::new(0),
+            deliveries: [Transport::Sse, Transport::Ws]
+                .map(|t| metrics::counter!("zonecast_deliveries_total", "transport" => t.label())),
+            send_error_total: metrics::counter!("zonecast_send_errors_total"),
+        }
+    }
+}
+
+/// Events served to cursors from memory and from the change log, on one node, and the
+/// resets they yielded.
+pub struct Replays {
+    from_cache: AtomicU64,
+    from_log: AtomicU64,
+    /// Queries for events or bounds (a fill or a resume the cache could not answer).
+    log_queries: AtomicU64,
+    /// Metric handles, taken once: `[cache, log]` and `[history_expired, unknown_position]`.
+    replayed: [metrics::Counter; 2],
+    resets: [metrics::Counter; 2],
+}
+
+impl Default for Replays {
+    fn default() -> Self {
+        Replays {
+            from_cache: AtomicU64::new(0),
+            from_log: AtomicU64::new(0),
+            log_queries: AtomicU64::new(0),
+            replayed: ["cache", "log"]
+                .map(|s| metrics::counter!("zonecast_replayed_events_total", "source" => s)),
+            resets: [ResetReason::HistoryExpired, ResetReason::UnknownPosition]
+                .map(|r| metrics::counter!("zonecast_resets_total", "reason" => r.as_str())),
+        }
+    }
+}
+
+/// `Replays` read at one moment.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct ReplayCounts {
+    pub from_cache: u64,
+    pub from_log: u64,
+    pub log_queries: u64,
+}
+
+impl Replays {
+    pub fn counts(&self) -> ReplayCounts {
+        ReplayCounts {
+            from_cache: self.from_cache.load(Ordering::Relaxed),
+            from_log: self.from_log.load(Ordering::Relaxed),
+            log_queries: self.log_queries.load(Ordering::Relaxed),
+        }
+    }
+
+    pub fn served_from_cache(&self, n: u64) {
+        self.from_cache.fetch_add(n, Ordering::Relaxed);
+        self.replayed[0].increment(n);
+    }
+
+    pub fn served_from_log(&self, n: u64) {
+        self.from_log.fetch_add(n, Ordering::Relaxed);
+        self.replayed[1].increment(n);
+    }
+
+    pub fn queried_log(&self) {
+        self.log_queries.fetch_add(1, Ordering::Relaxed);
+    }
+
+    pub fn reset(&self, reason: ResetReason) {
+        self.resets[match reason {
+            ResetReason::HistoryExpired => 0,
+            ResetReason::UnknownPosition => 1,
+        }]
+        .increment(1);
+    }
 }
 
 /// Registration of one connection; dropping it unregisters.
@@ -167,13 +247,13 @@ impl Drop for ConnGuard {
 }
 
 impl ConnGuard {
-    pub fn add_stream(&self, stream: &str) {
+    pub fn add_stream(&self, stream: &StreamKey) {
         if let Some(c) = self.stats.conns().get_mut(&self.id) {
-            c.streams.push(stream.to_owned());
+            c.streams.push(stream.clone());
         }
     }
 
-    pub fn remove_stream(&self, stream: &str) {
+    pub fn remove_stream(&self, stream: &StreamKey) {
         if let Some(c) = self.stats.conns().get_mut(&self.id) {
             c.streams.retain(|s| s != stream);
         }
@@ -221,13 +301,12 @@ impl Stats {
     /// `n` messages written to one connection.
     pub fn sent(&self, transport: Transport, n: u64) {
         self.messages_sent.fetch_add(n, Ordering::Relaxed);
-        metrics::counter!("zonecast_deliveries_total", "transport" => transport.label())
-            .increment(n);
+        self.deliveries[transport as usize].increment(n);
     }
 
     pub fn send_error(&self) {
         self.send_errors.fetch_add(1, Ordering::Relaxed);
-        metrics::counter!("zonecast_send_errors_total").increment(1);
+        self.send_error_total.increment(1);
     }
 
     pub fn broadcast(&self, n: u64) {
@@ -239,14 +318,14 @@ impl Stats {
     /// The registry, whole (`visible` is `None`), or as seen by someone who may see
     /// only the streams `visible` accepts: then a connection counts if it reads one of
     /// them, and only those streams are listed.
-    pub fn snapshot(&self, visible: Option<&dyn Fn(&str) -> bool>) -> Snapshot {
+    pub fn snapshot(&self, visible: Option<&dyn Fn(&StreamKey) -> bool>) -> Snapshot {
         let conns = self.conns();
         let mut by_stream = BTreeMap::new();
         let mut by_transport = BTreeMap::new();
         let mut users = std::collections::HashSet::new();
         let mut total = 0;
         for c in conns.values() {
-            let seen: Vec<&String> = match visible {
+            let seen: Vec<&StreamKey> = match visible {
                 None => c.streams.iter().collect(),
                 Some(v) => c.streams.iter().filter(|s| v(s)).collect(),
             };
@@ -258,7 +337,7 @@ impl Stats {
                 .entry(c.transport.label().to_owned())
                 .or_insert(0) += 1;
             for s in seen {
-                *by_stream.entry(s.clone()).or_insert(0) += 1;
+                *by_stream.entry(s.to_string()).or_insert(0) += 1;
             }
             if let Some(u) = &c.user {
                 users.insert(u.clone());
@@ -277,5 +356,24 @@ impl Stats {
                 .then(|| DateTime::from_timestamp_millis(last as i64))
                 .flatten(),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::domain::EventKind;
+
+    #[test]
+    fn the_registered_event_types_are_every_event_kind() {
+        let registered: Vec<(&str, &str)> = EVENT_TYPES
+            .iter()
+            .flat_map(|(kind, types)| types.iter().map(move |t| (*kind, *t)))
+            .collect();
+        let kinds: Vec<(&str, &str)> = EventKind::ALL
+            .iter()
+            .map(|k| (k.stream_kind(), k.as_str()))
+            .collect();
+        assert_eq!(registered, kinds);
     }
 }

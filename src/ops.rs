@@ -11,8 +11,8 @@ use poem::web::Data;
 use poem::{Endpoint, IntoResponse, Request, Response, handler};
 use tracing::Instrument;
 
-use crate::api::problem::Problem;
-use crate::app::AppState;
+use crate::http::problem::Problem;
+use crate::state::AppState;
 
 /// `GET /metrics`: Prometheus text format.
 #[handler]

@@ -5,8 +5,8 @@
 use poem::http::StatusCode;
 use poem::{Endpoint, IntoResponse, Request, Response, handler};
 
-use crate::api::problem::Problem;
-use crate::app::AppState;
+use crate::http::problem::Problem;
+use crate::state::AppState;
 
 fn page(body: &'static str, content_type: &str) -> Response {
     Response::builder()

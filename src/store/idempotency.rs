@@ -12,6 +12,7 @@ use entity::idempotency_key;
 use sea_orm::{DatabaseTransaction, EntityTrait};
 
 use super::{Store, StoreError, exec};
+use crate::domain::StreamKey;
 
 /// What a claim found.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -22,13 +23,13 @@ pub enum KeyClaim {
     /// appended event `seq` of `stream`.
     Used {
         fingerprint: String,
-        stream: String,
+        stream: StreamKey,
         seq: u64,
     },
 }
 
 impl Store {
-    pub(crate) async fn claim_key(
+    pub async fn claim_key(
         txn: &DatabaseTransaction,
         principal: &str,
         key: &str,
@@ -49,26 +50,33 @@ impl Store {
             .one(txn)
             .await?
             .ok_or_else(|| StoreError::Corrupt(format!("idempotency key {key:?} vanished")))?;
+        let stream = StreamKey::parse(&row.stream)
+            .map_err(|e| StoreError::Corrupt(format!("idempotency key {key:?}: {e}")))?;
         Ok(KeyClaim::Used {
             fingerprint: row.fingerprint,
-            stream: row.stream,
+            stream,
             seq: u64::try_from(row.seq).unwrap_or(0),
         })
     }
 
     /// Records the event a newly claimed key's request appended.
-    pub(crate) async fn settle_key(
+    pub async fn settle_key(
         txn: &DatabaseTransaction,
         principal: &str,
         key: &str,
-        stream: &str,
+        stream: &StreamKey,
         seq: u64,
     ) -> Result<(), StoreError> {
         let seq = i64::try_from(seq).map_err(|_| StoreError::Corrupt("seq overflow".into()))?;
         exec(
             txn,
             "UPDATE idempotency_keys SET stream = $1, seq = $2 WHERE principal = $3 AND key = $4",
-            vec![stream.into(), seq.into(), principal.into(), key.into()],
+            vec![
+                stream.to_string().into(),
+                seq.into(),
+                principal.into(),
+                key.into(),
+            ],
         )
         .await?;
         Ok(())
@@ -76,7 +84,7 @@ impl Store {
 
     /// Forgets keys whose event the log no longer keeps (run after pruning the log), so
     /// a key lives exactly as long as its event.
-    pub(crate) async fn prune_keys(&self) -> Result<u64, StoreError> {
+    pub async fn prune_keys(&self) -> Result<u64, StoreError> {
         exec(
             &self.db,
             "DELETE FROM idempotency_keys WHERE NOT EXISTS (SELECT 1 FROM events e \

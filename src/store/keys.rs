@@ -7,7 +7,7 @@ use sea_orm::{
 };
 
 use super::{Store, StoreError};
-use crate::auth::{Role, ZoneScope};
+use crate::domain::{Role, ZoneScope};
 
 /// A stored key, without its secret.
 #[derive(Debug, Clone)]
@@ -24,8 +24,14 @@ pub struct ApiKey {
 fn to_key(m: api_key::Model) -> Result<ApiKey, StoreError> {
     Ok(ApiKey {
         id: m.id,
-        role: m.role.parse().map_err(StoreError::Corrupt)?,
-        zones: m.zones.parse().map_err(StoreError::Corrupt)?,
+        role: m
+            .role
+            .parse()
+            .map_err(|e: crate::domain::DomainError| StoreError::Corrupt(e.to_string()))?,
+        zones: m
+            .zones
+            .parse()
+            .map_err(|e: crate::domain::DomainError| StoreError::Corrupt(e.to_string()))?,
         name: m.name,
         user_id: m.user_id,
         created_at: m.created_at,

@@ -10,23 +10,7 @@ use sea_orm::{
 };
 
 use super::{Store, StoreError, exec, stmt};
-use crate::event::Event;
-
-/// What the log holds for one stream.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct LogBounds {
-    /// Oldest kept seq, `None` if nothing is kept.
-    pub earliest: Option<u64>,
-    /// Latest seq handed out (0 for a stream with no events yet).
-    pub last: u64,
-}
-
-impl LogBounds {
-    /// The first seq that a resume could still read.
-    pub fn first_available(&self) -> u64 {
-        self.earliest.unwrap_or(self.last + 1)
-    }
-}
+use crate::domain::{Event, EventKind, LogBounds, StreamKey};
 
 fn to_u64(v: i64, what: &str) -> Result<u64, StoreError> {
     u64::try_from(v).map_err(|_| StoreError::Corrupt(format!("negative {what}: {v}")))
@@ -34,32 +18,40 @@ fn to_u64(v: i64, what: &str) -> Result<u64, StoreError> {
 
 fn to_event(m: event::Model) -> Result<Event, StoreError> {
     let seq = to_u64(m.seq, "seq")?;
-    Ok(Event::render(&m.stream, seq, &m.kind, m.created_at, m.data))
+    let stream = StreamKey::parse(&m.stream)
+        .map_err(|e| StoreError::Corrupt(format!("event {}#{seq}: {e}", m.stream)))?;
+    let kind = EventKind::parse(&m.kind)
+        .map_err(|e| StoreError::Corrupt(format!("event {}#{seq}: {e}", m.stream)))?;
+    Ok(Event::render(&stream, seq, kind, m.created_at, m.data))
 }
 
 const ENSURE_STREAM: &str =
     "INSERT INTO streams (key, last_seq) VALUES ($1, 0) ON CONFLICT (key) DO NOTHING";
 
 impl Store {
-    pub async fn ensure_stream(&self, key: &str) -> Result<(), StoreError> {
-        exec(&self.db, ENSURE_STREAM, vec![key.into()]).await?;
+    pub async fn ensure_stream(&self, key: &StreamKey) -> Result<(), StoreError> {
+        exec(&self.db, ENSURE_STREAM, vec![key.to_string().into()]).await?;
         Ok(())
     }
 
-    pub(crate) async fn ensure_stream_in(
+    pub async fn ensure_stream_in(
         txn: &DatabaseTransaction,
-        key: &str,
+        key: &StreamKey,
     ) -> Result<(), StoreError> {
-        exec(txn, ENSURE_STREAM, vec![key.into()]).await?;
+        exec(txn, ENSURE_STREAM, vec![key.to_string().into()]).await?;
         Ok(())
     }
 
     /// Takes the next seq of `key`, locking the stream row until the transaction ends.
-    pub(crate) async fn next_seq(txn: &DatabaseTransaction, key: &str) -> Result<u64, StoreError> {
+    pub async fn next_seq(txn: &DatabaseTransaction, key: &StreamKey) -> Result<u64, StoreError> {
         let sql = "UPDATE streams SET last_seq = last_seq + 1 WHERE key = $1 RETURNING last_seq";
         for _ in 0..2 {
             let row = txn
-                .query_one_raw(stmt(txn.get_database_backend(), sql, vec![key.into()]))
+                .query_one_raw(stmt(
+                    txn.get_database_backend(),
+                    sql,
+                    vec![key.to_string().into()],
+                ))
                 .await?;
             if let Some(row) = row {
                 return to_u64(row.try_get_by_index::<i64>(0)?, "last_seq");
@@ -72,20 +64,20 @@ impl Store {
     }
 
     /// Appends one event; `seq` must come from `next_seq` in the same transaction.
-    pub(crate) async fn append(
+    pub async fn append(
         txn: &DatabaseTransaction,
-        stream: &str,
+        stream: &StreamKey,
         seq: u64,
-        kind: &str,
+        kind: EventKind,
         data: String,
         request_id: Option<String>,
         at: DateTime<Utc>,
     ) -> Result<Event, StoreError> {
         let seq_i = i64::try_from(seq).map_err(|_| StoreError::Corrupt("seq overflow".into()))?;
         event::Entity::insert(event::ActiveModel {
-            stream: Set(stream.to_owned()),
+            stream: Set(stream.to_string()),
             seq: Set(seq_i),
-            kind: Set(kind.to_owned()),
+            kind: Set(kind.as_str().to_owned()),
             data: Set(data.clone()),
             request_id: Set(request_id),
             created_at: Set(at),
@@ -96,13 +88,13 @@ impl Store {
     }
 
     /// One event of the log, read in `txn`.
-    pub(crate) async fn event_in(
+    pub async fn event_in(
         txn: &DatabaseTransaction,
-        stream: &str,
+        stream: &StreamKey,
         seq: u64,
     ) -> Result<Option<Event>, StoreError> {
         let seq = i64::try_from(seq).unwrap_or(i64::MAX);
-        event::Entity::find_by_id((stream.to_owned(), seq))
+        event::Entity::find_by_id((stream.to_string(), seq))
             .one(txn)
             .await?
             .map(to_event)
@@ -112,13 +104,13 @@ impl Store {
     /// Up to `limit` events of `stream` with seq ≥ `from`, in order.
     pub async fn read_from(
         &self,
-        stream: &str,
+        stream: &StreamKey,
         from: u64,
         limit: u64,
     ) -> Result<Vec<Event>, StoreError> {
         let from = i64::try_from(from).unwrap_or(i64::MAX);
         event::Entity::find()
-            .filter(event::Column::Stream.eq(stream))
+            .filter(event::Column::Stream.eq(stream.to_string()))
             .filter(event::Column::Seq.gte(from))
             .order_by_asc(event::Column::Seq)
             .limit(limit)
@@ -129,12 +121,12 @@ impl Store {
             .collect()
     }
 
-    pub async fn bounds(&self, stream: &str) -> Result<LogBounds, StoreError> {
+    pub async fn bounds(&self, stream: &StreamKey) -> Result<LogBounds, StoreError> {
         let sql = "SELECT s.last_seq, (SELECT MIN(e.seq) FROM events e WHERE e.stream = s.key) \
                    FROM streams s WHERE s.key = $1";
         let row = self
             .db
-            .query_one_raw(stmt(self.backend(), sql, vec![stream.into()]))
+            .query_one_raw(stmt(self.backend(), sql, vec![stream.to_string().into()]))
             .await?;
         let Some(row) = row else {
             return Ok(LogBounds {

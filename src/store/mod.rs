@@ -2,7 +2,9 @@
 //! and offers the transactions the service layer composes: every write is one
 //! transaction that also appends to the change log (`log.rs`).
 //!
-//! Must not publish anything: publishing happens after commit, in the service layer.
+//! Depends on `domain` and the `entity` crate only. Must not publish anything:
+//! publishing happens after commit, in the service layer; and must not decide who may
+//! do what.
 
 mod idempotency;
 mod keys;
@@ -22,7 +24,6 @@ use sea_orm::{
 
 pub use idempotency::KeyClaim;
 pub use keys::ApiKey;
-pub use log::LogBounds;
 
 /// Storage failures. `Display` carries the database's own message, once: the cause is
 /// not also exposed as `source()`, so an error chain printed at the top (`main`) does
@@ -95,7 +96,9 @@ impl Store {
             tracing::info!(applied = %pending.join(", "), "migrated the database");
         }
         let store = Store { db };
-        store.ensure_stream("alerts").await?;
+        store
+            .ensure_stream(&crate::domain::StreamKey::Alerts)
+            .await?;
         Ok(store)
     }
 
@@ -120,7 +123,7 @@ impl Store {
     /// A write transaction. On SQLite it takes the write lock at BEGIN (IMMEDIATE), so two
     /// writers never both read and then fail to upgrade; on PostgreSQL the stream row
     /// lock taken by `next_seq` orders writers.
-    pub(crate) async fn begin_write(&self) -> Result<DatabaseTransaction, StoreError> {
+    pub async fn begin_write(&self) -> Result<DatabaseTransaction, StoreError> {
         Ok(self
             .db
             .begin_with_options(TransactionOptions {

@@ -10,12 +10,15 @@ use sea_orm::{
 };
 
 use super::{Store, StoreError};
-use crate::notifications::{NewNotification, Notification};
+use crate::domain::{NewNotification, Notification};
 
 fn to_notification(m: notification::Model) -> Result<Notification, StoreError> {
     Ok(Notification {
         id: m.id,
-        priority: m.priority.parse().map_err(StoreError::Corrupt)?,
+        priority: m
+            .priority
+            .parse()
+            .map_err(|e: crate::domain::DomainError| StoreError::Corrupt(e.to_string()))?,
         data: serde_json::from_str(&m.data)
             .map_err(|e| StoreError::Corrupt(format!("notification {}: {e}", m.id)))?,
         user_id: m.user_id,
@@ -28,7 +31,7 @@ fn to_notification(m: notification::Model) -> Result<Notification, StoreError> {
 }
 
 impl Store {
-    pub(crate) async fn insert_notification(
+    pub async fn insert_notification(
         txn: &DatabaseTransaction,
         user: &str,
         new: &NewNotification,
@@ -36,11 +39,11 @@ impl Store {
     ) -> Result<Notification, StoreError> {
         let m = notification::ActiveModel {
             user_id: Set(user.to_owned()),
-            kind: Set(new.kind.clone()),
-            priority: Set(new.priority.to_string()),
-            subject: Set(new.subject.clone()),
-            message: Set(new.message.clone()),
-            data: Set(new.data.to_string()),
+            kind: Set(new.kind().to_owned()),
+            priority: Set(new.priority().to_string()),
+            subject: Set(new.subject().to_owned()),
+            message: Set(new.message().to_owned()),
+            data: Set(new.data().to_string()),
             created_at: Set(at),
             read_at: Set(None),
             ..Default::default()
@@ -65,7 +68,7 @@ impl Store {
             .is_some())
     }
 
-    pub(crate) async fn notification_in(
+    pub async fn notification_in(
         txn: &DatabaseTransaction,
         id: i32,
     ) -> Result<Option<Notification>, StoreError> {
@@ -78,7 +81,7 @@ impl Store {
 
     /// Marks the user's unread notifications (all, or just `only`) read; returns
     /// the ids that changed.
-    pub(crate) async fn mark_read(
+    pub async fn mark_read(
         txn: &DatabaseTransaction,
         user: &str,
         only: Option<i32>,
@@ -110,10 +113,7 @@ impl Store {
         Ok(ids)
     }
 
-    pub(crate) async fn unread_in(
-        txn: &DatabaseTransaction,
-        user: &str,
-    ) -> Result<u64, StoreError> {
+    pub async fn unread_in(txn: &DatabaseTransaction, user: &str) -> Result<u64, StoreError> {
         Ok(notification::Entity::find()
             .filter(notification::Column::UserId.eq(user))
             .filter(notification::Column::ReadAt.is_null())
@@ -153,7 +153,7 @@ impl Store {
             .collect()
     }
 
-    pub(crate) async fn watchers_in(
+    pub async fn watchers_in(
         txn: &DatabaseTransaction,
         zone: i32,
     ) -> Result<Vec<String>, StoreError> {

@@ -43,7 +43,7 @@ impl Store {
         }
         .insert(&txn)
         .await?;
-        Self::ensure_stream_in(&txn, &StreamKey::Zone(z.id).to_string()).await?;
+        Self::ensure_stream_in(&txn, &StreamKey::Zone(z.id)).await?;
         txn.commit().await?;
         Ok(to_zone(z))
     }
@@ -76,7 +76,7 @@ impl Store {
             .map(|m| m.zone_id))
     }
 
-    pub(crate) async fn item_in(
+    pub async fn item_in(
         txn: &DatabaseTransaction,
         item_id: i32,
     ) -> Result<Option<Item>, StoreError> {
@@ -86,14 +86,14 @@ impl Store {
             .map(to_item))
     }
 
-    pub(crate) async fn zone_exists_in(
+    pub async fn zone_exists_in(
         txn: &DatabaseTransaction,
         zone_id: i32,
     ) -> Result<bool, StoreError> {
         Ok(zone::Entity::find_by_id(zone_id).one(txn).await?.is_some())
     }
 
-    pub(crate) async fn sku_taken(
+    pub async fn sku_taken(
         txn: &DatabaseTransaction,
         zone_id: i32,
         sku: &str,
@@ -106,7 +106,7 @@ impl Store {
             > 0)
     }
 
-    pub(crate) async fn insert_item(
+    pub async fn insert_item(
         txn: &DatabaseTransaction,
         zone_id: i32,
         new: &NewItem,
@@ -114,10 +114,10 @@ impl Store {
     ) -> Result<Item, StoreError> {
         let m = item::ActiveModel {
             zone_id: Set(zone_id),
-            sku: Set(new.sku.clone()),
-            name: Set(new.name.clone()),
-            quantity: Set(new.quantity),
-            low_stock_threshold: Set(new.low_stock_threshold),
+            sku: Set(new.sku().to_owned()),
+            name: Set(new.name().to_owned()),
+            quantity: Set(new.quantity()),
+            low_stock_threshold: Set(new.low_stock_threshold()),
             version: Set(1),
             updated_at: Set(at),
             ..Default::default()
@@ -127,7 +127,7 @@ impl Store {
         Ok(to_item(m))
     }
 
-    pub(crate) async fn save_item(txn: &DatabaseTransaction, it: &Item) -> Result<(), StoreError> {
+    pub async fn save_item(txn: &DatabaseTransaction, it: &Item) -> Result<(), StoreError> {
         item::ActiveModel {
             id: Set(it.id),
             zone_id: Set(it.zone_id),
@@ -143,7 +143,7 @@ impl Store {
         Ok(())
     }
 
-    pub(crate) async fn delete_item(txn: &DatabaseTransaction, id: i32) -> Result<(), StoreError> {
+    pub async fn delete_item(txn: &DatabaseTransaction, id: i32) -> Result<(), StoreError> {
         item::Entity::delete_by_id(id).exec(txn).await?;
         Ok(())
     }

@@ -1,38 +1,34 @@
-//! Server-sent events (DESIGN §5).
+//! Server-sent events (DESIGN §5): the single-stream endpoints, and the event-stream
+//! response body every SSE endpoint uses.
 //!
 //! The body is built by hand rather than with poem's `SSE` type: events arrive already
 //! rendered as SSE frames (shared `Bytes`), and everything ready is drained into one
-//! chunk, so a burst costs one socket write per subscriber, not one per event.
+//! chunk (`batch::collect`), so a burst costs one socket write per subscriber, not one
+//! per event.
 //!
 //! Once a stream has started, errors cannot become HTTP statuses: a storage failure
 //! ends the stream (the client reconnects with `Last-Event-ID`), shutdown ends it after
-//! the last complete frame.
-
-use std::sync::Arc;
-use std::time::Duration;
+//! the last complete frame, and so do revoked or expired credentials.
 
 use bytes::{Bytes, BytesMut};
 use poem::http::StatusCode;
-use poem::web::{Data, Path, Query};
-use poem::{Body, Request, Response, handler};
+use poem::web::{Path, Query};
+use poem::{Body, Response, handler};
 use serde::Deserialize;
 use tokio::time::{Instant, MissedTickBehavior, interval_at};
 
-use crate::api::access::RateKey;
-use crate::api::problem::{ApiError, Problem, error_response, service_problem};
-use crate::app::AppState;
-use crate::auth::Principal;
-use crate::cursor::{Cursor, CursorError, Item, Start};
-use crate::domain::{StreamKey, format_time, now};
-use crate::event::sse_frame;
-use crate::observe::{Stats, Transport};
+use super::batch::{Source, collect};
+use super::{Caller, Delivery, OpenError, render, stopping};
+use crate::cursor::Item;
+use crate::domain::StreamKey;
+use crate::http::wire::SnapshotBody;
+use crate::observe::Transport;
 
 /// Upper bound of one coalesced write.
 pub const MAX_CHUNK: usize = 64 * 1024;
 
 #[derive(Debug, Default, Deserialize)]
-pub struct SseQuery {
-    pub last_event_id: Option<String>,
+pub struct SnapshotQuery {
     pub snapshot: Option<String>,
 }
 
@@ -40,209 +36,95 @@ fn truthy(v: Option<&str>) -> bool {
     matches!(v, Some("1" | "true" | "yes"))
 }
 
-pub fn header_resume_point(req: &Request) -> Option<String> {
-    req.header("Last-Event-ID").map(str::to_owned)
-}
-
-pub fn unavailable(e: impl std::fmt::Display) -> Response {
-    tracing::error!(error = %e, "cannot open stream");
-    Problem::new(
-        StatusCode::SERVICE_UNAVAILABLE,
-        "unavailable",
-        "the change log cannot be read right now; retry",
-    )
-    .response()
-}
-
-/// Why this caller may not open a stream on `stream` now (scope, then the
-/// connection-open rate limit), as a problem response before the stream starts;
-/// `None` when it may.
-pub fn refusal(
-    state: &AppState,
-    p: &Principal,
-    rate: &RateKey,
-    stream: Option<&StreamKey>,
-) -> Option<Response> {
-    if let Some(Err(e)) = stream.map(|s| p.require_stream(s)) {
-        return Some(error_response(e));
-    }
-    let retry = state.limits.connect(&rate.0).err()?;
-    Some(error_response(ApiError::rate_limited(retry, "connections")))
-}
-
 /// `GET /sse/zones/{zone_id}/stock`
 #[handler]
 pub async fn zone_stock(
-    req: &Request,
     Path(zone_id): Path<i32>,
-    Query(q): Query<SseQuery>,
-    Data(state): Data<&AppState>,
-    Data(principal): Data<&Principal>,
-    Data(rate): Data<&RateKey>,
+    Query(q): Query<SnapshotQuery>,
+    caller: Caller<'_>,
 ) -> Response {
-    if let Some(r) = refusal(state, principal, rate, Some(&StreamKey::Zone(zone_id))) {
-        return r;
+    if let Err(e) = caller.admit() {
+        return e.response();
     }
-    let service = &state.service;
-    if let Err(e) = service.zone(zone_id).await {
-        return service_problem(e);
-    }
-    let stream = StreamKey::Zone(zone_id).to_string();
-    let mut cursor = Cursor::subscribe(&service.broker, &service.store, &stream);
-    let mut first = BytesMut::from(retry_line(state.config.sse_retry).as_bytes());
+    let state = caller.state;
+    let mut first = BytesMut::from(&render::retry(state.config.sse_retry)[..]);
     // A reconnecting EventSource repeats the URL (with `snapshot=1`) and sends
     // `Last-Event-ID`: it already has the state, so the header wins over a snapshot.
-    let start = match header_resume_point(req) {
-        Some(h) => Start::from_resume_point(Some(&h)),
-        None if truthy(q.snapshot.as_deref()) => {
-            let snap = match service.snapshot(zone_id).await {
-                Ok(s) => s,
-                Err(e) => return service_problem(e),
-            };
-            let body = crate::api::dto::SnapshotBody::from(snap);
-            let json = serde_json::to_string(&body).unwrap_or_default();
-            first.extend_from_slice(&sse_frame(
-                Some(body.last_event_id),
-                "stock_snapshot",
-                json.as_bytes(),
-            ));
-            Start::Snapshot(body.last_event_id)
+    let cursor = if !caller.reconnecting && truthy(q.snapshot.as_deref()) {
+        match state
+            .service
+            .open_with_snapshot(caller.principal, zone_id)
+            .await
+        {
+            Ok((snapshot, cursor)) => {
+                first.extend_from_slice(&render::sse_snapshot(&SnapshotBody::from(snapshot)));
+                cursor
+            }
+            Err(e) => return OpenError::from(e).response(),
         }
-        None => Start::from_resume_point(q.last_event_id.as_deref()),
+    } else {
+        match caller.open(StreamKey::Zone(zone_id), caller.start()).await {
+            Ok(cursor) => cursor,
+            Err(e) => return e.response(),
+        }
     };
-    if let Err(e) = cursor.seek(start).await {
-        return unavailable(e);
-    }
-    stream_response(state, principal, cursor, first.freeze())
+    respond(&caller, cursor, first.freeze(), |_, item| render::sse(item))
 }
 
 /// `GET /sse/alerts`
 #[handler]
-pub async fn alerts(
-    req: &Request,
-    Query(q): Query<SseQuery>,
-    Data(state): Data<&AppState>,
-    Data(principal): Data<&Principal>,
-    Data(rate): Data<&RateKey>,
-) -> Response {
-    resumable(req, q, state, principal, rate, StreamKey::Alerts).await
+pub async fn alerts(caller: Caller<'_>) -> Response {
+    resumable(&caller, Ok(StreamKey::Alerts)).await
 }
 
 /// `GET /sse/notifications`: the caller's own user stream.
 #[handler]
-pub async fn notifications(
-    req: &Request,
-    Query(q): Query<SseQuery>,
-    Data(state): Data<&AppState>,
-    Data(principal): Data<&Principal>,
-    Data(rate): Data<&RateKey>,
-) -> Response {
-    let Some(user) = principal.user.clone() else {
-        let e = crate::domain::DomainError::Forbidden(format!(
-            "{} is not bound to a user",
-            principal.name
-        ));
-        return error_response(e);
-    };
-    resumable(req, q, state, principal, rate, StreamKey::User(user)).await
+pub async fn notifications(caller: Caller<'_>) -> Response {
+    let stream = caller
+        .state
+        .service
+        .user_stream(caller.principal)
+        .map_err(OpenError::from);
+    resumable(&caller, stream).await
 }
 
 /// A stream without a snapshot: live, or resumed from `Last-Event-ID` /
 /// `?last_event_id=`.
-async fn resumable(
-    req: &Request,
-    q: SseQuery,
-    state: &AppState,
-    principal: &Principal,
-    rate: &RateKey,
-    key: StreamKey,
-) -> Response {
-    if let Some(r) = refusal(state, principal, rate, Some(&key)) {
-        return r;
-    }
-    let service = &state.service;
-    let mut cursor = Cursor::subscribe(&service.broker, &service.store, &key.to_string());
-    let raw = header_resume_point(req).or(q.last_event_id);
-    if let Err(e) = cursor.seek(Start::from_resume_point(raw.as_deref())).await {
-        return unavailable(e);
-    }
-    let first = Bytes::from(retry_line(state.config.sse_retry));
-    stream_response(state, principal, cursor, first)
-}
-
-pub fn retry_line(retry: Duration) -> String {
-    format!("retry: {}\n\n", retry.as_millis())
-}
-
-fn heartbeat_frame() -> Bytes {
-    let data = format!("{{\"at\":\"{}\"}}", format_time(&now()));
-    sse_frame(None, "heartbeat", data.as_bytes())
-}
-
-/// The frame of one cursor item: the shared pre-rendered bytes for an event.
-pub fn frame(item: &Item) -> Bytes {
-    match item {
-        Item::Event(ev) => ev.sse.clone(),
-        Item::Reset(r) => {
-            let data = serde_json::to_vec(r).unwrap_or_default();
-            sse_frame(None, "reset", &data)
+async fn resumable(caller: &Caller<'_>, stream: Result<StreamKey, OpenError>) -> Response {
+    let opened = async {
+        let stream = stream?;
+        caller.admit()?;
+        caller.open(stream, caller.start()).await
+    };
+    match opened.await {
+        Ok(cursor) => {
+            let first = render::retry(caller.state.config.sse_retry);
+            respond(caller, cursor, first, |_, item| render::sse(item))
         }
+        Err(e) => e.response(),
     }
 }
 
-/// What an SSE response streams from: one cursor (the per-stream endpoints, frames
-/// shared by all subscribers) or several merged (`/sse/streams`).
-pub enum Feed {
-    One(Cursor),
-    Many(super::sse_multi::Merged),
-}
-
-impl Feed {
-    fn streams(&self) -> Vec<String> {
-        match self {
-            Feed::One(c) => vec![c.stream().to_owned()],
-            Feed::Many(m) => m.streams(),
-        }
-    }
-
-    /// The next chunk: everything ready, coalesced. Cancel-safe.
-    async fn next_chunk(&mut self, delivery: &Delivery) -> Result<Bytes, CursorError> {
-        match self {
-            Feed::One(cursor) => {
-                let item = cursor.next().await?;
-                Ok(drain(cursor, &item, delivery))
-            }
-            Feed::Many(m) => m.next_chunk(delivery).await,
-        }
-    }
-}
-
-fn stream_response(
-    state: &AppState,
-    principal: &Principal,
-    cursor: Cursor,
-    first: Bytes,
-) -> Response {
-    feed_response(state, principal, Feed::One(cursor), first)
-}
-
-pub fn feed_response(
-    state: &AppState,
-    principal: &Principal,
-    mut feed: Feed,
-    first: Bytes,
-) -> Response {
+/// The event-stream response: `first`, then batches from `src` rendered by `frame`,
+/// heartbeats, and the end on shutdown, on revoked or expired credentials, or on a
+/// storage failure. Registered in `/api/stats` while it streams.
+pub fn respond<S, F>(caller: &Caller<'_>, mut src: S, first: Bytes, mut frame: F) -> Response
+where
+    S: Source + StreamsOf + 'static,
+    F: FnMut(&StreamKey, &Item) -> Bytes + Send + 'static,
+{
+    let state = caller.state;
     let heartbeat = state.config.heartbeat;
     let mut shutdown = state.shutdown.clone();
     let auth = state.auth.clone();
-    let principal = principal.clone();
-    let delivery = Delivery::new(state.service.broker.stats.clone(), Transport::Sse);
+    let principal = caller.principal.clone();
+    let delivery = Delivery::new(state.service.connections().clone());
     let body = async_stream::stream! {
         yield Ok::<Bytes, std::io::Error>(first);
         let name = principal.name.clone();
         // Registered while the body streams; dropped (unregistered) when it ends.
         let registration = delivery.stats.connect(Transport::Sse, principal.user.as_deref());
-        let streams = feed.streams();
+        let streams = src.streams();
         for st in &streams {
             registration.add_stream(st);
         }
@@ -251,6 +133,7 @@ pub fn feed_response(
         tokio::pin!(ended);
         let mut beat = interval_at(Instant::now() + heartbeat, heartbeat);
         beat.set_missed_tick_behavior(MissedTickBehavior::Delay);
+        let mut pieces: Vec<Bytes> = Vec::new();
         loop {
             tokio::select! {
                 biased;
@@ -259,14 +142,23 @@ pub fn feed_response(
                     tracing::info!(principal = %name, reason = why.reason(), "ending SSE stream");
                     break;
                 }
-                chunk = feed.next_chunk(&delivery) => match chunk {
-                    Ok(chunk) => yield Ok(chunk),
+                taken = collect(&mut src, MAX_CHUNK, |stream, item| {
+                    delivery.delivered(item);
+                    let f = frame(stream, item);
+                    let n = f.len();
+                    pieces.push(f);
+                    n
+                }) => match taken {
+                    Ok(n) => {
+                        delivery.stats.sent(Transport::Sse, n as u64);
+                        yield Ok(join(&mut pieces));
+                    }
                     Err(e) => {
                         tracing::warn!(streams = ?streams, error = %e, "ending SSE stream");
                         break;
                     }
                 },
-                _ = beat.tick() => yield Ok(heartbeat_frame()),
+                _ = beat.tick() => yield Ok(render::heartbeat()),
             }
         }
     };
@@ -278,62 +170,31 @@ pub fn feed_response(
         .body(Body::from_bytes_stream(body))
 }
 
-/// Completes once shutdown starts (or the server is gone).
-pub async fn stopping(shutdown: &mut tokio::sync::watch::Receiver<bool>) {
-    // The returned guard is dropped at once: it must not live across an await.
-    let _ = shutdown.wait_for(|stop| *stop).await.map(|_| ());
-}
-
-/// Delivery accounting of one connection: metric handles taken once, not per event.
-pub struct Delivery {
-    pub stats: Arc<Stats>,
-    pub transport: Transport,
-    lag: metrics::Histogram,
-}
-
-impl Delivery {
-    pub fn new(stats: Arc<Stats>, transport: Transport) -> Self {
-        Delivery {
-            stats,
-            transport,
-            lag: metrics::histogram!("zonecast_delivery_lag_seconds"),
-        }
+/// One chunk of frames: a lone frame is passed on as the shared bytes, without a copy.
+fn join(pieces: &mut Vec<Bytes>) -> Bytes {
+    if pieces.len() == 1 {
+        return pieces.pop().unwrap_or_default();
     }
-
-    /// Counts one item handed to the socket (events only; resets are notices).
-    pub fn delivered(&self, item: &Item) {
-        if let Item::Event(ev) = item
-            && let Some(at) = ev.committed
-        {
-            self.lag.record(at.elapsed().as_secs_f64());
-        }
+    let mut buf = BytesMut::with_capacity(pieces.iter().map(Bytes::len).sum());
+    for p in pieces.drain(..) {
+        buf.extend_from_slice(&p);
     }
-}
-
-/// Appends everything else that is ready to the first item's frame, up to
-/// `MAX_CHUNK`. A lone frame is passed on as the shared bytes, without a copy.
-fn drain(cursor: &mut Cursor, first: &Item, delivery: &Delivery) -> Bytes {
-    delivery.delivered(first);
-    let first = frame(first);
-    let Some(second) = cursor.try_next() else {
-        delivery.stats.sent(delivery.transport, 1);
-        return first;
-    };
-    delivery.delivered(&second);
-    let mut n = 2;
-    let mut buf = BytesMut::with_capacity(MAX_CHUNK.min(first.len() * 16));
-    buf.extend_from_slice(&first);
-    buf.extend_from_slice(&frame(&second));
-    while buf.len() < MAX_CHUNK {
-        match cursor.try_next() {
-            Some(item) => {
-                delivery.delivered(&item);
-                n += 1;
-                buf.extend_from_slice(&frame(&item));
-            }
-            None => break,
-        }
-    }
-    delivery.stats.sent(delivery.transport, n);
     buf.freeze()
+}
+
+/// The streams a source carries, for the connection registry.
+pub trait StreamsOf {
+    fn streams(&self) -> Vec<StreamKey>;
+}
+
+impl StreamsOf for crate::cursor::Cursor {
+    fn streams(&self) -> Vec<StreamKey> {
+        vec![self.stream().clone()]
+    }
+}
+
+impl StreamsOf for super::batch::Merged {
+    fn streams(&self) -> Vec<StreamKey> {
+        self.keys().cloned().collect()
+    }
 }

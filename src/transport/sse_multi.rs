@@ -10,50 +10,19 @@
 //! (the id differs), so the single-stream endpoints stay the fan-out hot path.
 
 use std::collections::BTreeMap;
-use std::pin::Pin;
 
-use bytes::{Bytes, BytesMut};
-use futures_util::stream::{SelectAll, select_all};
-use futures_util::{FutureExt, Stream, StreamExt};
-use poem::web::{Data, Query};
-use poem::{Request, Response, handler};
+use bytes::Bytes;
+use poem::web::Query;
+use poem::{Response, handler};
 
-use super::sse::{
-    Delivery, Feed, MAX_CHUNK, SseQuery, feed_response, header_resume_point, refusal, retry_line,
-    unavailable,
-};
-use crate::api::access::RateKey;
-use crate::api::problem::{error_response, service_problem};
-use crate::app::AppState;
-use crate::auth::Principal;
-use crate::cursor::{Cursor, CursorError, Item, Start};
+use super::batch::Merged;
+use super::sse::respond;
+use super::{Caller, OpenError, render};
+use crate::cursor::{Item, Start};
 use crate::domain::{DomainError, StreamKey};
-use crate::event::sse_frame;
 
 /// At most this many streams on one connection.
 const MAX_STREAMS: usize = 8;
-
-type Tagged = Pin<Box<dyn Stream<Item = Result<(String, Item), CursorError>> + Send>>;
-
-/// Several cursors merged, with each stream's position.
-pub struct Merged {
-    inner: SelectAll<Tagged>,
-    positions: BTreeMap<String, u64>,
-}
-
-fn tagged(mut cursor: Cursor) -> Tagged {
-    Box::pin(async_stream::stream! {
-        loop {
-            match cursor.next().await {
-                Ok(item) => yield Ok((cursor.stream().to_owned(), item)),
-                Err(e) => {
-                    yield Err(e);
-                    break;
-                }
-            }
-        }
-    })
-}
 
 /// A composite resume point, `zone:1=42,alerts=3`, read per stream.
 #[derive(Debug, Default, PartialEq, Eq)]
@@ -92,140 +61,74 @@ impl Positions {
     }
 }
 
-impl Merged {
-    pub fn streams(&self) -> Vec<String> {
-        self.positions.keys().cloned().collect()
-    }
-
-    fn composite_id(&self) -> String {
-        self.positions
-            .iter()
-            .map(|(s, p)| format!("{s}={p}"))
-            .collect::<Vec<_>>()
-            .join(",")
-    }
-
-    fn frame(&mut self, stream: String, item: &Item) -> Bytes {
-        match item {
-            Item::Event(ev) => {
-                self.positions.insert(stream, ev.seq);
-                let id = self.composite_id();
-                let mut b = BytesMut::with_capacity(ev.json.len() + id.len() + 40);
-                b.extend_from_slice(b"id: ");
-                b.extend_from_slice(id.as_bytes());
-                b.extend_from_slice(b"\nevent: ");
-                b.extend_from_slice(ev.kind.as_bytes());
-                b.extend_from_slice(b"\ndata: ");
-                b.extend_from_slice(&ev.json);
-                b.extend_from_slice(b"\n\n");
-                b.freeze()
-            }
-            Item::Reset(r) => {
-                self.positions.insert(stream.clone(), r.last_event_id);
-                let data = serde_json::json!({"stream": stream, "reason": r.reason,
-                    "earliest_id": r.earliest_id, "last_event_id": r.last_event_id});
-                sse_frame(None, "reset", data.to_string().as_bytes())
-            }
-        }
-    }
-
-    /// Everything ready, coalesced. Cancel-safe (`SelectAll::next` is).
-    pub async fn next_chunk(&mut self, delivery: &Delivery) -> Result<Bytes, CursorError> {
-        let (stream, item) = match self.inner.next().await {
-            Some(r) => r?,
-            None => return Err(CursorError::Closed),
-        };
-        delivery.delivered(&item);
-        let mut buf = BytesMut::from(&self.frame(stream, &item)[..]);
-        let mut n = 1;
-        while buf.len() < MAX_CHUNK {
-            match self.inner.next().now_or_never() {
-                Some(Some(Ok((stream, item)))) => {
-                    delivery.delivered(&item);
-                    n += 1;
-                    let f = self.frame(stream, &item);
-                    buf.extend_from_slice(&f);
-                }
-                Some(Some(Err(e))) => return Err(e),
-                _ => break,
-            }
-        }
-        delivery.stats.sent(delivery.transport, n);
-        Ok(buf.freeze())
-    }
-}
-
 #[derive(Debug, Default, serde::Deserialize)]
 pub struct MultiQuery {
     streams: Option<String>,
 }
 
+/// Every stream's position, `alerts=3,zone:1=42` (ordered by the streams' names): the
+/// `id:` of each frame.
+fn composite_id(positions: &BTreeMap<String, u64>) -> String {
+    positions
+        .iter()
+        .map(|(s, p)| format!("{s}={p}"))
+        .collect::<Vec<_>>()
+        .join(",")
+}
+
 /// `GET /sse/streams?streams=…`
 #[handler]
-pub async fn streams(
-    req: &Request,
-    Query(q): Query<MultiQuery>,
-    Query(resume): Query<SseQuery>,
-    Data(state): Data<&AppState>,
-    Data(principal): Data<&Principal>,
-    Data(rate): Data<&RateKey>,
-) -> Response {
-    let names: Vec<&str> = q
-        .streams
-        .as_deref()
-        .unwrap_or("")
-        .split(',')
-        .map(str::trim)
-        .filter(|s| !s.is_empty())
-        .collect();
-    if names.is_empty() || names.len() > MAX_STREAMS {
-        let e = DomainError::Invalid(format!(
-            "give 1 to {MAX_STREAMS} streams: ?streams=zone:1,alerts,user:ID"
-        ));
-        return error_response(e);
-    }
-    let mut keys = Vec::new();
-    for n in &names {
-        match StreamKey::parse(n) {
-            Ok(k) if !keys.contains(&k) => keys.push(k),
-            Ok(_) => {}
-            Err(e) => return error_response(e),
+pub async fn streams(Query(q): Query<MultiQuery>, caller: Caller<'_>) -> Response {
+    let opened = async {
+        let names: Vec<&str> = q
+            .streams
+            .as_deref()
+            .unwrap_or("")
+            .split(',')
+            .map(str::trim)
+            .filter(|s| !s.is_empty())
+            .collect();
+        if names.is_empty() || names.len() > MAX_STREAMS {
+            return Err(OpenError::Refused(DomainError::Invalid(format!(
+                "give 1 to {MAX_STREAMS} streams: ?streams=zone:1,alerts,user:ID"
+            ))));
         }
-    }
-    if let Some(r) = refusal(state, principal, rate, None) {
-        return r;
-    }
-    for k in &keys {
-        if let Err(e) = principal.require_stream(k) {
-            return error_response(e);
+        let mut keys: Vec<StreamKey> = Vec::new();
+        for n in &names {
+            let k = StreamKey::parse(n).map_err(OpenError::Refused)?;
+            if !keys.contains(&k) {
+                keys.push(k);
+            }
         }
-        if let StreamKey::Zone(z) = k
-            && let Err(e) = state.service.zone(*z).await
-        {
-            return service_problem(e);
+        caller.admit()?;
+        let from = caller
+            .resume
+            .as_deref()
+            .map(Positions::parse)
+            .unwrap_or_default();
+        let mut merged = Merged::default();
+        let mut positions = BTreeMap::new();
+        for k in keys {
+            let start = from.start(&k.to_string());
+            let cursor = caller.open(k.clone(), start).await?;
+            positions.insert(k.to_string(), cursor.position());
+            merged.insert(cursor);
         }
-    }
-    let raw = header_resume_point(req).or(resume.last_event_id);
-    let from = raw.as_deref().map(Positions::parse).unwrap_or_default();
-    let service = &state.service;
-    let mut tagged_cursors = Vec::new();
-    let mut positions = BTreeMap::new();
-    for k in &keys {
-        let name = k.to_string();
-        let mut cursor = Cursor::subscribe(&service.broker, &service.store, &name);
-        let start = from.start(&name);
-        if let Err(e) = cursor.seek(start).await {
-            return unavailable(e);
-        }
-        positions.insert(name, cursor.position());
-        tagged_cursors.push(tagged(cursor));
-    }
-    let merged = Merged {
-        inner: select_all(tagged_cursors),
-        positions,
+        Ok((merged, positions))
     };
-    let first = Bytes::from(retry_line(state.config.sse_retry));
-    feed_response(state, principal, Feed::Many(merged), first)
+    let (merged, mut positions) = match opened.await {
+        Ok(v) => v,
+        Err(e) => return e.response(),
+    };
+    let first: Bytes = render::retry(caller.state.config.sse_retry);
+    respond(&caller, merged, first, move |stream, item| {
+        let at = match item {
+            Item::Event(ev) => ev.seq,
+            Item::Reset(r) => r.last_event_id,
+        };
+        positions.insert(stream.to_string(), at);
+        render::sse_multi(&composite_id(&positions), stream, item)
+    })
 }
 
 #[cfg(test)]

@@ -18,103 +18,103 @@
 //! | 1009 | a message or frame over 64 KiB |
 //! | 1012 | the server is shutting down |
 
-use std::collections::HashMap;
-use std::sync::Arc;
+use std::collections::{HashMap, HashSet};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
 use futures_util::StreamExt;
-use poem::web::{Data, Path, Query};
+use poem::web::Path;
 use poem::{Request as HttpRequest, Response, handler};
-use serde::Deserialize;
 use serde_json::Value;
 use tokio::sync::mpsc;
 use tokio::task::JoinHandle;
 use tokio::time::{Instant, MissedTickBehavior, interval_at};
 use tokio_tungstenite::tungstenite::protocol::frame::CloseFrame;
 use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
-use tokio_tungstenite::tungstenite::{Error as WsError, Message};
+use tokio_tungstenite::tungstenite::{Error as WsError, Message, Utf8Bytes};
 use tracing::Instrument;
 
-use super::sse::Delivery;
-use super::sse::{refusal, stopping};
+use super::batch::{Merged, Source, collect};
 use super::ws_protocol::{self as proto, Code, Refusal, Request};
 use super::ws_socket::{self, Socket, Writer, close_frame};
-use crate::api::access::RateKey;
-use crate::api::problem::service_problem;
-use crate::app::AppState;
-use crate::auth::Principal;
-use crate::cursor::{Cursor, Start};
-use crate::domain::StreamKey;
+use super::{Caller, Delivery, OpenError, open, render, stopping};
+use crate::cursor::{Cursor, Item, Start};
+use crate::domain::{Principal, StreamKey};
+use crate::http::access::RateKey;
 use crate::limits::check_direct;
 use crate::observe::{ConnGuard, Transport};
+use crate::state::AppState;
 
 static NEXT_CONNECTION: AtomicU64 = AtomicU64::new(1);
 
 /// Streams one connection may be subscribed to at once.
 pub const MAX_SUBSCRIPTIONS: usize = 32;
 
-#[derive(Debug, Default, Deserialize)]
-pub struct WsQuery {
-    last_event_id: Option<String>,
-}
+/// Messages the feeder queues per batch, at most.
+const BATCH: usize = 64;
 
 /// Rate-limited messages in a row after which a flooding client is closed (1008).
 const FLOOD: u32 = 200;
 
 /// Who is on the other end, fixed at the handshake.
-struct Caller {
+struct Peer {
     principal: Principal,
     rate: RateKey,
 }
 
+impl Peer {
+    /// What the connection keeps of the handshake's caller.
+    fn of(caller: &Caller<'_>) -> (AppState, Peer) {
+        let peer = Peer {
+            principal: caller.principal.clone(),
+            rate: caller.rate.clone(),
+        };
+        (caller.state.clone(), peer)
+    }
+}
+
+impl From<OpenError> for Refusal {
+    fn from(e: OpenError) -> Self {
+        match e {
+            OpenError::Refused(d) => d.into(),
+            OpenError::RateLimited(r) => Refusal::rate_limited(r, "connections"),
+            OpenError::Unavailable(e) => {
+                tracing::error!(error = %e, "cannot open a subscription");
+                Refusal::new(Code::Internal, "the change log cannot be read right now")
+            }
+        }
+    }
+}
+
 /// `GET /ws`
 #[handler]
-pub fn plain_socket(
-    req: &HttpRequest,
-    Data(state): Data<&AppState>,
-    Data(principal): Data<&Principal>,
-    Data(rate): Data<&RateKey>,
-) -> Response {
-    if let Some(r) = refusal(state, principal, rate, None) {
-        return r;
+pub fn plain_socket(req: &HttpRequest, caller: Caller<'_>) -> Response {
+    if let Err(e) = caller.admit() {
+        return e.response();
     }
-    let state = state.clone();
-    let caller = Caller {
-        principal: principal.clone(),
-        rate: rate.clone(),
-    };
-    ws_socket::upgrade(req, move |socket| run(socket, state, caller, None))
+    let (state, peer) = Peer::of(&caller);
+    ws_socket::upgrade(req, move |socket| run(socket, state, peer, None))
 }
 
 /// `GET /ws/zones/{zone_id}`: already subscribed to the zone (`?last_event_id=N`).
 #[handler]
-pub async fn zone_socket(
-    req: &HttpRequest,
-    Path(zone_id): Path<i32>,
-    Query(q): Query<WsQuery>,
-    Data(state): Data<&AppState>,
-    Data(principal): Data<&Principal>,
-    Data(rate): Data<&RateKey>,
-) -> Response {
-    if let Some(r) = refusal(state, principal, rate, Some(&StreamKey::Zone(zone_id))) {
-        return r;
-    }
-    if let Err(e) = state.service.zone(zone_id).await {
-        return service_problem(e);
-    }
-    let start = Start::from_resume_point(q.last_event_id.as_deref());
-    let state = state.clone();
-    let caller = Caller {
-        principal: principal.clone(),
-        rate: rate.clone(),
+pub async fn zone_socket(req: &HttpRequest, Path(zone_id): Path<i32>, c: Caller<'_>) -> Response {
+    // The path's stream is opened (and refused) before the upgrade.
+    let opened = async {
+        c.admit()?;
+        c.open(StreamKey::Zone(zone_id), c.start()).await
     };
+    let cursor = match opened.await {
+        Ok(c) => c,
+        Err(e) => return e.response(),
+    };
+    let (state, peer) = Peer::of(&c);
     ws_socket::upgrade(req, move |socket| {
-        run(socket, state, caller, Some((zone_id, start)))
+        run(socket, state, peer, Some((zone_id, cursor)))
     })
 }
 
-/// Aborts a feeder when its subscription is dropped.
+/// Aborts the connection's feeder with the connection.
 struct Feeder(JoinHandle<()>);
 
 impl Drop for Feeder {
@@ -123,22 +123,45 @@ impl Drop for Feeder {
     }
 }
 
+/// What the reader tells the feeder: subscriptions come and go through it, in order
+/// with their replies, so `subscribed` always comes before the stream's first event and
+/// `unsubscribed` after its last.
+enum Control {
+    Add {
+        cursor: Cursor,
+        reply: Option<Utf8Bytes>,
+    },
+    Remove {
+        stream: StreamKey,
+        reply: Utf8Bytes,
+    },
+}
+
 struct Connection {
     state: AppState,
     /// In the registry behind `/api/stats` while the connection lives.
     registration: ConnGuard,
-    delivery: Arc<Delivery>,
-    caller: Caller,
+    peer: Peer,
     /// This connection's message limiter, and how many messages in a row it refused.
     messages: Option<governor::DefaultDirectRateLimiter>,
     refused_in_a_row: u32,
     out: mpsc::Sender<Message>,
-    subscriptions: HashMap<String, Feeder>,
+    feeds: mpsc::Sender<Control>,
+    _feeder: Feeder,
+    /// The streams the feeder carries.
+    subscribed: HashSet<StreamKey>,
     /// The zone of the `/ws/zones/{id}` path, the default for `request_stock`.
     zone: Option<i32>,
     /// How long a send to the outgoing queue may wait before the client is taken
     /// for gone.
     send_patience: Duration,
+}
+
+/// The answer to one request.
+enum Reply {
+    Send(String),
+    /// Already queued, in order, by the feeder (`subscribed`, `unsubscribed`).
+    Queued,
 }
 
 /// What the reader loop does after one incoming frame.
@@ -165,63 +188,57 @@ fn close_for(e: &WsError) -> Option<CloseFrame> {
     }
 }
 
-async fn run(socket: Socket, state: AppState, caller: Caller, zone: Option<(i32, Start)>) {
+async fn run(socket: Socket, state: AppState, peer: Peer, zone: Option<(i32, Cursor)>) {
     let id = format!("ws-{}", NEXT_CONNECTION.fetch_add(1, Ordering::Relaxed));
-    let span = tracing::info_span!("ws", connection = %id, principal = %caller.principal.name);
-    serve(socket, state, caller, zone, id)
-        .instrument(span)
-        .await
+    let span = tracing::info_span!("ws", connection = %id, principal = %peer.principal.name);
+    serve(socket, state, peer, zone, id).instrument(span).await
 }
 
 async fn serve(
     socket: Socket,
     state: AppState,
-    caller: Caller,
-    zone: Option<(i32, Start)>,
+    peer: Peer,
+    zone: Option<(i32, Cursor)>,
     id: String,
 ) {
-    let stats = state.service.broker.stats.clone();
+    let stats = state.service.connections().clone();
     let (writer, mut incoming) = Writer::spawn(socket, state.config.ws_queue, stats.clone());
     let ping_every = state.config.ws_ping;
     let mut shutdown = state.shutdown.clone();
     let auth = state.auth.clone();
-    let principal = caller.principal.clone();
+    let principal = peer.principal.clone();
     let ended = async move { auth.ended(&principal).await };
     tokio::pin!(ended);
-    let registration = stats.connect(Transport::Ws, caller.principal.user.as_deref());
+    let registration = stats.connect(Transport::Ws, peer.principal.user.as_deref());
+    let (feeds, control) = mpsc::channel(8);
+    let feeder =
+        tokio::spawn(feed(control, writer.queue.clone(), Delivery::new(stats)).in_current_span());
     let mut conn = Connection {
-        delivery: Arc::new(Delivery::new(stats, Transport::Ws)),
         registration,
         messages: state.limits.ws_messages(),
         refused_in_a_row: 0,
-        caller,
+        peer,
         out: writer.queue.clone(),
-        subscriptions: HashMap::new(),
-        zone: zone.map(|z| z.0),
+        feeds,
+        _feeder: Feeder(feeder),
+        subscribed: HashSet::new(),
+        zone: zone.as_ref().map(|z| z.0),
         send_patience: ping_every * 2,
         state,
     };
     tracing::debug!("connected");
 
-    // The path subscription is opened before `welcome` so the welcome can list it,
-    // and fed only after, so `welcome` is always the first message.
-    let mut first = None;
-    if let Some((zone_id, start)) = zone {
-        let stream = StreamKey::Zone(zone_id).to_string();
-        match conn.open(&stream, start).await {
-            Ok(cursor) => first = Some(cursor),
-            Err(r) => tracing::warn!(error = %r.message, "cannot open the path subscription"),
-        }
-    }
-    let subs: Vec<String> = first.iter().map(|c| c.stream().to_owned()).collect();
+    // The path subscription was opened before the upgrade, so the welcome can list it;
+    // it is fed only after, so `welcome` is always the first message.
+    let subs: Vec<String> = zone.iter().map(|(_, c)| c.stream().to_string()).collect();
     let welcome = proto::welcome(&id, &subs, ping_every.as_millis());
     let mut step = if conn.send(welcome).await {
         Step::Continue
     } else {
         Step::End(None)
     };
-    if let Some(cursor) = first {
-        conn.feed(cursor);
+    if let Some((_, cursor)) = zone {
+        conn.feed(cursor, None).await;
     }
 
     let mut ping = interval_at(Instant::now() + ping_every, ping_every);
@@ -267,11 +284,78 @@ async fn serve(
     let Step::End(frame) = step else {
         return;
     };
-    // Feeders stop with their subscriptions, then the socket is closed (see
+    // The feeder stops with the connection, then the socket is closed (see
     // `ws_socket`): nothing of the connection outlives this function.
     drop(conn);
     writer.finish(incoming, frame).await;
     tracing::debug!("disconnected");
+}
+
+/// The connection's feeder: every subscribed stream merged, in batches, into the
+/// outgoing queue. Waits while the queue is full: its cursors then stop pulling and
+/// catch up from the cache or the log once the client reads.
+async fn feed(
+    mut control: mpsc::Receiver<Control>,
+    out: mpsc::Sender<Message>,
+    delivery: Delivery,
+) {
+    let mut merged = Merged::default();
+    let mut positions: HashMap<StreamKey, u64> = HashMap::new();
+    let mut msgs: Vec<Message> = Vec::new();
+    loop {
+        tokio::select! {
+            biased;
+            cmd = control.recv() => {
+                let reply = match cmd {
+                    None => return,
+                    Some(Control::Add { cursor, reply }) => {
+                        positions.insert(cursor.stream().clone(), cursor.position());
+                        merged.insert(cursor);
+                        reply
+                    }
+                    Some(Control::Remove { stream, reply }) => {
+                        merged.remove(&stream);
+                        positions.remove(&stream);
+                        Some(reply)
+                    }
+                };
+                if let Some(r) = reply
+                    && out.send(Message::Text(r)).await.is_err()
+                {
+                    return;
+                }
+            }
+            taken = collect(&mut merged, BATCH, |stream, item| {
+                delivery.delivered(item);
+                let at = match item {
+                    Item::Event(ev) => ev.seq,
+                    Item::Reset(r) => r.last_event_id,
+                };
+                positions.insert(stream.clone(), at);
+                msgs.push(Message::Text(render::ws(stream, item)));
+                1
+            }) => {
+                if let Err(e) = taken {
+                    let stream = merged.last_stream().clone();
+                    tracing::warn!(stream = %stream, error = %e, "subscription ended");
+                    merged.remove(&stream);
+                    let at = positions.remove(&stream).unwrap_or(0);
+                    let r = Refusal::new(
+                        Code::Internal,
+                        format!("subscription to {stream} ended; subscribe again with last_event_id {at}"),
+                    );
+                    msgs.push(Message::Text(proto::error(None, &r).into()));
+                }
+                let n = msgs.len() as u64;
+                for m in msgs.drain(..) {
+                    if out.send(m).await.is_err() {
+                        return;
+                    }
+                }
+                delivery.stats.sent(Transport::Ws, n);
+            }
+        }
+    }
 }
 
 impl Connection {
@@ -336,39 +420,37 @@ impl Connection {
             Ok(request) => self.answer(request, rid).await,
             Err(r) => Err(r),
         };
-        let text = reply.unwrap_or_else(|r| proto::error(rid, &r));
-        // An empty reply was already queued by the handler (`subscribed`).
-        Self::step(text.is_empty() || self.send(text).await)
+        match reply {
+            Ok(Reply::Queued) => Step::Continue,
+            Ok(Reply::Send(text)) => Self::step(self.send(text).await),
+            Err(r) => Self::step(self.send(proto::error(rid, &r)).await),
+        }
     }
 
-    async fn answer(&mut self, request: Request, rid: Option<&Value>) -> Result<String, Refusal> {
+    async fn answer(&mut self, request: Request, rid: Option<&Value>) -> Result<Reply, Refusal> {
         let service = &self.state.service;
-        match request {
-            Request::Ping => Ok(proto::pong(rid)),
+        let by = &self.peer.principal;
+        Ok(Reply::Send(match request {
+            Request::Ping => proto::pong(rid),
             Request::RequestStock { zone_id } => {
                 let zone_id = zone_id
                     .or(self.zone)
                     .ok_or_else(|| Refusal::new(Code::Invalid, "zone_id is required"))?;
-                self.caller.principal.require_zone(zone_id)?;
-                let snapshot = service.snapshot(zone_id).await?;
-                Ok(proto::stock_snapshot(rid, snapshot.into()))
+                let snapshot = service.snapshot(by, zone_id).await?;
+                proto::stock_snapshot(rid, snapshot.into())
             }
             Request::UpdateQuantity { item_id, patch } => {
                 self.write_allowed()?;
                 let key = rid.and_then(Value::as_str).map(str::to_owned);
                 let key = crate::domain::request_id(key.as_deref())?;
-                let change = service
-                    .update_item(item_id, patch, key, &self.caller.principal)
-                    .await?;
-                Ok(proto::ack(rid, change))
+                let change = service.update_item(item_id, patch, key, by).await?;
+                proto::ack(rid, change)
             }
             Request::Subscribe {
                 stream,
                 last_event_id,
             } => {
-                let key = stream.to_string();
-                if !self.subscriptions.contains_key(&key)
-                    && self.subscriptions.len() >= MAX_SUBSCRIPTIONS
+                if !self.subscribed.contains(&stream) && self.subscribed.len() >= MAX_SUBSCRIPTIONS
                 {
                     return Err(Refusal::new(
                         Code::Invalid,
@@ -376,102 +458,65 @@ impl Connection {
                     ));
                 }
                 let start = last_event_id.map_or(Start::Live, Start::After);
-                let cursor = self.open(&key, start).await?;
-                // Re-subscribing replaces the old feed; `subscribed` is queued before
-                // the new feeder can queue any event.
-                self.subscriptions.remove(&key);
-                let reply = proto::subscription("subscribed", rid, &key);
-                if !self.send(reply).await {
+                let cursor = open(&self.state, by, stream.clone(), start).await?;
+                // Subscribing again replaces the old feed.
+                let reply = proto::subscription("subscribed", rid, &stream.to_string());
+                if !self.feed(cursor, Some(reply.into())).await {
                     return Err(Refusal::new(Code::Internal, "connection closing"));
                 }
-                self.feed(cursor);
-                Ok(String::new())
+                return Ok(Reply::Queued);
             }
             Request::MarkRead { notification_id } => {
                 self.write_allowed()?;
-                let r = service
-                    .mark_read(&self.caller.principal, notification_id)
-                    .await?;
-                Ok(proto::marked_read(rid, &r.ids, r.unread))
+                let r = service.mark_read(by, notification_id).await?;
+                proto::marked_read(rid, &r.ids, r.unread)
             }
-            Request::GetUnreadCount => {
-                let n = service.unread_count(&self.caller.principal).await?;
-                Ok(proto::unread_count(rid, n))
-            }
+            Request::GetUnreadCount => proto::unread_count(rid, service.unread_count(by).await?),
             Request::Unsubscribe { stream } => {
-                let key = stream.to_string();
-                self.registration.remove_stream(&key);
-                if self.subscriptions.remove(&key).is_none() {
+                if !self.subscribed.remove(&stream) {
                     return Err(Refusal::new(
                         Code::NotFound,
-                        format!("not subscribed to {key}"),
+                        format!("not subscribed to {stream}"),
                     ));
                 }
-                Ok(proto::subscription("unsubscribed", rid, &key))
+                self.registration.remove_stream(&stream);
+                let reply = proto::subscription("unsubscribed", rid, &stream.to_string());
+                let sent = self
+                    .feeds
+                    .send_timeout(
+                        Control::Remove {
+                            stream,
+                            reply: reply.into(),
+                        },
+                        self.send_patience,
+                    )
+                    .await;
+                if sent.is_err() {
+                    return Err(Refusal::new(Code::Internal, "connection closing"));
+                }
+                return Ok(Reply::Queued);
             }
-        }
+        }))
     }
 
     /// A message that writes counts against the caller's write limit, as over REST.
     fn write_allowed(&self) -> Result<(), Refusal> {
         self.state
             .limits
-            .write(&self.caller.rate.0)
+            .write(&self.peer.rate.0)
             .map_err(|r| Refusal::rate_limited(r, "writes"))
     }
 
-    /// Opens a positioned cursor on a stream this connection may read.
-    async fn open(&self, stream: &str, start: Start) -> Result<Cursor, Refusal> {
-        let service = &self.state.service;
-        let key = StreamKey::parse(stream)?;
-        self.caller.principal.require_stream(&key)?;
-        if let StreamKey::Zone(id) = key {
-            service.zone(id).await?;
+    /// Hands a cursor to the feeder (with the reply to queue before its first event);
+    /// `false` when the connection is going.
+    async fn feed(&mut self, cursor: Cursor, reply: Option<Utf8Bytes>) -> bool {
+        let stream = cursor.stream().clone();
+        if self.subscribed.insert(stream.clone()) {
+            self.registration.add_stream(&stream);
         }
-        let mut cursor = Cursor::subscribe(&service.broker, &service.store, stream);
-        cursor.seek(start).await.map_err(|e| {
-            tracing::error!(error = %e, "cannot open cursor");
-            Refusal::new(Code::Internal, "the change log cannot be read right now")
-        })?;
-        Ok(cursor)
-    }
-
-    /// Starts the feeder that writes the cursor's items to the outgoing queue.
-    fn feed(&mut self, mut cursor: Cursor) {
-        let out = self.out.clone();
-        let stream = cursor.stream().to_owned();
-        let delivery = self.delivery.clone();
-        // Once per stream, also when a subscription is replaced.
-        self.registration.remove_stream(&stream);
-        self.registration.add_stream(&stream);
-        let task = tokio::spawn(
-            async move {
-                loop {
-                    let text = match cursor.next().await {
-                        Ok(item) => {
-                            delivery.delivered(&item);
-                            proto::item(cursor.stream(), &item)
-                        }
-                        Err(e) => {
-                            tracing::warn!(error = %e, "subscription ended");
-                            let r = Refusal::new(
-                                Code::Internal,
-                                format!("subscription to {} ended; subscribe again with last_event_id {}", cursor.stream(), cursor.position()),
-                            );
-                            let _ = out.send(Message::Text(proto::error(None, &r).into())).await;
-                            break;
-                        }
-                    };
-                    // Waits while the queue is full: the cursor stops pulling and
-                    // catches up from the cache or the log once the client reads.
-                    if out.send(Message::Text(text)).await.is_err() {
-                        break;
-                    }
-                    delivery.stats.sent(Transport::Ws, 1);
-                }
-            }
-            .in_current_span(),
-        );
-        self.subscriptions.insert(stream, Feeder(task));
+        self.feeds
+            .send_timeout(Control::Add { cursor, reply }, self.send_patience)
+            .await
+            .is_ok()
     }
 }

@@ -2,11 +2,9 @@
 //! requests, and building the server's replies. No I/O here.
 
 use serde_json::{Map, Value, json};
-use tokio_tungstenite::tungstenite::Utf8Bytes;
 
-use crate::api::dto::{ItemBody, SnapshotBody};
-use crate::cursor::Item;
 use crate::domain::{DomainError, ItemPatch, StreamKey};
+use crate::http::wire::{ItemBody, SnapshotBody};
 use crate::service::{ItemChange, ServiceError};
 
 /// Error codes of `{"type":"error"}` replies.
@@ -312,18 +310,6 @@ pub fn unread_count(request_id: Option<&Value>, count: u64) -> String {
 
 pub fn pong(request_id: Option<&Value>) -> String {
     with_request_id(json!({"type": "pong"}), request_id)
-}
-
-/// A cursor item as a text frame: an event is its JSON, the same (shared) bytes as the
-/// SSE `data:` line.
-pub fn item(stream: &str, item: &Item) -> Utf8Bytes {
-    match item {
-        Item::Event(ev) => ev.text.clone(),
-        Item::Reset(r) => json!({"type": "reset", "stream": stream, "reason": r.reason,
-                                 "earliest_id": r.earliest_id, "last_event_id": r.last_event_id})
-        .to_string()
-        .into(),
-    }
 }
 
 #[cfg(test)]

@@ -32,7 +32,7 @@ use tokio_tungstenite::tungstenite::protocol::frame::CloseFrame;
 use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
 use tokio_tungstenite::tungstenite::protocol::{Role, WebSocketConfig};
 
-use crate::api::problem::Problem;
+use crate::http::problem::Problem;
 use crate::observe::Stats;
 
 pub type Socket = WebSocketStream<Upgraded>;

@@ -1,6 +1,7 @@
 use reqwest::Method;
 use serde_json::{Value, json};
-use zonecast::auth::{Claims, Role, ZoneScope, ZonesClaim};
+use zonecast::credentials::{Claims, ZonesClaim};
+use zonecast::domain::{Role, ZoneScope};
 
 use crate::helpers::*;
 
@@ -414,7 +415,7 @@ async fn bursts_past_the_write_limit_get_429_per_principal() {
             zone as i32,
             zonecast::domain::NewItem::parse("S", "s", 100, 0).expect("item"),
             None,
-            &zonecast::auth::Principal::system("t"),
+            &zonecast::domain::Principal::system("t"),
         )
         .await
         .expect("item")

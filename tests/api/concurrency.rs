@@ -1,8 +1,8 @@
 use std::collections::HashMap;
 
-use zonecast::auth::Principal;
-use zonecast::cursor::{Cursor, Item, Start};
-use zonecast::domain::ItemPatch;
+use zonecast::cursor::{Item, Start};
+use zonecast::domain::Principal;
+use zonecast::domain::{ItemPatch, StreamKey};
 
 use crate::helpers::*;
 
@@ -136,35 +136,57 @@ async fn a_slow_subscriber_gets_every_event_and_does_not_hold_back_others() {
     }
 }
 
+/// A cursor whose receiver lagged catches up from the cache when the cache still holds
+/// what it missed, and from the log when it does not; either way every seq once.
 #[tokio::test]
 async fn a_lagged_cursor_is_filled_from_the_cache_and_the_log() {
     for db in test_dbs().await {
-        let app = spawn_app(&db, &["--bus-capacity", "2", "--cache-events", "8"]).await;
-        let zone = app.create_zone("A").await;
-        let item = app.create_item(zone, "S", 0, 0).await as i32;
-        let s = &app.service;
-        let stream = format!("zone:{zone}");
-        let mut cursor = Cursor::subscribe(&s.broker, &s.store, &stream);
-        cursor.seek(Start::Live).await.expect("seek");
-        // 40 events published while the cursor is not read: its receiver lags.
-        for _ in 0..40 {
-            let p = ItemPatch::parse(None, Some(1), None, None, None, None).expect("patch");
-            s.update_item(item, p, None, &Principal::system("test"))
-                .await
-                .expect("applies");
-        }
-        let mut seqs = Vec::new();
-        while seqs.len() < 40 {
-            match within("cursor", cursor.next()).await.expect("cursor") {
-                Item::Event(ev) => seqs.push(ev.seq),
-                Item::Reset(r) => panic!("unexpected reset {r:?}"),
+        for (cache, from_log) in [("64", false), ("8", true)] {
+            let app = spawn_app(&db, &["--bus-capacity", "2", "--cache-events", cache]).await;
+            let zone = app.create_zone("A").await;
+            let item = app.create_item(zone, "S", 0, 0).await as i32;
+            let s = &app.service;
+            let stream = format!("zone:{zone}");
+            let mut cursor = s.cursor(&StreamKey::parse(&stream).expect("stream"));
+            cursor.seek(Start::Live).await.expect("seek");
+            let before = s.broker().replays();
+            // 40 events published while the cursor is not read: its receiver lags.
+            for _ in 0..40 {
+                let p = ItemPatch::parse(None, Some(1), None, None, None, None).expect("patch");
+                s.update_item(item, p, None, &Principal::system("test"))
+                    .await
+                    .expect("applies");
             }
+            let mut seqs = Vec::new();
+            while seqs.len() < 40 {
+                match within("cursor", cursor.next()).await.expect("cursor") {
+                    Item::Event(ev) => seqs.push(ev.seq),
+                    Item::Reset(r) => panic!("unexpected reset {r:?}"),
+                }
+            }
+            assert_eq!(seqs, (2..=41).collect::<Vec<u64>>());
+            assert!(
+                cursor.try_next().is_none(),
+                "nothing beyond the last change"
+            );
+            let after = s.broker().replays();
+            let (cached, logged) = (
+                after.from_cache - before.from_cache,
+                after.from_log - before.from_log,
+            );
+            if from_log {
+                assert!(
+                    logged > 0,
+                    "cache {cache}: the log filled the lag ({after:?})"
+                );
+            } else {
+                assert!(
+                    cached >= 38,
+                    "cache {cache}: the cache filled the lag ({after:?})"
+                );
+                assert_eq!(logged, 0, "cache {cache}: no event read from the log");
+            }
+            app.stop().await;
         }
-        assert_eq!(seqs, (2..=41).collect::<Vec<u64>>());
-        assert!(
-            cursor.try_next().is_none(),
-            "nothing beyond the last change"
-        );
-        app.stop().await;
     }
 }

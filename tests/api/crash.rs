@@ -10,6 +10,7 @@ use std::time::Duration;
 
 use serde_json::{Value, json};
 use tokio::sync::Mutex;
+use zonecast::domain::StreamKey;
 use zonecast::store::Store;
 
 use crate::helpers::*;
@@ -186,7 +187,7 @@ async fn kill_9_mid_load_loses_no_acknowledged_change() {
 
         // The database as the last server left it.
         let store = Store::open(&db.url).await.expect("open the database");
-        let stream = format!("zone:{zone}");
+        let stream = StreamKey::Zone(zone as i32);
         let log = store.read_from(&stream, 1, 1_000_000).await.expect("log");
         let bounds = store.bounds(&stream).await.expect("bounds");
         let seqs: Vec<u64> = log.iter().map(|e| e.seq).collect();
@@ -230,8 +231,9 @@ async fn kill_9_mid_load_loses_no_acknowledged_change() {
             .collect();
         assert!(!crossings.is_empty());
         for (name, kind) in [("alerts", "low_stock_alert"), ("user:lead", "notification")] {
-            let events = store.read_from(name, 1, 1_000_000).await.expect("log");
-            let b = store.bounds(name).await.expect("bounds");
+            let key = StreamKey::parse(name).expect("stream");
+            let events = store.read_from(&key, 1, 1_000_000).await.expect("log");
+            let b = store.bounds(&key).await.expect("bounds");
             let seqs: Vec<u64> = events.iter().map(|e| e.seq).collect();
             assert_eq!(
                 seqs,
@@ -240,7 +242,7 @@ async fn kill_9_mid_load_loses_no_acknowledged_change() {
             );
             let mut alerted: Vec<u64> = events
                 .iter()
-                .filter(|e| e.kind == kind)
+                .filter(|e| e.kind.as_str() == kind)
                 .filter_map(|e| {
                     let v: Value = serde_json::from_slice(&e.json).ok()?;
                     let d = if kind == "notification" {

@@ -5,7 +5,7 @@ use std::time::Duration;
 
 use reqwest::Method;
 use serde_json::{Value, json};
-use zonecast::auth::{Role, ZoneScope};
+use zonecast::domain::{Role, ZoneScope};
 
 use crate::helpers::*;
 

@@ -14,8 +14,8 @@ use serde_json::{Value, json};
 use tokio::sync::oneshot;
 use tokio::task::JoinHandle;
 use zonecast::app::Application;
-use zonecast::auth::{Principal, Role, ZoneScope};
 use zonecast::config::ServeArgs;
+use zonecast::domain::{Principal, Role, ZoneScope};
 use zonecast::service::Service;
 
 pub const WAIT: Duration = Duration::from_secs(20);

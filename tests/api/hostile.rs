@@ -7,7 +7,7 @@ use reqwest::Method;
 use serde_json::{Value, json};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
-use zonecast::auth::{Role, ZoneScope};
+use zonecast::domain::{Role, ZoneScope};
 
 use crate::helpers::*;
 
@@ -470,7 +470,7 @@ async fn idempotency_keys_belong_to_their_principal_and_their_request() {
     }
 }
 
-fn jwt(secret: &str, claims: &zonecast::auth::Claims) -> String {
+fn jwt(secret: &str, claims: &zonecast::credentials::Claims) -> String {
     jsonwebtoken::encode(
         &jsonwebtoken::Header::default(),
         claims,
@@ -481,10 +481,10 @@ fn jwt(secret: &str, claims: &zonecast::auth::Claims) -> String {
 
 fn claims(
     sub: &str,
-    zones: Option<zonecast::auth::ZonesClaim>,
+    zones: Option<zonecast::credentials::ZonesClaim>,
     exp: u64,
-) -> zonecast::auth::Claims {
-    zonecast::auth::Claims {
+) -> zonecast::credentials::Claims {
+    zonecast::credentials::Claims {
         sub: sub.into(),
         role: Role::Writer,
         zones,
@@ -500,7 +500,7 @@ async fn an_expired_token_ends_its_open_connections() {
     let zone = app.create_zone("A").await;
     let item = app.create_item(zone, "S", 10, 0).await;
     let now = jsonwebtoken::get_current_timestamp();
-    let star = Some(zonecast::auth::ZonesClaim::Star("*".into()));
+    let star = Some(zonecast::credentials::ZonesClaim::Star("*".into()));
     let token = jwt("s3cret", &claims("alice", star, now + 2));
     let mut ws = app
         .ws_raw(&format!("/ws/zones/{zone}?access_token={token}"))
@@ -554,7 +554,7 @@ async fn tokens_without_zones_with_an_empty_sub_or_before_nbf_grant_nothing() {
     let db = TestDb::sqlite().await;
     let app = spawn_app(&db, &["--jwt-secret", "s3cret"]).await;
     let now = jsonwebtoken::get_current_timestamp();
-    let star = || Some(zonecast::auth::ZonesClaim::Star("*".into()));
+    let star = || Some(zonecast::credentials::ZonesClaim::Star("*".into()));
     let mut early = claims("alice", star(), now + 600);
     early.nbf = Some(now + 300);
     for (token, says) in [

@@ -10,6 +10,7 @@ mod docs;
 mod first_run;
 mod fuzz;
 mod hostile;
+mod layers;
 mod notifications;
 mod operations;
 mod rest;

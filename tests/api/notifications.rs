@@ -1,6 +1,6 @@
 use reqwest::Method;
 use serde_json::{Value, json};
-use zonecast::auth::{Role, ZoneScope};
+use zonecast::domain::{Role, ZoneScope};
 
 use crate::helpers::*;
 

@@ -3,7 +3,7 @@ use std::time::Duration;
 
 use futures_util::StreamExt;
 use serde_json::{Value, json};
-use zonecast::auth::{Role, ZoneScope};
+use zonecast::domain::{Role, ZoneScope};
 
 use crate::helpers::*;
 

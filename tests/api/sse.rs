@@ -1,5 +1,7 @@
 use serde_json::json;
 
+use zonecast::domain::StreamKey;
+
 use crate::helpers::*;
 
 #[tokio::test]
@@ -215,14 +217,16 @@ async fn unknown_zone_stream_is_404_problem_and_streams_leave_no_channel() {
     let zone = app.create_zone("A").await;
     let sse = app.sse(&format!("/sse/zones/{zone}/stock"), None).await;
     assert_eq!(
-        app.service.broker.hub.subscribers(&format!("zone:{zone}")),
+        app.service
+            .broker()
+            .subscribers(&StreamKey::parse(&format!("zone:{zone}")).expect("stream")),
         1
     );
     drop(sse);
     // The server notices the closed connection on its next write: a change makes one.
     let item = app.create_item(zone, "S", 1, 0).await;
     within("the channel to be dropped", async {
-        while app.service.broker.hub.live_streams() > 0 {
+        while !app.service.broker().live_streams().is_empty() {
             app.delta(item, 1).await;
             tokio::time::sleep(std::time::Duration::from_millis(20)).await;
         }

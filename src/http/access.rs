@@ -9,8 +9,8 @@ use poem::{Endpoint, IntoResponse, Request, Response};
 use serde::Deserialize;
 
 use super::problem::{ApiError, error_response};
-use crate::app::AppState;
-use crate::auth::AuthError;
+use crate::credentials::AuthError;
+use crate::state::AppState;
 
 /// The key rate limits count a caller under: the principal, or the client IP when
 /// anonymous.

@@ -12,7 +12,7 @@ use poem::http::StatusCode;
 use poem::{Endpoint, IntoResponse, Request, Response};
 
 use super::problem::Problem;
-use crate::app::AppState;
+use crate::state::AppState;
 
 fn too_large(max: usize) -> Response {
     Problem::new(
@@ -86,37 +86,4 @@ pub async fn limit_body<E: Endpoint>(next: E, mut req: Request) -> poem::Result<
         }
     }
     next.call(req).await.map(IntoResponse::into_response)
-}
-
-/// Parses a size: `65536`, `64KiB`, `64k`, `1MiB`, `1M`.
-pub fn parse_size(s: &str) -> Result<usize, String> {
-    let t = s.trim();
-    let digits = t.find(|c: char| !c.is_ascii_digit()).unwrap_or(t.len());
-    let (n, unit) = t.split_at(digits);
-    let n: usize = n
-        .parse()
-        .map_err(|_| format!("{s:?} is not a size (examples: 65536, 64KiB, 1MiB)"))?;
-    let factor = match unit.trim().to_ascii_lowercase().as_str() {
-        "" | "b" => 1,
-        "k" | "kb" | "kib" => 1024,
-        "m" | "mb" | "mib" => 1024 * 1024,
-        _ => return Err(format!("{s:?}: unknown unit (B, KiB, MiB)")),
-    };
-    n.checked_mul(factor)
-        .ok_or_else(|| format!("{s:?} is too large"))
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn sizes_parse_with_units() {
-        assert_eq!(parse_size("65536"), Ok(65536));
-        assert_eq!(parse_size("64KiB"), Ok(65536));
-        assert_eq!(parse_size("64k"), Ok(65536));
-        assert_eq!(parse_size("1 MiB"), Ok(1 << 20));
-        assert!(parse_size("x").is_err());
-        assert!(parse_size("1GiB").is_err());
-    }
 }

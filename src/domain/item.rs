@@ -1,88 +1,13 @@
-//! Validated domain types: stream keys, zones, items and the changes that may be made
-//! to them. "Parse, don't validate": a value of these types has passed its checks, so
-//! the store and the transports never re-check. No SQL and no HTTP types here.
+//! Zones, items and the changes that may be made to them. "Parse, don't validate": a
+//! `NewItem` or an `ItemPatch` exists only once its checks have passed (their fields
+//! are private, `parse` is their only constructor), so the store and the transports
+//! never re-check.
 
-use std::fmt;
-
-use chrono::{DateTime, SubsecRound, Utc};
+use chrono::{DateTime, Utc};
 use serde::{Deserialize, Serialize};
 
-/// Why a requested change was refused. Transports map each to their own wire form
-/// (problem+json status, WS error code) in one place each.
-#[derive(Debug, thiserror::Error, PartialEq, Eq)]
-pub enum DomainError {
-    #[error("{0} not found")]
-    NotFound(&'static str),
-    #[error("{0}")]
-    Invalid(String),
-    #[error("expected version {expected} but the item is at version {actual}")]
-    VersionConflict { expected: i64, actual: i64 },
-    #[error("quantity would become {would_be}; stock cannot go below zero")]
-    InsufficientStock { quantity: i64, would_be: i64 },
-    #[error("{0}")]
-    Conflict(String),
-    /// An idempotency key this principal already used for a different request.
-    #[error("idempotency key {0:?} was already used for a different request; use a new key")]
-    IdempotencyKeyReused(String),
-    #[error("{0}")]
-    Unauthenticated(String),
-    #[error("{0}")]
-    Forbidden(String),
-}
-
-/// A stream of the change log: its events carry consecutive seqs starting at 1.
-#[derive(Debug, Clone, PartialEq, Eq, Hash)]
-pub enum StreamKey {
-    Zone(i32),
-    User(String),
-    Alerts,
-}
-
-impl StreamKey {
-    pub fn parse(s: &str) -> Result<Self, DomainError> {
-        if s == "alerts" {
-            return Ok(StreamKey::Alerts);
-        }
-        if let Some(id) = s.strip_prefix("zone:") {
-            return id
-                .parse::<i32>()
-                .ok()
-                .filter(|id| *id > 0)
-                .map(StreamKey::Zone)
-                .ok_or_else(|| DomainError::Invalid(format!("bad zone stream {s:?}")));
-        }
-        if let Some(user) = s.strip_prefix("user:")
-            && !user.is_empty()
-            && user.len() <= 128
-        {
-            return Ok(StreamKey::User(user.to_owned()));
-        }
-        Err(DomainError::Invalid(format!(
-            "unknown stream {s:?}: expected zone:N, user:ID or alerts"
-        )))
-    }
-}
-
-impl fmt::Display for StreamKey {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        match self {
-            StreamKey::Zone(id) => write!(f, "zone:{id}"),
-            StreamKey::User(id) => write!(f, "user:{id}"),
-            StreamKey::Alerts => f.write_str("alerts"),
-        }
-    }
-}
-
-/// Wall-clock time as stored and sent: UTC, millisecond precision, so an event read back
-/// from either database renders to the same bytes as when it was published.
-pub fn now() -> DateTime<Utc> {
-    Utc::now().trunc_subsecs(3)
-}
-
-/// The one wire format for times (DESIGN §4): `2026-11-24T12:00:00.123Z`.
-pub fn format_time(at: &DateTime<Utc>) -> String {
-    at.format("%Y-%m-%dT%H:%M:%S%.3fZ").to_string()
-}
+use super::DomainError;
+use super::text::{non_negative, text};
 
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Zone {
@@ -117,57 +42,32 @@ pub struct Snapshot {
     pub items: Vec<Item>,
 }
 
-fn text(field: &str, value: &str, max: usize) -> Result<String, DomainError> {
-    let v = value.trim();
-    if v.is_empty() {
-        return Err(DomainError::Invalid(format!("{field} must not be empty")));
-    }
-    if v.chars().count() > max {
-        return Err(DomainError::Invalid(format!(
-            "{field} must be at most {max} characters"
-        )));
-    }
-    Ok(v.to_owned())
-}
-
-fn non_negative(field: &str, v: i64) -> Result<i64, DomainError> {
-    if v < 0 {
-        return Err(DomainError::Invalid(format!("{field} must be >= 0")));
-    }
-    Ok(v)
-}
-
-pub fn key_name(name: &str) -> Result<String, DomainError> {
-    let n = text("name", name, 64)?;
-    if !n
-        .chars()
-        .all(|c| c.is_ascii_alphanumeric() || "-_.".contains(c))
-    {
-        return Err(DomainError::Invalid(
-            "a key name may hold letters, digits, '-', '_' and '.'".into(),
-        ));
-    }
-    Ok(n)
-}
-
-pub fn user_id(user: &str) -> Result<String, DomainError> {
-    text("user", user, 128)
-}
-
-pub fn zone_name(name: &str) -> Result<String, DomainError> {
-    text("name", name, 200)
-}
-
 /// An item to create, checked.
 #[derive(Debug, Clone)]
 pub struct NewItem {
-    pub sku: String,
-    pub name: String,
-    pub quantity: i64,
-    pub low_stock_threshold: i64,
+    sku: String,
+    name: String,
+    quantity: i64,
+    low_stock_threshold: i64,
 }
 
 impl NewItem {
+    pub fn sku(&self) -> &str {
+        &self.sku
+    }
+
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+
+    pub fn quantity(&self) -> i64 {
+        self.quantity
+    }
+
+    pub fn low_stock_threshold(&self) -> i64 {
+        self.low_stock_threshold
+    }
+
     /// The canonical form, for idempotency fingerprints.
     pub fn canonical(&self) -> serde_json::Value {
         serde_json::json!([self.sku, self.name, self.quantity, self.low_stock_threshold])
@@ -196,13 +96,13 @@ pub enum QuantityTarget {
 }
 
 /// A change to one item: quantity and/or name/threshold, all applied in one event.
-#[derive(Debug, Clone, Default)]
+#[derive(Debug, Clone)]
 pub struct ItemPatch {
-    pub quantity: Option<QuantityTarget>,
-    pub name: Option<String>,
-    pub low_stock_threshold: Option<i64>,
-    pub expected_version: Option<i64>,
-    pub reason: Option<String>,
+    quantity: Option<QuantityTarget>,
+    name: Option<String>,
+    low_stock_threshold: Option<i64>,
+    expected_version: Option<i64>,
+    reason: Option<String>,
 }
 
 impl ItemPatch {
@@ -239,6 +139,16 @@ impl ItemPatch {
             ));
         }
         Ok(patch)
+    }
+
+    /// Whether the patch changes the quantity (its event is `stock_updated`, else
+    /// `item_updated`).
+    pub fn changes_quantity(&self) -> bool {
+        self.quantity.is_some()
+    }
+
+    pub fn reason(&self) -> Option<&str> {
+        self.reason.as_deref()
     }
 
     /// The canonical form of the change, for idempotency fingerprints: the same change
@@ -300,11 +210,6 @@ impl ItemPatch {
             ..item.clone()
         })
     }
-}
-
-/// An idempotency key (`Idempotency-Key` header, WS `request_id`).
-pub fn request_id(key: Option<&str>) -> Result<Option<String>, DomainError> {
-    key.map(|k| text("idempotency key", k, 200)).transpose()
 }
 
 /// The `data` of the zone stream's item events. It carries the whole item, so a
@@ -376,6 +281,7 @@ pub struct LowStockData {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::domain::now;
 
     fn item(q: i64) -> Item {
         Item {
@@ -451,16 +357,6 @@ mod tests {
                     }
                 }
             }
-        }
-    }
-
-    #[test]
-    fn stream_keys_round_trip() {
-        for s in ["zone:7", "user:alice", "alerts"] {
-            assert_eq!(StreamKey::parse(s).unwrap().to_string(), s);
-        }
-        for s in ["zone:x", "zone:0", "user:", "bogus", ""] {
-            assert!(StreamKey::parse(s).is_err(), "{s}");
         }
     }
 }

@@ -6,7 +6,7 @@ use poem::{Endpoint, IntoResponse, Request, Response};
 use poem_openapi::{ApiResponse, Object, payload::Json};
 use serde::Serialize;
 
-use crate::auth::AuthError;
+use crate::credentials::AuthError;
 use crate::domain::DomainError;
 use crate::limits::RetryAfter;
 use crate::service::ServiceError;

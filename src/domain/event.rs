@@ -10,13 +10,13 @@ use chrono::{DateTime, Utc};
 use serde::Serialize;
 use tokio_tungstenite::tungstenite::Utf8Bytes;
 
-use crate::domain::format_time;
+use super::{EventKind, StreamKey, format_time};
 
 #[derive(Debug)]
 pub struct Event {
-    pub stream: String,
+    pub stream: StreamKey,
     pub seq: u64,
-    pub kind: String,
+    pub kind: EventKind,
     pub at: DateTime<Utc>,
     /// The `data` member as stored in the log.
     pub data: String,
@@ -32,21 +32,26 @@ pub struct Event {
 }
 
 impl Event {
-    pub fn render(stream: &str, seq: u64, kind: &str, at: DateTime<Utc>, data: String) -> Self {
+    pub fn render(
+        stream: &StreamKey,
+        seq: u64,
+        kind: EventKind,
+        at: DateTime<Utc>,
+        data: String,
+    ) -> Self {
         // Written by hand so the member order is fixed and `data` is inserted verbatim.
         let json = format!(
-            "{{\"id\":{seq},\"stream\":{},\"type\":{},\"at\":\"{}\",\"data\":{data}}}",
-            json_str(stream),
-            json_str(kind),
+            "{{\"id\":{seq},\"stream\":{},\"type\":\"{kind}\",\"at\":\"{}\",\"data\":{data}}}",
+            json_str(&stream.to_string()),
             format_time(&at)
         );
         let text = Utf8Bytes::from(json);
         let json: Bytes = AsRef::<Bytes>::as_ref(&text).clone();
-        let sse = sse_frame(Some(seq), kind, &json);
+        let sse = sse_frame(Some(seq), kind.as_str(), &json);
         Event {
-            stream: stream.to_owned(),
+            stream: stream.clone(),
             seq,
-            kind: kind.to_owned(),
+            kind,
             at,
             data,
             json,
@@ -114,9 +119,9 @@ mod tests {
             .unwrap()
             .with_timezone(&Utc);
         let e = Event::render(
-            "zone:1",
+            &StreamKey::Zone(1),
             42,
-            "stock_updated",
+            EventKind::StockUpdated,
             at,
             r#"{"quantity":3}"#.into(),
         );

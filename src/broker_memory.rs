@@ -1,0 +1,30 @@
+//! The one-node broker: every event a node sees is one it committed itself, so
+//! publishing is delivering to the node's own cache and hub. With SQLite, or with
+//! PostgreSQL and a single node.
+
+use std::sync::Arc;
+
+use crate::broker::{Broker, Local};
+use crate::domain::Event;
+
+pub struct MemoryBroker {
+    local: Local,
+}
+
+impl MemoryBroker {
+    pub fn new(bus_capacity: usize, cache_per_stream: usize, cache_total: usize) -> Self {
+        MemoryBroker {
+            local: Local::new(bus_capacity, cache_per_stream, cache_total),
+        }
+    }
+}
+
+impl Broker for MemoryBroker {
+    fn local(&self) -> &Local {
+        &self.local
+    }
+
+    fn publish(&self, events: &[Arc<Event>]) {
+        self.local.deliver(events);
+    }
+}

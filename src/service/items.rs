@@ -1,0 +1,232 @@
+//! Zones and items: reads for whoever may read the zone, and changes, each one
+//! transaction with its event (and, on a crossing into low stock, the alert and the
+//! watchers' notifications in the same transaction).
+
+use chrono::Utc;
+use sea_orm::DatabaseTransaction;
+use serde_json::json;
+
+use super::idempotency::Requested;
+use super::{ItemChange, Service, ServiceError, json};
+use crate::domain::{
+    DomainError, Event, EventKind, Item, ItemEventData, ItemPatch, LowStockData, NewItem,
+    NewNotification, Principal, Snapshot, StreamKey, Zone, now, zone_name,
+};
+use crate::store::Store;
+
+impl Service {
+    pub async fn create_zone(&self, by: &Principal, name: &str) -> Result<Zone, ServiceError> {
+        by.require_full_admin("create zones")?;
+        let name = zone_name(name)?;
+        Ok(self.store.create_zone(&name, now()).await?)
+    }
+
+    /// The zones `by` may see.
+    pub async fn zones(&self, by: &Principal) -> Result<Vec<Zone>, ServiceError> {
+        let mut zones = self.store.zones().await?;
+        zones.retain(|z| by.zones.contains(z.id));
+        Ok(zones)
+    }
+
+    /// A zone `by` may read.
+    pub async fn zone(&self, by: &Principal, id: i32) -> Result<Zone, ServiceError> {
+        by.require_zone(id)?;
+        self.store
+            .zone(id)
+            .await?
+            .ok_or(DomainError::NotFound("zone").into())
+    }
+
+    /// The zone's items as of one event, for `by`.
+    pub async fn snapshot(&self, by: &Principal, zone_id: i32) -> Result<Snapshot, ServiceError> {
+        by.require_zone(zone_id)?;
+        self.store
+            .snapshot(zone_id)
+            .await?
+            .ok_or(DomainError::NotFound("zone").into())
+    }
+
+    /// A page of the zone's change log: events with seq > `after`.
+    pub async fn events(
+        &self,
+        by: &Principal,
+        zone_id: i32,
+        after: u64,
+        limit: u64,
+    ) -> Result<Vec<Event>, ServiceError> {
+        self.zone(by, zone_id).await?;
+        Ok(self
+            .store
+            .read_from(&StreamKey::Zone(zone_id), after.saturating_add(1), limit)
+            .await?)
+    }
+
+    pub async fn create_item(
+        &self,
+        zone_id: i32,
+        new: NewItem,
+        request_id: Option<String>,
+        by: &Principal,
+    ) -> Result<ItemChange, ServiceError> {
+        by.require_write(zone_id)?;
+        let actor = by.name.as_str();
+        let stream = StreamKey::Zone(zone_id);
+        let req = Requested::new(
+            by,
+            request_id.as_deref(),
+            json!(["create_item", zone_id, new.canonical()]),
+        );
+        self.write(async |txn| {
+            if let Some(done) = req.claim(txn).await? {
+                return Ok((ItemChange::from_event(&done)?, vec![]));
+            }
+            if !Store::zone_exists_in(txn, zone_id).await? {
+                return Err(DomainError::NotFound("zone").into());
+            }
+            let seq = Store::next_seq(txn, &stream).await?;
+            if Store::sku_taken(txn, zone_id, new.sku()).await? {
+                return Err(DomainError::Conflict(format!(
+                    "sku {:?} already exists in zone {zone_id}",
+                    new.sku()
+                ))
+                .into());
+            }
+            let at = now();
+            let item = Store::insert_item(txn, zone_id, &new, at).await?;
+            let data = json(&ItemEventData::new(&item, None, None, actor))?;
+            let ev = req
+                .append(txn, &stream, seq, EventKind::ItemCreated, data, at)
+                .await?;
+            Ok((ItemChange::from_event(&ev)?, vec![ev]))
+        })
+        .await
+    }
+
+    /// Quantity (absolute or delta), name and threshold in one event: `stock_updated`
+    /// when the quantity was given, else `item_updated`.
+    pub async fn update_item(
+        &self,
+        item_id: i32,
+        patch: ItemPatch,
+        request_id: Option<String>,
+        by: &Principal,
+    ) -> Result<ItemChange, ServiceError> {
+        let stream = self.item_stream(item_id, by).await?;
+        let actor = by.name.as_str();
+        let req = Requested::new(
+            by,
+            request_id.as_deref(),
+            json!(["update_item", item_id, patch.canonical()]),
+        );
+        self.write(async |txn| {
+            if let Some(done) = req.claim(txn).await? {
+                return Ok((ItemChange::from_event(&done)?, vec![]));
+            }
+            // The stream row lock is taken before the item is read: it serialises every
+            // change to the zone, so the item read below cannot go stale.
+            let seq = Store::next_seq(txn, &stream).await?;
+            let before = Store::item_in(txn, item_id)
+                .await?
+                .ok_or(DomainError::NotFound("item"))?;
+            let at = now();
+            let after = patch.apply(&before, at)?;
+            let same = after.quantity == before.quantity
+                && after.name == before.name
+                && after.low_stock_threshold == before.low_stock_threshold;
+            if same {
+                // Nothing changes: no event, no new version (and the key, if any, is
+                // not kept: the transaction is rolled back).
+                let unchanged = ItemChange {
+                    event_id: seq - 1,
+                    item: before,
+                    changed: false,
+                };
+                return Ok((unchanged, vec![]));
+            }
+            Store::save_item(txn, &after).await?;
+            let kind = if patch.changes_quantity() {
+                EventKind::StockUpdated
+            } else {
+                EventKind::ItemUpdated
+            };
+            let reason = patch.reason().map(str::to_owned);
+            let data = ItemEventData::new(&after, Some(&before), reason, actor);
+            let ev = req
+                .append(txn, &stream, seq, kind, json(&data)?, at)
+                .await?;
+            let mut events = vec![];
+            if !before.is_low() && after.is_low() {
+                events.push(low_stock_alert(txn, &after, ev.seq, at).await?);
+                // Each watcher of the zone gets a notification, in the same transaction.
+                let alert = NewNotification::stock_alert(&after, ev.seq);
+                for user in Store::watchers_in(txn, after.zone_id).await? {
+                    let (_, evs) = super::notifications::notify_in(txn, &user, &alert, at).await?;
+                    events.extend(evs);
+                }
+            }
+            events.insert(0, ev);
+            Ok((ItemChange::from_event(&events[0])?, events))
+        })
+        .await
+    }
+
+    pub async fn delete_item(
+        &self,
+        item_id: i32,
+        request_id: Option<String>,
+        by: &Principal,
+    ) -> Result<ItemChange, ServiceError> {
+        let stream = self.item_stream(item_id, by).await?;
+        let actor = by.name.as_str();
+        let req = Requested::new(by, request_id.as_deref(), json!(["delete_item", item_id]));
+        self.write(async |txn| {
+            if let Some(done) = req.claim(txn).await? {
+                return Ok((ItemChange::from_event(&done)?, vec![]));
+            }
+            let seq = Store::next_seq(txn, &stream).await?;
+            let item = Store::item_in(txn, item_id)
+                .await?
+                .ok_or(DomainError::NotFound("item"))?;
+            Store::delete_item(txn, item_id).await?;
+            let at = now();
+            let data = json(&ItemEventData::new(&item, None, None, actor))?;
+            let ev = req
+                .append(txn, &stream, seq, EventKind::ItemDeleted, data, at)
+                .await?;
+            Ok((ItemChange::from_event(&ev)?, vec![ev]))
+        })
+        .await
+    }
+
+    /// The stream of the zone an item belongs to (items never change zones), once
+    /// `by` is known to be allowed to change it.
+    async fn item_stream(&self, item_id: i32, by: &Principal) -> Result<StreamKey, ServiceError> {
+        let zone_id = self
+            .store
+            .item_zone(item_id)
+            .await?
+            .ok_or(DomainError::NotFound("item"))?;
+        by.require_write(zone_id)?;
+        Ok(StreamKey::Zone(zone_id))
+    }
+}
+
+async fn low_stock_alert(
+    txn: &DatabaseTransaction,
+    item: &Item,
+    zone_event_id: u64,
+    at: chrono::DateTime<Utc>,
+) -> Result<Event, ServiceError> {
+    let stream = StreamKey::Alerts;
+    let seq = Store::next_seq(txn, &stream).await?;
+    let data = json(&LowStockData {
+        zone_id: item.zone_id,
+        item_id: item.id,
+        sku: item.sku.clone(),
+        name: item.name.clone(),
+        quantity: item.quantity,
+        low_stock_threshold: item.low_stock_threshold,
+        zone_event_id,
+    })?;
+    Ok(Store::append(txn, &stream, seq, EventKind::LowStockAlert, data, None, at).await?)
+}

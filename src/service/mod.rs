@@ -1,0 +1,163 @@
+//! The service layer: each change is ONE transaction that updates the rows and appends
+//! exactly one event to its stream (plus a `low_stock_alert` on `alerts` when an item
+//! crosses into low stock), and is published only after commit. Every operation takes
+//! the calling `Principal` and applies the access rules itself: handlers and transports
+//! parse and map, and never decide who may do what.
+//!
+//! No HTTP or WebSocket types here: transports parse their input into domain types,
+//! call these methods, and map `ServiceError` to their own wire form.
+//!
+//! - `items`: zones and items (reads and changes), `keys`: API keys,
+//!   `notifications`: per-user notifications, watches, announcements,
+//!   `streams`: opening a stream, `retention`: pruning the log, `demo`: the demo zone,
+//!   `idempotency`: keys and their fingerprints.
+
+mod demo;
+mod idempotency;
+mod items;
+mod keys;
+mod notifications;
+mod retention;
+mod streams;
+
+use std::sync::Arc;
+
+use sea_orm::DatabaseTransaction;
+
+use crate::broker::Broker;
+use crate::cursor::History;
+use crate::domain::{DomainError, Event, Item, ItemEventData, Principal, ZoneScope};
+use crate::observe::Stats;
+use crate::store::{Store, StoreError};
+
+#[derive(Debug, thiserror::Error)]
+pub enum ServiceError {
+    #[error(transparent)]
+    Domain(#[from] DomainError),
+    #[error(transparent)]
+    Store(#[from] StoreError),
+}
+
+impl From<sea_orm::DbErr> for ServiceError {
+    fn from(e: sea_orm::DbErr) -> Self {
+        ServiceError::Store(e.into())
+    }
+}
+
+/// The result of an item change, rebuilt from its logged event so that a repeated
+/// idempotency key answers with exactly the same result.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ItemChange {
+    /// The event the change appended; for a change that changed nothing, the zone's
+    /// last event (the item is as of it).
+    pub event_id: u64,
+    pub item: Item,
+    /// `false`: the request would change nothing (`delta: 0`, the same quantity);
+    /// nothing was appended and the version did not move.
+    pub changed: bool,
+}
+
+impl ItemChange {
+    fn from_event(ev: &Event) -> Result<Self, ServiceError> {
+        let data: ItemEventData = serde_json::from_str(&ev.data)
+            .map_err(|e| StoreError::Corrupt(format!("event {}#{}: {e}", ev.stream, ev.seq)))?;
+        Ok(ItemChange {
+            event_id: ev.seq,
+            item: data.item(ev.at),
+            changed: true,
+        })
+    }
+}
+
+#[derive(Clone)]
+pub struct Service {
+    /// The store, for what has no policy of its own (tests, the CLI's reads).
+    pub store: Store,
+    broker: Arc<dyn Broker>,
+    history: Arc<dyn History>,
+    stats: Arc<Stats>,
+}
+
+/// Events of one transaction, published together after it commits.
+type Outcome<T> = Result<(T, Vec<Event>), ServiceError>;
+
+fn json<T: serde::Serialize>(v: &T) -> Result<String, ServiceError> {
+    serde_json::to_string(v).map_err(|e| StoreError::Corrupt(e.to_string()).into())
+}
+
+impl Service {
+    pub fn new(store: Store, broker: Arc<dyn Broker>, stats: Arc<Stats>) -> Self {
+        Service {
+            history: Arc::new(store.clone()),
+            store,
+            broker,
+            stats,
+        }
+    }
+
+    /// The broker this node publishes to and subscribes through.
+    pub fn broker(&self) -> &Arc<dyn Broker> {
+        &self.broker
+    }
+
+    /// The registry of this node's connections.
+    pub fn connections(&self) -> &Arc<Stats> {
+        &self.stats
+    }
+
+    /// Runs `body` in a write transaction: commit and publish on success, roll back on
+    /// error, so a refused change applies nothing.
+    pub(crate) async fn write<T, F>(&self, body: F) -> Result<T, ServiceError>
+    where
+        F: AsyncFnOnce(&DatabaseTransaction) -> Outcome<T>,
+    {
+        let started = std::time::Instant::now();
+        let txn = self.store.begin_write().await?;
+        let result = body(&txn).await;
+        metrics::histogram!("zonecast_write_duration_seconds")
+            .record(started.elapsed().as_secs_f64());
+        match result {
+            // Nothing appended (a replayed idempotency key, a change that changes
+            // nothing): roll back, or the seq taken under the lock would be committed
+            // without its event, leaving a gap.
+            Ok((value, events)) if events.is_empty() => {
+                txn.rollback().await?;
+                Ok(value)
+            }
+            Ok((value, events)) => {
+                txn.commit().await?;
+                let committed = std::time::Instant::now();
+                let events: Vec<Arc<Event>> = events
+                    .into_iter()
+                    .map(|mut e| {
+                        metrics::counter!("zonecast_events_appended_total",
+                            "stream_kind" => e.stream.kind(), "type" => e.kind.as_str())
+                        .increment(1);
+                        e.committed = Some(committed);
+                        Arc::new(e)
+                    })
+                    .collect();
+                self.broker.publish(&events);
+                self.stats.broadcast(events.len() as u64);
+                Ok(value)
+            }
+            Err(e) => {
+                txn.rollback().await?;
+                Err(e)
+            }
+        }
+    }
+
+    /// Connections and totals of this node as `by` may see them: an admin of every
+    /// zone sees everything; an admin of some zones sees only connections reading a
+    /// stream it could read itself, and only those streams. Delivery totals are the
+    /// node's (they carry no names, and `/metrics` shows them anyway).
+    pub fn stats(&self, by: &Principal) -> Result<crate::observe::Snapshot, ServiceError> {
+        by.require_admin("read stats")?;
+        Ok(if by.zones == ZoneScope::All {
+            self.stats.snapshot(None)
+        } else {
+            self.stats.snapshot(Some(&|stream| by.sees_stream(stream)))
+        })
+    }
+}
