@@ -10,8 +10,10 @@ use poem::{EndpointExt, Route, get};
 use tokio::net::TcpListener;
 use tokio::sync::watch;
 
+use crate::broker::{Broker, Local};
 use crate::broker_memory::MemoryBroker;
-use crate::config::ServeArgs;
+use crate::broker_postgres::{BusOptions, PostgresBroker};
+use crate::config::{BrokerKind, ServeArgs};
 use crate::credentials::Authenticator;
 use crate::domain::{Principal, Role, Zone, ZoneScope};
 use crate::limits::{Limits, Rate, Rates};
@@ -46,6 +48,8 @@ pub enum StartError {
     PerIp { per_ip: usize, total: usize },
     #[error("--tls-cert/--tls-key: {0}")]
     Tls(String),
+    #[error("{0}")]
+    Broker(String),
 }
 
 impl From<ServiceError> for StartError {
@@ -138,12 +142,41 @@ impl Application {
         // Before any metric handle is taken: a handle taken earlier records nowhere.
         crate::observe::prometheus();
         let store = Store::open(&config.database_url).await.map_err(db_error)?;
-        let broker = Arc::new(MemoryBroker::new(
+        let node = config.node();
+        let local = Local::new(
             config.bus_capacity,
             config.cache_events,
             config.cache_total_events,
-        ));
+        );
+        let broker: Arc<dyn Broker> = match config.broker_kind() {
+            BrokerKind::Memory => Arc::new(MemoryBroker::new(local)),
+            BrokerKind::Postgres if !config.is_postgres() => {
+                return Err(StartError::Broker(
+                    "--broker postgres needs a PostgreSQL --database-url (postgres://…); \
+                     with SQLite zonecast serves one node"
+                        .into(),
+                ));
+            }
+            BrokerKind::Postgres => {
+                let opts = BusOptions {
+                    url: config.database_url.clone(),
+                    node: node.clone(),
+                    sweep_interval: config.sweep_interval,
+                    notify: config.notify,
+                };
+                let b = PostgresBroker::new(store.clone(), local, opts)
+                    .await
+                    .map_err(db_error)?;
+                Arc::new(b)
+            }
+        };
+        metrics::gauge!("zonecast_node_info", "node" => node.clone(),
+            "broker" => config.broker_kind().as_str())
+        .set(1.0);
         let service = Service::new(store, broker, Arc::new(Stats::default()));
+        // Several nodes may start at once on a new database: one at a time seeds it and
+        // makes the first admin key; the others then find both done.
+        let setup = service.store.setup_lock().await.map_err(db_error)?;
         let demo = if config.no_demo {
             None
         } else {
@@ -159,6 +192,9 @@ impl Application {
         } else {
             None
         };
+        if let Some(lock) = setup {
+            lock.commit().await.map_err(|e| db_error(e.into()))?;
+        }
         let auth = Authenticator::new(
             service.store.clone(),
             config.jwt_secret.as_deref(),
@@ -191,6 +227,7 @@ impl Application {
             tls,
             addr,
             state: AppState {
+                node: node.into(),
                 service,
                 config: Arc::new(config),
                 auth,
@@ -241,6 +278,7 @@ impl Application {
         let state = self.state;
         let pruner = tokio::spawn(prune_forever(state.clone()));
         let upkeep = tokio::spawn(upkeep_forever(state.clone()));
+        let bus = tokio::spawn(state.service.broker().clone().run());
         let grace = state.config.shutdown_grace;
         let stop = self.stop;
         let signal = async move {
@@ -248,7 +286,8 @@ impl Application {
             tracing::info!("shutting down");
             let _ = stop.send(true);
         };
-        tracing::info!(addr = %self.addr, max_connections = self.net.max_connections,
+        tracing::info!(addr = %self.addr, node = %state.node, broker = state.config.broker_kind().as_str(),
+            max_connections = self.net.max_connections,
             max_connections_per_ip = self.net.max_per_ip, "listening");
         let serve = server::serve(
             self.listener,
@@ -266,6 +305,7 @@ impl Application {
         };
         pruner.abort();
         upkeep.abort();
+        bus.abort();
         result
     }
 }

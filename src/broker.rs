@@ -4,17 +4,43 @@
 //! broker has the same node-local half, `Local`: the recent-event cache (replays without
 //! queries) and the hub (one broadcast channel per live stream). Brokers differ in how
 //! events from *other* nodes arrive; `broker_memory` is the one-node broker, where
-//! every event is published by this node.
+//! every event is published by this node; `broker_postgres` is the broker of several
+//! nodes on one PostgreSQL database.
 //!
 //! Must only ever be given committed events: a cursor trusts that any seq it sees
 //! through a broker is in the log.
 
 use std::sync::Arc;
 
+use futures_util::future::BoxFuture;
+use sea_orm::DatabaseTransaction;
+
 use crate::cache::Cache;
 use crate::domain::{Event, StreamKey};
 use crate::hub::{Hub, Subscription};
 use crate::observe::{ReplayCounts, Replays};
+use crate::store::StoreError;
+
+/// How a node hears the events other nodes commit.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum BusHealth {
+    /// There are no other nodes (the memory broker).
+    OneNode,
+    /// Listening: other nodes' events arrive as they commit.
+    Listening,
+    /// Not listening (reconnecting): other nodes' events arrive by the sweep only.
+    Reconnecting,
+}
+
+impl BusHealth {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            BusHealth::OneNode => "one_node",
+            BusHealth::Listening => "listening",
+            BusHealth::Reconnecting => "reconnecting",
+        }
+    }
+}
 
 /// The events of one node: publish, subscribe, and what the node holds.
 pub trait Broker: Send + Sync {
@@ -23,6 +49,28 @@ pub trait Broker: Send + Sync {
 
     /// Events committed together on this node, in seq order within each stream.
     fn publish(&self, events: &[Arc<Event>]);
+
+    /// Called in the writing transaction just before it commits, with its events: a
+    /// broker that announces events with their commit does it here. An error rolls the
+    /// change back. The default announces nothing.
+    fn before_commit<'a>(
+        &'a self,
+        _txn: &'a DatabaseTransaction,
+        _events: &'a [Event],
+    ) -> BoxFuture<'a, Result<(), StoreError>> {
+        Box::pin(async { Ok(()) })
+    }
+
+    /// The broker's background work (hearing other nodes, the sweep), run by the app
+    /// until it stops. The default has none.
+    fn run(self: Arc<Self>) -> BoxFuture<'static, ()> {
+        Box::pin(std::future::pending())
+    }
+
+    /// How this node hears other nodes' events.
+    fn health(&self) -> BusHealth {
+        BusHealth::OneNode
+    }
 
     /// Subscribes to `stream` on this node.
     fn subscribe(&self, stream: &StreamKey) -> Tap {
@@ -101,6 +149,15 @@ impl Local {
         for ev in events {
             self.hub.publish(ev.clone());
         }
+    }
+
+    /// Each live stream and the newest seq delivered on it since it became live.
+    pub fn positions(&self) -> Vec<(StreamKey, u64)> {
+        self.hub.positions()
+    }
+
+    pub fn is_live(&self, stream: &StreamKey) -> bool {
+        self.hub.subscribers(stream) > 0
     }
 
     pub fn subscribe(&self, stream: &StreamKey) -> Tap {

@@ -12,10 +12,8 @@ pub struct MemoryBroker {
 }
 
 impl MemoryBroker {
-    pub fn new(bus_capacity: usize, cache_per_stream: usize, cache_total: usize) -> Self {
-        MemoryBroker {
-            local: Local::new(bus_capacity, cache_per_stream, cache_total),
-        }
+    pub fn new(local: Local) -> Self {
+        MemoryBroker { local }
     }
 }
 

@@ -84,6 +84,66 @@ pub fn parse_size(s: &str) -> Result<usize, String> {
         .ok_or_else(|| format!("{s:?} is too large"))
 }
 
+/// How a node learns of events committed by other nodes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum BrokerKind {
+    /// One node: every event is one this node committed (SQLite, or PostgreSQL alone).
+    Memory,
+    /// Several nodes on one PostgreSQL database: LISTEN/NOTIFY plus a sweep.
+    Postgres,
+}
+
+impl BrokerKind {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            BrokerKind::Memory => "memory",
+            BrokerKind::Postgres => "postgres",
+        }
+    }
+}
+
+/// When a node announces its commits to the others.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum NotifyMode {
+    /// `pg_notify` right after commit, from a background task: commits do not queue on
+    /// PostgreSQL's notification lock; an announcement lost in a crash between commit
+    /// and notify is covered by the sweep.
+    AfterCommit,
+    /// `pg_notify` inside the writing transaction: never lost with its commit, but every
+    /// notifying commit in the database takes one global lock at commit.
+    InTransaction,
+}
+
+/// A node id: what this node's log lines, stats and announcements carry.
+fn node_id(s: &str) -> Result<String, String> {
+    let ok = !s.is_empty()
+        && s.len() <= 64
+        && s.bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b"-_.:".contains(&b));
+    if ok {
+        Ok(s.to_owned())
+    } else {
+        Err(format!("{s:?}: 1 to 64 of A-Z a-z 0-9 - _ . :"))
+    }
+}
+
+/// `HOST-PID`: unique among the nodes of one host, and across hosts with their own
+/// names.
+pub fn default_node_id() -> String {
+    let host = std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .ok()
+        .map(|h| {
+            h.trim()
+                .chars()
+                .filter(|c| c.is_ascii_alphanumeric() || "-_.".contains(*c))
+                .take(48)
+                .collect::<String>()
+        })
+        .filter(|h| !h.is_empty())
+        .unwrap_or_else(|| "zonecast".into());
+    format!("{host}-{}", std::process::id())
+}
+
 fn duration(s: &str) -> Result<Duration, String> {
     humantime::parse_duration(s).map_err(|e| format!("{e} (examples: 15s, 500ms, 7d)"))
 }
@@ -250,12 +310,55 @@ pub struct ServeArgs {
     #[arg(long, env = "ZONECAST_IDLE_TIMEOUT", default_value = "60s", value_parser = duration)]
     pub idle_timeout: Duration,
 
+    /// `memory` (one node) or `postgres` (several nodes on one PostgreSQL database).
+    /// Default: `postgres` with a PostgreSQL URL, else `memory`.
+    #[arg(long, env = "ZONECAST_BROKER", value_enum)]
+    pub broker: Option<BrokerKind>,
+
+    /// This node's id, in its log lines, `/api/stats`, `/metrics` and the WebSocket
+    /// `welcome`; unique per node. Default: HOST-PID.
+    #[arg(long, env = "ZONECAST_NODE_ID", value_parser = node_id)]
+    pub node_id: Option<String>,
+
+    /// How often a node of several compares its live streams with the log and reads
+    /// what it missed (a lost notification costs at most this much latency).
+    #[arg(long, env = "ZONECAST_SWEEP_INTERVAL", default_value = "1s", value_parser = duration)]
+    pub sweep_interval: Duration,
+
+    /// When a node of several announces its commits: right after commit (default;
+    /// see docs/design.md for the measurement) or inside the writing transaction.
+    #[arg(
+        long,
+        env = "ZONECAST_NOTIFY",
+        value_enum,
+        default_value = "after-commit"
+    )]
+    pub notify: NotifyMode,
+
     /// How long shutdown waits for connections to finish.
     #[arg(long, env = "ZONECAST_SHUTDOWN_GRACE", default_value = "10s", value_parser = duration)]
     pub shutdown_grace: Duration,
 }
 
 impl ServeArgs {
+    pub fn is_postgres(&self) -> bool {
+        self.database_url.starts_with("postgres:") || self.database_url.starts_with("postgresql:")
+    }
+
+    /// `--broker`, or what the database URL implies.
+    pub fn broker_kind(&self) -> BrokerKind {
+        self.broker.unwrap_or(if self.is_postgres() {
+            BrokerKind::Postgres
+        } else {
+            BrokerKind::Memory
+        })
+    }
+
+    /// `--node-id`, or `HOST-PID`.
+    pub fn node(&self) -> String {
+        self.node_id.clone().unwrap_or_else(default_node_id)
+    }
+
     /// The file the first admin key goes to when it cannot be shown on a terminal.
     pub fn admin_key_path(&self) -> std::path::PathBuf {
         if let Some(p) = &self.admin_key_file {

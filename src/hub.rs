@@ -22,11 +22,18 @@ struct Inner {
     /// Memory for it is shared by all receivers of the stream.
     capacity: usize,
     /// std `Mutex`: held only for map operations, never across an `.await`.
-    channels: Mutex<HashMap<StreamKey, broadcast::Sender<Arc<Event>>>>,
+    channels: Mutex<HashMap<StreamKey, Channel>>,
+}
+
+struct Channel {
+    tx: broadcast::Sender<Arc<Event>>,
+    /// The highest seq published on it, 0 before the first: where this node's view of
+    /// the stream stands (the sweep compares it with the log).
+    newest: u64,
 }
 
 impl Inner {
-    fn channels(&self) -> MutexGuard<'_, HashMap<StreamKey, broadcast::Sender<Arc<Event>>>> {
+    fn channels(&self) -> MutexGuard<'_, HashMap<StreamKey, Channel>> {
         // A panic while holding this lock cannot leave the map half-updated (each
         // operation is a single insert/remove), so a poisoned lock is still usable.
         self.channels.lock().unwrap_or_else(|e| e.into_inner())
@@ -61,7 +68,7 @@ impl Drop for Subscription {
         drop(self.rx.take());
         if map
             .get(&self.stream)
-            .is_some_and(|tx| tx.receiver_count() == 0)
+            .is_some_and(|c| c.tx.receiver_count() == 0)
         {
             map.remove(&self.stream);
         }
@@ -81,10 +88,10 @@ impl Hub {
     pub fn subscribe(&self, stream: &StreamKey) -> Subscription {
         let mut map = self.inner.channels();
         let rx = match map.get(stream) {
-            Some(tx) => tx.subscribe(),
+            Some(c) => c.tx.subscribe(),
             None => {
                 let (tx, rx) = broadcast::channel(self.inner.capacity);
-                map.insert(stream.clone(), tx);
+                map.insert(stream.clone(), Channel { tx, newest: 0 });
                 rx
             }
         };
@@ -97,7 +104,10 @@ impl Hub {
 
     /// Sends to the stream's local subscribers, if it has any.
     pub fn publish(&self, event: Arc<Event>) {
-        let tx = self.inner.channels().get(&event.stream).cloned();
+        let tx = self.inner.channels().get_mut(&event.stream).map(|c| {
+            c.newest = c.newest.max(event.seq);
+            c.tx.clone()
+        });
         if let Some(tx) = tx {
             // An error only means every receiver went away meanwhile.
             let _ = tx.send(event);
@@ -109,11 +119,21 @@ impl Hub {
         self.inner.channels().keys().cloned().collect()
     }
 
+    /// Each live stream with the highest seq published on it since it became live (0
+    /// for none yet).
+    pub fn positions(&self) -> Vec<(StreamKey, u64)> {
+        self.inner
+            .channels()
+            .iter()
+            .map(|(k, c)| (k.clone(), c.newest))
+            .collect()
+    }
+
     pub fn subscribers(&self, stream: &StreamKey) -> usize {
         self.inner
             .channels()
             .get(stream)
-            .map_or(0, |tx| tx.receiver_count())
+            .map_or(0, |c| c.tx.receiver_count())
     }
 }
 
@@ -135,5 +155,27 @@ mod tests {
         assert_eq!(hub.live_streams().len(), 1);
         drop(b);
         assert!(hub.live_streams().is_empty());
+    }
+
+    #[test]
+    fn positions_are_the_newest_seq_published_on_each_live_stream() {
+        let hub = Hub::new(4);
+        let (z, a) = (StreamKey::Zone(1), StreamKey::Alerts);
+        let _subs = (hub.subscribe(&z), hub.subscribe(&a));
+        let ev = |stream: &StreamKey, seq| {
+            Arc::new(Event::render(
+                stream,
+                seq,
+                crate::domain::EventKind::StockUpdated,
+                chrono::DateTime::UNIX_EPOCH,
+                "{}".into(),
+            ))
+        };
+        hub.publish(ev(&z, 3));
+        hub.publish(ev(&z, 2)); // out of order: the position does not move back
+        hub.publish(ev(&StreamKey::Zone(9), 7)); // not live: not tracked
+        let mut p = hub.positions();
+        p.sort_by_key(|(k, _)| k.to_string());
+        assert_eq!(p, vec![(a, 0), (z, 3)]);
     }
 }

@@ -21,7 +21,8 @@
 //! - `cache` (2): recent events per stream, for replays without queries.
 //! - `hub` (2): one broadcast channel per live stream; no DB, no HTTP.
 //! - `broker` (2): the `Broker` trait, where committed events enter the node, and its
-//!   node-local half (cache + hub); `broker_memory` (2): the one-node broker.
+//!   node-local half (cache + hub); `broker_memory` (2): the one-node broker;
+//!   `broker_postgres` (2): several nodes on one PostgreSQL (LISTEN/NOTIFY + sweep).
 //! - `cursor` (2): the gapless per-subscriber feed, transport-agnostic, reading history
 //!   through the `History` trait.
 //! - `credentials` (3): API keys, JWTs, revocation: from a request's credentials to a
@@ -43,6 +44,7 @@ pub mod api;
 pub mod app;
 pub mod broker;
 pub mod broker_memory;
+pub mod broker_postgres;
 pub mod cache;
 pub mod config;
 pub mod credentials;

@@ -16,13 +16,26 @@ use zonecast::store::Store;
 fn main() -> anyhow::Result<()> {
     // Before any thread exists: the config file fills in environment variables.
     zonecast::config::apply_config_file(std::env::args_os()).map_err(anyhow::Error::msg)?;
-    let cli = Cli::parse();
-    let format = match &cli.command {
-        Some(Command::Serve(a)) => a.log_format.clone(),
-        None => cli.serve.log_format.clone(),
-        _ => "text".to_owned(),
+    let mut cli = Cli::parse();
+    let serve = match &mut cli.command {
+        Some(Command::Serve(a)) => Some(a.as_mut()),
+        None => Some(&mut cli.serve),
+        _ => None,
     };
-    zonecast::telemetry::init(&format);
+    let (format, node) = match serve {
+        Some(a) => {
+            // One id for the logs and the server.
+            let node = a
+                .node_id
+                .get_or_insert_with(zonecast::config::default_node_id)
+                .clone();
+            // Several nodes' logs are merged: each line says whose it is.
+            let several = a.broker_kind() == zonecast::config::BrokerKind::Postgres;
+            (a.log_format.clone(), several.then_some(node))
+        }
+        None => ("text".to_owned(), None),
+    };
+    zonecast::telemetry::init(&format, node.as_deref());
     tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
@@ -99,7 +112,7 @@ async fn keys(database_url: &str, action: KeysAction) -> anyhow::Result<()> {
         .await
         .context("cannot open the database")?;
     // The CLI publishes nothing anyone listens to: a broker with no bus and no cache.
-    let broker = std::sync::Arc::new(MemoryBroker::new(1, 0, 0));
+    let broker = std::sync::Arc::new(MemoryBroker::new(zonecast::broker::Local::new(1, 0, 0)));
     let service = Service::new(store, broker, std::sync::Arc::default());
     let cli = Principal::system("cli");
     match action {

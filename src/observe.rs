@@ -70,6 +70,22 @@ pub const COUNTERS: &[(&str, &[(&str, &str)])] = &[
     ("zonecast_connections_timed_out_total", &[("phase", "idle")]),
     ("zonecast_accept_errors_total", &[("kind", "resources")]),
     ("zonecast_accept_errors_total", &[("kind", "connection")]),
+    ("zonecast_bus_reconnects_total", &[]),
+    ("zonecast_bus_payloads_total", &[("direction", "sent")]),
+    ("zonecast_bus_payloads_total", &[("direction", "received")]),
+    (
+        "zonecast_bus_events_received_total",
+        &[("via", "notification")],
+    ),
+    (
+        "zonecast_bus_events_received_total",
+        &[("via", "reference")],
+    ),
+    ("zonecast_bus_events_received_total", &[("via", "sweep")]),
+    ("zonecast_bus_dropped_total", &[("reason", "outbox_full")]),
+    ("zonecast_bus_dropped_total", &[("reason", "notify_failed")]),
+    ("zonecast_bus_dropped_total", &[("reason", "malformed")]),
+    ("zonecast_sweeps_total", &[]),
 ];
 
 /// The event types of each stream kind, for `zonecast_events_appended_total`.
@@ -108,6 +124,7 @@ fn register_known() {
         metrics::gauge!("zonecast_connections", "transport" => t).increment(0.0);
     }
     metrics::gauge!("zonecast_tcp_connections").increment(0.0);
+    metrics::gauge!("zonecast_bus_listening").increment(0.0);
     let _ = metrics::histogram!("zonecast_write_duration_seconds");
     let _ = metrics::histogram!("zonecast_delivery_lag_seconds");
 }

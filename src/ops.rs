@@ -11,6 +11,7 @@ use poem::web::Data;
 use poem::{Endpoint, IntoResponse, Request, Response, handler};
 use tracing::Instrument;
 
+use crate::broker::BusHealth;
 use crate::http::problem::Problem;
 use crate::state::AppState;
 
@@ -25,10 +26,19 @@ pub fn metrics() -> Response {
         .body(body)
 }
 
-/// `GET /readyz`: the database answers and no migration is pending.
+/// `GET /readyz`: the database answers, no migration is pending, and a node of several
+/// is listening for the other nodes' events.
 #[handler]
 pub async fn readyz(Data(state): Data<&AppState>) -> Response {
-    match state.service.store.ready().await {
+    let ready = match state.service.store.ready().await {
+        Ok(()) if state.service.broker().health() == BusHealth::Reconnecting => Err(format!(
+            "not listening for other nodes' events (reconnecting); they reach this node by \
+             the sweep, up to {} late",
+            humantime::format_duration(state.config.sweep_interval)
+        )),
+        r => r,
+    };
+    match ready {
         Ok(()) => "ready".into_response(),
         Err(why) => {
             tracing::warn!(why = %why, "not ready");

@@ -14,6 +14,8 @@ use crate::service::Service;
 
 #[derive(Clone)]
 pub struct AppState {
+    /// This node's id (`--node-id`).
+    pub node: Arc<str>,
     pub service: Service,
     pub config: Arc<ServeArgs>,
     pub auth: Authenticator,

@@ -195,6 +195,15 @@ pub struct CreateAnnouncement {
 /// Live connections and delivery totals of this node.
 #[derive(Debug, Object)]
 pub struct StatsBody {
+    /// The node these figures are of (`--node-id`): every figure here is per node.
+    pub node_id: String,
+    /// `node`: ask each node for its own.
+    pub scope: String,
+    /// `memory` (one node) or `postgres` (several nodes).
+    pub broker: String,
+    /// How this node hears other nodes' events: `one_node`, `listening`, or
+    /// `reconnecting` (they arrive by the sweep meanwhile).
+    pub bus: String,
     /// TCP connections open on this node (streams, idle keep-alive connections and
     /// requests in flight), whoever's they are.
     pub open_sockets: u64,

@@ -31,7 +31,12 @@ impl OpsApi {
     async fn stats(&self, _auth: Credentials, p: Data<&Principal>) -> ApiResult<Json<StatsBody>> {
         let s = self.state.service.stats(p.0)?;
         let n = |v: usize| v as u64;
+        let state = &self.state;
         Ok(Json(StatsBody {
+            node_id: state.node.to_string(),
+            scope: "node".into(),
+            broker: state.config.broker_kind().as_str().into(),
+            bus: state.service.broker().health().as_str().into(),
             open_sockets: n(self.state.slots.open()),
             total_connections: n(s.total_connections),
             connections_by_stream: s

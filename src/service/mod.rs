@@ -125,6 +125,10 @@ impl Service {
                 Ok(value)
             }
             Ok((value, events)) => {
+                if let Err(e) = self.broker.before_commit(&txn, &events).await {
+                    txn.rollback().await?;
+                    return Err(e.into());
+                }
                 txn.commit().await?;
                 let committed = std::time::Instant::now();
                 let events: Vec<Arc<Event>> = events

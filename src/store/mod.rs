@@ -6,6 +6,7 @@
 //! publishing happens after commit, in the service layer; and must not decide who may
 //! do what.
 
+mod bus;
 mod idempotency;
 mod keys;
 mod log;
@@ -22,6 +23,7 @@ use sea_orm::{
     TransactionTrait, Value,
 };
 
+pub use bus::{Listener, MAX_PAYLOAD};
 pub use idempotency::KeyClaim;
 pub use keys::ApiKey;
 
@@ -34,6 +36,8 @@ pub enum StoreError {
     Db(DbErr),
     #[error("corrupt row: {0}")]
     Corrupt(String),
+    #[error("notification channel: {0}")]
+    Bus(String),
 }
 
 impl From<DbErr> for StoreError {
@@ -84,12 +88,24 @@ impl Store {
             opts.max_connections(16).min_connections(1);
         }
         let db = Database::connect(opts).await?;
-        let pending: Vec<String> = Migrator::get_pending_migrations(&db)
-            .await?
-            .iter()
-            .map(|m| m.name().to_owned())
-            .collect();
-        Migrator::up(&db, None).await?;
+        let pending = if db.get_database_backend() == DbBackend::Postgres {
+            // Several nodes may start at once on one database: the first to take the
+            // lock migrates, in one transaction; the others then find nothing pending.
+            let txn = db.begin().await?;
+            txn.execute_raw(Statement::from_string(
+                DbBackend::Postgres,
+                "SELECT pg_advisory_xact_lock(hashtext('zonecast-migrate:' || current_schema()))",
+            ))
+            .await?;
+            let pending = pending_names(&txn).await?;
+            Migrator::up(&txn, None).await?;
+            txn.commit().await?;
+            pending
+        } else {
+            let pending = pending_names(&db).await?;
+            Migrator::up(&db, None).await?;
+            pending
+        };
         if pending.is_empty() {
             tracing::debug!("database schema is up to date");
         } else {
@@ -148,6 +164,22 @@ impl Store {
         Ok(self.db.begin_with_options(opts).await?)
     }
 
+    /// On PostgreSQL, a transaction holding a lock that other nodes' first-start setup
+    /// (demo data, the first admin key) waits for until it ends; none on SQLite, which
+    /// serves one node.
+    pub async fn setup_lock(&self) -> Result<Option<DatabaseTransaction>, StoreError> {
+        if self.backend() != DbBackend::Postgres {
+            return Ok(None);
+        }
+        let txn = self.db.begin().await?;
+        txn.execute_raw(Statement::from_string(
+            DbBackend::Postgres,
+            "SELECT pg_advisory_xact_lock(hashtext('zonecast-setup:' || current_schema()))",
+        ))
+        .await?;
+        Ok(Some(txn))
+    }
+
     /// Ready to serve: the database answers and no migration is pending.
     pub async fn ready(&self) -> Result<(), String> {
         self.db
@@ -163,6 +195,14 @@ impl Store {
             Err(format!("{} migration(s) pending", pending.len()))
         }
     }
+}
+
+async fn pending_names<C: ConnectionTrait>(c: &C) -> Result<Vec<String>, DbErr> {
+    Ok(Migrator::get_pending_migrations(c)
+        .await?
+        .iter()
+        .map(|m| m.name().to_owned())
+        .collect())
 }
 
 /// A statement written with `$1, $2, …` placeholders, each used once and in order, for

@@ -231,7 +231,7 @@ async fn serve(
     // The path subscription was opened before the upgrade, so the welcome can list it;
     // it is fed only after, so `welcome` is always the first message.
     let subs: Vec<String> = zone.iter().map(|(_, c)| c.stream().to_string()).collect();
-    let welcome = proto::welcome(&id, &subs, ping_every.as_millis());
+    let welcome = proto::welcome(&id, &conn.state.node, &subs, ping_every.as_millis());
     let mut step = if conn.send(welcome).await {
         Step::Continue
     } else {

@@ -271,8 +271,13 @@ pub fn error(request_id: Option<&Value>, r: &Refusal) -> String {
     v.to_string()
 }
 
-pub fn welcome(connection_id: &str, subscriptions: &[String], heartbeat_ms: u128) -> String {
-    json!({"type": "welcome", "connection_id": connection_id,
+pub fn welcome(
+    connection_id: &str,
+    node_id: &str,
+    subscriptions: &[String],
+    heartbeat_ms: u128,
+) -> String {
+    json!({"type": "welcome", "connection_id": connection_id, "node_id": node_id,
            "subscriptions": subscriptions, "heartbeat_ms": heartbeat_ms})
     .to_string()
 }

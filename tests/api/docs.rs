@@ -11,7 +11,7 @@
 //! any order.
 
 use serde_json::Value;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use tokio::io::{AsyncBufReadExt, BufReader};
 
 use crate::helpers::*;
@@ -120,15 +120,7 @@ fn run_shell(fresh: &Fresh, text: &str, name: &str) -> String {
             }
         }
     }
-    let bin_dir: PathBuf = Path::new(env!("CARGO_BIN_EXE_zonecast"))
-        .parent()
-        .expect("bin dir")
-        .to_owned();
-    let path = format!(
-        "{}:{}",
-        bin_dir.display(),
-        std::env::var("PATH").unwrap_or_default()
-    );
+    let path = path_with_zonecast();
     let out = std::process::Command::new("bash")
         .arg("-c")
         .arg(&script)

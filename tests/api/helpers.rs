@@ -121,6 +121,30 @@ impl Drop for TestDb {
     }
 }
 
+/// `PATH` with the directory of the `zonecast` binary under test first, for scripts
+/// that run `zonecast` as the documents print it.
+pub fn path_with_zonecast() -> String {
+    let bin = std::path::Path::new(env!("CARGO_BIN_EXE_zonecast"));
+    let dir = bin.parent().unwrap_or(bin);
+    format!(
+        "{}:{}",
+        dir.display(),
+        std::env::var("PATH").unwrap_or_default()
+    )
+}
+
+/// A PostgreSQL database of its own, if `ZONECAST_TEST_POSTGRES_URL` is set (tests of
+/// several nodes need one; `.ci/run` sets it).
+pub async fn postgres_db() -> Option<TestDb> {
+    match std::env::var("ZONECAST_TEST_POSTGRES_URL") {
+        Ok(url) if !url.is_empty() => Some(TestDb::postgres(&url).await),
+        _ => {
+            eprintln!("skipped: set ZONECAST_TEST_POSTGRES_URL to run tests of several nodes");
+            None
+        }
+    }
+}
+
 /// SQLite always; PostgreSQL too when `ZONECAST_TEST_POSTGRES_URL` is set.
 pub async fn test_dbs() -> Vec<TestDb> {
     let mut dbs = vec![TestDb::sqlite().await];
@@ -355,7 +379,22 @@ impl TestApp {
 
     /// Opens an SSE stream; `last_event_id` is sent as the `Last-Event-ID` header.
     pub async fn sse(&self, path: &str, last_event_id: Option<&str>) -> Sse {
-        let mut req = self.http.get(format!("{}{path}", self.base));
+        self.sse_with(&self.http, path, last_event_id).await
+    }
+
+    /// Opens an SSE stream with another key's credentials.
+    pub async fn sse_as(&self, key: &str, path: &str, last_event_id: Option<&str>) -> Sse {
+        self.sse_with(&client_with(Some(key)), path, last_event_id)
+            .await
+    }
+
+    async fn sse_with(
+        &self,
+        http: &reqwest::Client,
+        path: &str,
+        last_event_id: Option<&str>,
+    ) -> Sse {
+        let mut req = http.get(format!("{}{path}", self.base));
         if let Some(id) = last_event_id {
             req = req.header("Last-Event-ID", id);
         }

@@ -3,6 +3,7 @@
 mod helpers;
 
 mod access;
+mod cluster;
 mod concurrency;
 mod connections;
 mod crash;

@@ -14,13 +14,7 @@ async fn notify(app: &TestApp, user: &str, subject: &str) -> i64 {
 }
 
 async fn sse_as(app: &TestApp, key: &str, last: Option<&str>) -> Sse {
-    let mut req = client_with(Some(key)).get(format!("{}/sse/notifications", app.base));
-    if let Some(id) = last {
-        req = req.header("Last-Event-ID", id);
-    }
-    let resp = req.send().await.expect("sse");
-    assert_eq!(resp.status().as_u16(), 200);
-    Sse::from_response(resp)
+    app.sse_as(key, "/sse/notifications", last).await
 }
 
 #[tokio::test]
