@@ -49,6 +49,7 @@ pub const COUNTERS: &[(&str, &[(&str, &str)])] = &[
     ("zonecast_send_errors_total", &[]),
     ("zonecast_replayed_events_total", &[("source", "cache")]),
     ("zonecast_replayed_events_total", &[("source", "log")]),
+    ("zonecast_log_reads_total", &[]),
     ("zonecast_resets_total", &[("reason", "history_expired")]),
     ("zonecast_resets_total", &[("reason", "unknown_position")]),
     ("zonecast_rate_limited_total", &[("limit", "writes")]),
@@ -192,6 +193,7 @@ pub struct Replays {
     /// Metric handles, taken once: `[cache, log]` and `[history_expired, unknown_position]`.
     replayed: [metrics::Counter; 2],
     resets: [metrics::Counter; 2],
+    log_reads: metrics::Counter,
 }
 
 impl Default for Replays {
@@ -204,6 +206,7 @@ impl Default for Replays {
                 .map(|s| metrics::counter!("zonecast_replayed_events_total", "source" => s)),
             resets: [ResetReason::HistoryExpired, ResetReason::UnknownPosition]
                 .map(|r| metrics::counter!("zonecast_resets_total", "reason" => r.as_str())),
+            log_reads: metrics::counter!("zonecast_log_reads_total"),
         }
     }
 }
@@ -237,6 +240,7 @@ impl Replays {
 
     pub fn queried_log(&self) {
         self.log_queries.fetch_add(1, Ordering::Relaxed);
+        self.log_reads.increment(1);
     }
 
     pub fn reset(&self, reason: ResetReason) {

@@ -1,36 +1,37 @@
-//! `fanout`: subscribers on one zone (SSE or WebSocket, spread over one or more nodes),
-//! changes published at a rate or back to back through REST on another (or the same)
-//! node. Latency is from the publish request leaving the tool to a subscriber holding
-//! the bytes of the event.
+//! `fanout`: subscribers on one stream (SSE or WebSocket, spread over one or more nodes
+//! and source addresses), changes published at a rate or back to back, over REST or
+//! WebSocket. Latency is from the publish leaving the tool to a subscriber holding the
+//! bytes of the event.
 
 use std::collections::HashMap;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, bail};
-use futures_util::StreamExt;
-use tokio::sync::Mutex;
+use tokio::sync::{Mutex, Semaphore, watch};
 
 use crate::report::{CpuWindow, latency_line, print_cpu};
-use crate::target::Zonecast;
+use crate::server::{Kind, Server, Transport, WsPublisher};
+use crate::subscribe::{Arrivals, Sub, check, source, subscribe};
 
 #[derive(clap::Args)]
 pub struct Args {
-    /// Where changes are made (REST).
+    #[arg(long, value_enum, default_value = "zonecast")]
+    server: Kind,
+    /// Where changes are made.
     #[arg(long, value_parser = crate::loopback)]
     publish: url::Url,
     /// Where subscribers connect, round-robin (comma-separated). Default: --publish.
     #[arg(long, value_parser = crate::loopback, value_delimiter = ',')]
     subscribe: Vec<url::Url>,
-    /// An API key that may create zones and change items (an admin key).
-    #[arg(long, env = "ZONECAST_KEY", hide_env_values = true)]
+    /// zonecast: an admin key (it creates a zone and changes its item).
+    #[arg(long, env = "ZONECAST_KEY", hide_env_values = true, default_value = "")]
     key: String,
     #[arg(long, default_value_t = 1000)]
     subscribers: usize,
-    /// `sse` or `ws`.
-    #[arg(long, default_value = "sse", value_parser = ["sse", "ws"])]
-    transport: String,
+    #[arg(long, value_enum, default_value = "sse")]
+    transport: Transport,
     /// Changes to publish.
     #[arg(long, default_value_t = 1000)]
     changes: usize,
@@ -40,6 +41,16 @@ pub struct Args {
     /// Changes in flight at once when back to back.
     #[arg(long, default_value_t = 1)]
     in_flight: usize,
+    /// `rest` or `ws` (zonecast `update_quantity`, Nchan `/pubsub`).
+    #[arg(long, default_value = "rest", value_parser = ["rest", "ws"])]
+    publish_via: String,
+    /// Subscribers connect from this many addresses, 127.0.0.1 upwards (per-address
+    /// connection caps).
+    #[arg(long, default_value_t = 1)]
+    source_addresses: usize,
+    /// Subscribers connecting at once.
+    #[arg(long, default_value_t = 256)]
+    connect_concurrency: usize,
     /// The whole run, connecting included, must end within this.
     #[arg(long, default_value = "5m", value_parser = crate::duration)]
     timeout: Duration,
@@ -51,48 +62,63 @@ pub struct Args {
     pub threads: usize,
 }
 
-/// When each seq arrived at one subscriber.
-type Arrivals = Vec<(u64, Instant)>;
-
 pub async fn run(a: Args) -> anyhow::Result<()> {
     let deadline = Instant::now() + a.timeout;
-    let publisher = Zonecast::new(&a.publish, &a.key)?;
-    let subscribe = if a.subscribe.is_empty() {
+    if a.server == Kind::Zonecast && a.key.is_empty() {
+        bail!("--key (or ZONECAST_KEY): an admin key of the zonecast server");
+    }
+    let publisher = Server::new(a.server, &a.publish, &a.key)?;
+    let subscribe_at = if a.subscribe.is_empty() {
         vec![a.publish.clone()]
     } else {
         a.subscribe.clone()
     };
-    let (zone, item) = publisher.zone_with_item("zonecast-load fanout").await?;
-    let start = publisher.last_seq(zone).await?;
-    let last = start + a.changes as u64;
+    let topic = Arc::new(publisher.topic("zonecast-load fanout").await?);
+    let (start, last) = (topic.start, topic.start + a.changes as u64);
     println!(
-        "fanout: {} {} subscribers on zone {zone} via {} node(s), {} changes at {}",
+        "fanout: {:?} — {} {:?} subscribers via {} node(s) from {} address(es), {} changes at {} over {}",
+        a.server,
         a.subscribers,
         a.transport,
-        subscribe.len(),
+        subscribe_at.len(),
+        a.source_addresses,
         a.changes,
         if a.rate == 0 {
             format!("full speed ({} in flight)", a.in_flight)
         } else {
             format!("{}/s", a.rate)
-        }
+        },
+        a.publish_via
     );
+    if a.server == Kind::Nchan && a.rate == 0 && a.in_flight > 1 {
+        println!(
+            "note: Nchan messages carry the tool's numbering; concurrent publishes may be counted out of order"
+        );
+    }
 
-    // Subscribers, each positioned after `start`; ready once their stream is open.
+    // Subscribers, positioned after `start`; ready once their stream is open.
     let ready = Arc::new(AtomicUsize::new(0));
+    let (stop_tx, stop) = watch::channel(false);
+    let gate = Arc::new(Semaphore::new(a.connect_concurrency.max(1)));
     let mut subs = Vec::with_capacity(a.subscribers);
     for i in 0..a.subscribers {
-        let base = subscribe[i % subscribe.len()]
-            .as_str()
-            .trim_end_matches('/')
-            .to_owned();
-        let (key, ready, ws) = (a.key.clone(), ready.clone(), a.transport == "ws");
+        let sub = Sub {
+            transport: a.transport,
+            base: subscribe_at[i % subscribe_at.len()]
+                .as_str()
+                .trim_end_matches('/')
+                .to_owned(),
+            from: source(i, a.source_addresses),
+        };
+        let (topic, ready, stop, gate) = (topic.clone(), ready.clone(), stop.clone(), gate.clone());
         subs.push(tokio::spawn(async move {
-            if ws {
-                ws_subscriber(base, zone, key, start, last, ready).await
-            } else {
-                sse_subscriber(base, zone, key, start, last, ready).await
-            }
+            // At most `--connect-concurrency` connecting at once.
+            let permit = gate.acquire_owned().await;
+            let opened = move || {
+                drop(permit);
+                ready.fetch_add(1, Ordering::Relaxed);
+            };
+            subscribe(topic, sub, last, opened, stop).await
         }));
     }
     while ready.load(Ordering::Relaxed) < a.subscribers {
@@ -103,12 +129,10 @@ pub async fn run(a: Args) -> anyhow::Result<()> {
                 a.subscribers
             );
         }
-        for s in &subs {
-            if s.is_finished() {
-                bail!(
-                    "a subscriber failed to connect (see the server's limits: --connect-rate, --max-connections-per-ip)"
-                );
-            }
+        if subs.iter().any(|s| s.is_finished()) {
+            bail!(
+                "a subscriber could not connect (the server's limits: --connect-rate, --max-connections-per-ip, --max-connections; the open-file limit)"
+            );
         }
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
@@ -118,32 +142,64 @@ pub async fn run(a: Args) -> anyhow::Result<()> {
     let sent: Arc<Mutex<HashMap<u64, Instant>>> = Arc::default();
     let cpu = CpuWindow::start(&a.server_pid);
     let began = Instant::now();
-    // One change: its seq and when its request left.
-    let publish = move |p: Zonecast, sent: Arc<Mutex<HashMap<u64, Instant>>>| async move {
-        let at = Instant::now();
-        let seq = p.bump(item).await?;
-        sent.lock().await.insert(seq, at);
-        anyhow::Ok(())
-    };
+    let numbered = Arc::new(AtomicU64::new(0));
+    let publishers = if a.rate > 0 { 1 } else { a.in_flight.max(1) };
     let mut tasks = Vec::new();
-    if a.rate > 0 {
-        let mut tick = tokio::time::interval(Duration::from_secs_f64(1.0 / a.rate as f64));
-        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Burst);
-        for _ in 0..a.changes {
-            tick.tick().await;
-            tasks.push(tokio::spawn(publish(publisher.clone(), sent.clone())));
-        }
-    } else {
-        let next = Arc::new(AtomicUsize::new(0));
-        for _ in 0..a.in_flight.max(1) {
-            let (p, sent, next, n) = (publisher.clone(), sent.clone(), next.clone(), a.changes);
-            tasks.push(tokio::spawn(async move {
-                while next.fetch_add(1, Ordering::Relaxed) < n {
-                    publish(p.clone(), sent.clone()).await?;
+    let tick = (a.rate > 0).then(|| Duration::from_secs_f64(1.0 / a.rate as f64));
+    let per = a.changes.div_ceil(publishers);
+    for p in 0..publishers {
+        let count = per.min(a.changes.saturating_sub(p * per));
+        let (server, topic, sent, numbered) = (
+            publisher.clone(),
+            topic.clone(),
+            sent.clone(),
+            numbered.clone(),
+        );
+        let via_ws = a.publish_via == "ws";
+        tasks.push(tokio::spawn(async move {
+            let mut ws = if via_ws {
+                Some(WsPublisher::connect(&server, &topic).await?)
+            } else {
+                None
+            };
+            let mut interval = tick.map(|t| {
+                let mut i = tokio::time::interval(t);
+                i.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Burst);
+                i
+            });
+            let mut pending = Vec::new();
+            for _ in 0..count {
+                if let Some(i) = &mut interval {
+                    i.tick().await;
                 }
-                anyhow::Ok(())
-            }));
-        }
+                let n = numbered.fetch_add(1, Ordering::Relaxed) + 1;
+                let at = Instant::now();
+                match &mut ws {
+                    Some(ws) => {
+                        let seq = ws.publish(n).await?;
+                        sent.lock().await.insert(seq, at);
+                    }
+                    // At a rate, each change is its own request so a slow answer does
+                    // not delay the next change.
+                    None if interval.is_some() => {
+                        let (server, topic, sent) = (server.clone(), topic.clone(), sent.clone());
+                        pending.push(tokio::spawn(async move {
+                            let seq = server.publish(&topic, n).await?;
+                            sent.lock().await.insert(seq, at);
+                            anyhow::Ok(())
+                        }));
+                    }
+                    None => {
+                        let seq = server.publish(&topic, n).await?;
+                        sent.lock().await.insert(seq, at);
+                    }
+                }
+            }
+            for p in pending {
+                p.await??;
+            }
+            anyhow::Ok(())
+        }));
     }
     for t in tasks {
         t.await??;
@@ -151,13 +207,26 @@ pub async fn run(a: Args) -> anyhow::Result<()> {
     let published = began.elapsed();
 
     // Collect.
+    // Past the deadline, subscribers are told to stop and hand in what they have, so
+    // what never arrived is counted as missing rather than hidden behind a timeout.
     let mut all: Vec<Arrivals> = Vec::with_capacity(subs.len());
-    for s in subs {
+    let mut timed_out = false;
+    for mut s in subs {
         let left = deadline.saturating_duration_since(Instant::now());
-        match tokio::time::timeout(left, s).await {
-            Ok(r) => all.push(r.context("subscriber task")?),
-            Err(_) => bail!("subscribers did not receive everything before --timeout"),
-        }
+        let r = match tokio::time::timeout(left, &mut s).await {
+            Ok(r) => r,
+            Err(_) => {
+                timed_out = true;
+                let _ = stop_tx.send(true);
+                tokio::time::timeout(Duration::from_secs(5), s)
+                    .await
+                    .context("a subscriber did not stop")?
+            }
+        };
+        all.push(r.context("subscriber task")?.unwrap_or_default());
+    }
+    if timed_out {
+        println!("--timeout reached: subscribers stopped; what had not arrived counts as missing");
     }
     let received = all
         .iter()
@@ -170,21 +239,13 @@ pub async fn run(a: Args) -> anyhow::Result<()> {
     let (mut missing, mut dup, mut disorder) = (0u64, 0u64, 0u64);
     let mut lat = Vec::with_capacity(all.len() * a.changes);
     for arrivals in &all {
-        let mut seen = std::collections::HashSet::new();
-        let mut prev = start;
-        for (seq, at) in arrivals {
-            if !seen.insert(*seq) {
-                dup += 1;
-            }
-            if *seq <= prev {
-                disorder += 1;
-            }
-            prev = *seq;
-            if let Some(s) = sent.get(seq) {
-                lat.push(at.saturating_duration_since(*s));
-            }
-        }
-        missing += (start + 1..=last).filter(|s| !seen.contains(s)).count() as u64;
+        let (m, d, o) = check(arrivals, start, last);
+        (missing, dup, disorder) = (missing + m, dup + d, disorder + o);
+        lat.extend(
+            arrivals
+                .iter()
+                .filter_map(|(seq, at)| sent.get(seq).map(|s| at.saturating_duration_since(*s))),
+        );
     }
     let deliveries = lat.len() as u64;
     println!(
@@ -204,86 +265,4 @@ pub async fn run(a: Args) -> anyhow::Result<()> {
         bail!("subscribers saw a wrong sequence");
     }
     Ok(())
-}
-
-/// Reads `id: N` lines of an SSE body until `last` has arrived.
-async fn sse_subscriber(
-    base: String,
-    zone: i64,
-    key: String,
-    start: u64,
-    last: u64,
-    ready: Arc<AtomicUsize>,
-) -> Arrivals {
-    let http = reqwest::Client::new();
-    let resp = match http
-        .get(format!("{base}/sse/zones/{zone}/stock"))
-        .header("Authorization", format!("Bearer {key}"))
-        .header("Last-Event-ID", start.to_string())
-        .send()
-        .await
-    {
-        Ok(r) if r.status().is_success() => r,
-        _ => return Vec::new(),
-    };
-    ready.fetch_add(1, Ordering::Relaxed);
-    let mut out = Vec::with_capacity((last - start) as usize);
-    let mut body = resp.bytes_stream();
-    let mut line = Vec::with_capacity(64);
-    while out.last().is_none_or(|(s, _)| *s < last) {
-        let Some(Ok(chunk)) = body.next().await else {
-            break;
-        };
-        let now = Instant::now();
-        for &b in chunk.iter() {
-            if b == b'\n' {
-                if let Some(id) = line.strip_prefix(b"id: ")
-                    && let Some(seq) = std::str::from_utf8(id).ok().and_then(|s| s.parse().ok())
-                {
-                    out.push((seq, now));
-                }
-                line.clear();
-            } else {
-                line.push(b);
-            }
-        }
-    }
-    out
-}
-
-/// Reads event messages (`"id":N`) of `/ws/zones/{zone}` until `last` has arrived.
-async fn ws_subscriber(
-    base: String,
-    zone: i64,
-    key: String,
-    start: u64,
-    last: u64,
-    ready: Arc<AtomicUsize>,
-) -> Arrivals {
-    use tokio_tungstenite::tungstenite::Message;
-    let url = format!(
-        "{}/ws/zones/{zone}?last_event_id={start}&access_token={key}",
-        base.replacen("http", "ws", 1)
-    );
-    let Ok((mut ws, _)) = tokio_tungstenite::connect_async(url).await else {
-        return Vec::new();
-    };
-    ready.fetch_add(1, Ordering::Relaxed);
-    let mut out = Vec::with_capacity((last - start) as usize);
-    while out.last().is_none_or(|(s, _): &(u64, Instant)| *s < last) {
-        match ws.next().await {
-            Some(Ok(Message::Text(t))) => {
-                let now = Instant::now();
-                // Event messages start with `{"id":N,`; replies and welcome do not.
-                if let Some(rest) = t.as_str().strip_prefix("{\"id\":")
-                    && let Some(n) = rest.split(',').next().and_then(|n| n.parse().ok())
-                {
-                    out.push((n, now));
-                }
-            }
-            Some(Ok(_)) => {}
-            _ => break,
-        }
-    }
-    out
 }

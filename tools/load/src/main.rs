@@ -7,8 +7,11 @@
 //! this is a benchmark tool, not a way to load someone else's server.
 
 mod fanout;
+mod idle;
 mod report;
-mod target;
+mod server;
+mod storm;
+mod subscribe;
 mod writes;
 
 use std::time::Duration;
@@ -28,6 +31,11 @@ enum Mode {
     Fanout(fanout::Args),
     /// Concurrent writers, each changing its own item: changes/s and latency.
     Writes(writes::Args),
+    /// N idle connections held: the server's RSS per connection.
+    Idle(idle::Args),
+    /// N SSE clients, each some events behind, reconnect at once: time to catch up,
+    /// and the log reads it cost.
+    Storm(storm::Args),
 }
 
 /// A duration flag: `20s`, `500ms`, `2m`.
@@ -69,6 +77,8 @@ fn main() -> anyhow::Result<()> {
         .worker_threads(match &cli.mode {
             Mode::Fanout(a) => a.threads,
             Mode::Writes(a) => a.threads,
+            Mode::Idle(a) => a.threads,
+            Mode::Storm(a) => a.threads,
         })
         .enable_all()
         .build()?;
@@ -76,6 +86,8 @@ fn main() -> anyhow::Result<()> {
         match cli.mode {
             Mode::Fanout(a) => fanout::run(a).await,
             Mode::Writes(a) => writes::run(a).await,
+            Mode::Idle(a) => idle::run(a).await,
+            Mode::Storm(a) => storm::run(a).await,
         }
     })
 }

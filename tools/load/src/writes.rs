@@ -7,7 +7,7 @@ use std::time::{Duration, Instant};
 use tokio::sync::Mutex;
 
 use crate::report::{CpuWindow, latency_line, print_cpu};
-use crate::target::Zonecast;
+use crate::server::{Kind, Server};
 
 #[derive(clap::Args)]
 pub struct Args {
@@ -30,20 +30,15 @@ pub struct Args {
 }
 
 pub async fn run(a: Args) -> anyhow::Result<()> {
-    let nodes: Vec<Zonecast> = a
+    let nodes: Vec<Server> = a
         .url
         .iter()
-        .map(|u| Zonecast::new(u, &a.key))
+        .map(|u| Server::new(Kind::Zonecast, u, &a.key))
         .collect::<Result<_, _>>()?;
     let total = a.writers * nodes.len();
-    let mut items = Vec::with_capacity(total);
+    let mut topics = Vec::with_capacity(total);
     for w in 0..total {
-        items.push(
-            nodes[0]
-                .zone_with_item(&format!("zonecast-load writer {w}"))
-                .await?
-                .1,
-        );
+        topics.push(nodes[0].topic(&format!("zonecast-load writer {w}")).await?);
     }
     println!(
         "writes: {} writers ({} per node on {} node(s)), {} s",
@@ -57,14 +52,14 @@ pub async fn run(a: Args) -> anyhow::Result<()> {
     let until = began + a.duration;
     let latencies: Arc<Mutex<Vec<Duration>>> = Arc::default();
     let mut tasks = Vec::new();
-    for (w, item) in items.into_iter().enumerate() {
+    for (w, topic) in topics.into_iter().enumerate() {
         let (node, latencies) = (nodes[w % nodes.len()].clone(), latencies.clone());
         tasks.push(tokio::spawn(async move {
             let mut mine = Vec::new();
             let mut errors = 0u64;
             while Instant::now() < until {
                 let at = Instant::now();
-                match node.bump(item).await {
+                match node.publish(&topic, 0).await {
                     Ok(_) => mine.push(at.elapsed()),
                     Err(_) => errors += 1,
                 }

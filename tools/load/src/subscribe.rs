@@ -1,0 +1,188 @@
+//! Subscribers: one connection each, SSE or WebSocket, to zonecast or Nchan, from one
+//! of several loopback source addresses; each records when every seq arrived.
+
+use std::net::{IpAddr, Ipv4Addr, SocketAddr};
+use std::sync::Arc;
+use std::time::Instant;
+
+use futures_util::StreamExt;
+use tokio::sync::watch;
+use tokio_tungstenite::tungstenite::Message;
+
+use crate::server::{Kind, Topic, Transport, connect_from};
+
+/// When each seq arrived at one subscriber.
+pub type Arrivals = Vec<(u64, Instant)>;
+
+/// The `i`-th of `n` source addresses: 127.0.0.1, 127.0.0.2, …
+pub fn source(i: usize, n: usize) -> IpAddr {
+    let k = (i % n.max(1)) as u32 + 1;
+    IpAddr::V4(Ipv4Addr::from(0x7f00_0000 + k))
+}
+
+/// One subscriber's connection.
+pub struct Sub {
+    pub transport: Transport,
+    pub base: String,
+    pub from: IpAddr,
+}
+
+/// A seq in one SSE line: zonecast's `id: N`, Nchan's `data: {"seq":N}`.
+fn sse_seq(kind: Kind, line: &[u8]) -> Option<u64> {
+    let rest = match kind {
+        Kind::Zonecast => line.strip_prefix(b"id: ")?,
+        Kind::Nchan => line.strip_prefix(b"data: {\"seq\":")?,
+    };
+    let end = rest
+        .iter()
+        .position(|b| !b.is_ascii_digit())
+        .unwrap_or(rest.len());
+    std::str::from_utf8(&rest[..end]).ok()?.parse().ok()
+}
+
+/// A seq in one WebSocket text message: zonecast's event JSON starts `{"id":N,`,
+/// Nchan's messages are `{"seq":N}`.
+fn ws_seq(kind: Kind, text: &str) -> Option<u64> {
+    let rest = match kind {
+        Kind::Zonecast => text.strip_prefix("{\"id\":")?,
+        Kind::Nchan => text.strip_prefix("{\"seq\":")?,
+    };
+    let end = rest
+        .find(|c: char| !c.is_ascii_digit())
+        .unwrap_or(rest.len());
+    rest[..end].parse().ok()
+}
+
+/// Watches `topic` until seq `until` has arrived or `stop` turns true; calls `opened`
+/// once its stream is open. `None`: it could not connect.
+pub async fn subscribe(
+    topic: Arc<Topic>,
+    sub: Sub,
+    until: u64,
+    opened: impl FnOnce() + Send,
+    mut stop: watch::Receiver<bool>,
+) -> Option<Arrivals> {
+    match sub.transport {
+        Transport::Sse => {
+            let http = reqwest::Client::builder()
+                .local_address(sub.from)
+                .build()
+                .ok()?;
+            let req = match topic.kind {
+                Kind::Zonecast => http
+                    .get(format!("{}/sse/zones/{}/stock", sub.base, topic.zone))
+                    .header("Authorization", format!("Bearer {}", topic.key))
+                    .header("Last-Event-ID", topic.start.to_string()),
+                Kind::Nchan => http
+                    .get(format!("{}/sub/{}", sub.base, topic.channel))
+                    .header("Accept", "text/event-stream"),
+            };
+            let resp = req.send().await.ok().filter(|r| r.status().is_success())?;
+            opened();
+            let mut out = Vec::new();
+            let mut body = resp.bytes_stream();
+            let mut line = Vec::with_capacity(64);
+            while out.last().is_none_or(|(s, _)| *s < until) {
+                let chunk = tokio::select! {
+                    c = body.next() => c,
+                    _ = stop.wait_for(|s| *s) => break,
+                };
+                let Some(Ok(chunk)) = chunk else { break };
+                let now = Instant::now();
+                for &b in chunk.iter() {
+                    if b == b'\n' {
+                        if let Some(seq) = sse_seq(topic.kind, &line) {
+                            out.push((seq, now));
+                        }
+                        line.clear();
+                    } else {
+                        line.push(b);
+                    }
+                }
+            }
+            Some(out)
+        }
+        Transport::Ws => {
+            let base = sub.base.replacen("http", "ws", 1);
+            let url = match topic.kind {
+                Kind::Zonecast => format!(
+                    "{base}/ws/zones/{}?last_event_id={}&access_token={}",
+                    topic.zone, topic.start, topic.key
+                ),
+                Kind::Nchan => format!("{base}/sub/{}", topic.channel),
+            };
+            let parsed = url::Url::parse(&url).ok()?;
+            let addr = SocketAddr::new(
+                parsed.host_str()?.parse().ok()?,
+                parsed.port_or_known_default()?,
+            );
+            let tcp = connect_from(addr, sub.from).await.ok()?;
+            let (mut ws, _) = tokio_tungstenite::client_async(url, tcp).await.ok()?;
+            opened();
+            let mut out = Vec::new();
+            while out.last().is_none_or(|(s, _): &(u64, Instant)| *s < until) {
+                let m = tokio::select! {
+                    m = ws.next() => m,
+                    _ = stop.wait_for(|s| *s) => break,
+                };
+                match m {
+                    Some(Ok(Message::Text(t))) => {
+                        let now = Instant::now();
+                        if let Some(seq) = ws_seq(topic.kind, t.as_str()) {
+                            out.push((seq, now));
+                        }
+                    }
+                    Some(Ok(_)) => {}
+                    _ => break,
+                }
+            }
+            Some(out)
+        }
+    }
+}
+
+/// Missing, duplicated and out-of-order deliveries of `start+1..=last` in `arrivals`.
+pub fn check(arrivals: &Arrivals, start: u64, last: u64) -> (u64, u64, u64) {
+    let mut seen = std::collections::HashSet::with_capacity(arrivals.len());
+    let (mut dup, mut disorder) = (0, 0);
+    let mut prev = start;
+    for (seq, _) in arrivals {
+        if !seen.insert(*seq) {
+            dup += 1;
+        }
+        if *seq <= prev {
+            disorder += 1;
+        }
+        prev = *seq;
+    }
+    let missing = (start + 1..=last).filter(|s| !seen.contains(s)).count() as u64;
+    (missing, dup, disorder)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn seqs_are_read_from_either_server() {
+        assert_eq!(sse_seq(Kind::Zonecast, b"id: 42"), Some(42));
+        assert_eq!(sse_seq(Kind::Zonecast, b"data: {\"id\":42}"), None);
+        assert_eq!(sse_seq(Kind::Nchan, b"data: {\"seq\":7}"), Some(7));
+        assert_eq!(sse_seq(Kind::Nchan, b"id: 1764000000:0"), None);
+        assert_eq!(
+            ws_seq(Kind::Zonecast, r#"{"id":9,"stream":"zone:1"}"#),
+            Some(9)
+        );
+        assert_eq!(ws_seq(Kind::Zonecast, r#"{"type":"welcome"}"#), None);
+        assert_eq!(ws_seq(Kind::Nchan, r#"{"seq":3}"#), Some(3));
+    }
+
+    #[test]
+    fn missing_duplicated_and_out_of_order_are_counted() {
+        let t = Instant::now();
+        let a: Arrivals = [1, 2, 2, 4, 3].iter().map(|s| (*s, t)).collect();
+        assert_eq!(check(&a, 0, 5), (1, 1, 2));
+        assert_eq!(source(0, 3), IpAddr::V4(Ipv4Addr::new(127, 0, 0, 1)));
+        assert_eq!(source(4, 3), IpAddr::V4(Ipv4Addr::new(127, 0, 0, 2)));
+    }
+}
