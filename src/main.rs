@@ -13,6 +13,12 @@ use zonecast::domain::format_time;
 use zonecast::service::Service;
 use zonecast::store::Store;
 
+/// mimalloc instead of glibc's malloc: under fan-out and group commit, allocation was
+/// a quarter of the server's CPU (arena locks, `malloc_consolidate`), and idle
+/// connections keep less resident memory.
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 fn main() -> anyhow::Result<()> {
     // Before any thread exists: the config file fills in environment variables.
     zonecast::config::apply_config_file(std::env::args_os()).map_err(anyhow::Error::msg)?;

@@ -127,6 +127,7 @@ fn register_known() {
     metrics::gauge!("zonecast_tcp_connections").increment(0.0);
     metrics::gauge!("zonecast_bus_listening").increment(0.0);
     let _ = metrics::histogram!("zonecast_write_duration_seconds");
+    let _ = metrics::histogram!("zonecast_write_group_size");
     let _ = metrics::histogram!("zonecast_delivery_lag_seconds");
 }
 

@@ -10,8 +10,9 @@
 //! - `items`: zones and items (reads and changes), `keys`: API keys,
 //!   `notifications`: per-user notifications, watches, announcements,
 //!   `streams`: opening a stream, `retention`: pruning the log, `demo`: the demo zone,
-//!   `idempotency`: keys and their fingerprints.
+//!   `idempotency`: keys and their fingerprints, `commit`: group commit on SQLite.
 
+mod commit;
 mod demo;
 mod idempotency;
 mod items;
@@ -76,6 +77,8 @@ pub struct Service {
     broker: Arc<dyn Broker>,
     history: Arc<dyn History>,
     stats: Arc<Stats>,
+    /// Group commit, on SQLite only (see `commit`).
+    groups: Option<Arc<commit::Groups>>,
 }
 
 /// Events of one transaction, published together after it commits.
@@ -89,6 +92,7 @@ impl Service {
     pub fn new(store: Store, broker: Arc<dyn Broker>, stats: Arc<Stats>) -> Self {
         Service {
             history: Arc::new(store.clone()),
+            groups: commit::grouped(&store).then(Arc::default),
             store,
             broker,
             stats,
@@ -106,17 +110,30 @@ impl Service {
     }
 
     /// Runs `body` in a write transaction: commit and publish on success, roll back on
-    /// error, so a refused change applies nothing.
+    /// error, so a refused change applies nothing. On SQLite the transaction may be
+    /// shared with other changes, each in its own savepoint (`commit`).
     pub(crate) async fn write<T, F>(&self, body: F) -> Result<T, ServiceError>
     where
         F: AsyncFnOnce(&DatabaseTransaction) -> Outcome<T>,
     {
         let started = std::time::Instant::now();
-        let txn = self.store.begin_write().await?;
-        let result = body(&txn).await;
+        let result = if self.groups.is_some() {
+            self.write_grouped(body).await
+        } else {
+            self.write_alone(body).await
+        };
         metrics::histogram!("zonecast_write_duration_seconds")
             .record(started.elapsed().as_secs_f64());
-        match result {
+        result
+    }
+
+    /// `write` in a transaction of its own.
+    async fn write_alone<T, F>(&self, body: F) -> Result<T, ServiceError>
+    where
+        F: AsyncFnOnce(&DatabaseTransaction) -> Outcome<T>,
+    {
+        let txn = self.store.begin_write().await?;
+        match body(&txn).await {
             // Nothing appended (a replayed idempotency key, a change that changes
             // nothing): roll back, or the seq taken under the lock would be committed
             // without its event, leaving a gap.
@@ -130,19 +147,7 @@ impl Service {
                     return Err(e.into());
                 }
                 txn.commit().await?;
-                let committed = std::time::Instant::now();
-                let events: Vec<Arc<Event>> = events
-                    .into_iter()
-                    .map(|mut e| {
-                        metrics::counter!("zonecast_events_appended_total",
-                            "stream_kind" => e.stream.kind(), "type" => e.kind.as_str())
-                        .increment(1);
-                        e.committed = Some(committed);
-                        Arc::new(e)
-                    })
-                    .collect();
-                self.broker.publish(&events);
-                self.stats.broadcast(events.len() as u64);
+                self.published(events);
                 Ok(value)
             }
             Err(e) => {
@@ -150,6 +155,23 @@ impl Service {
                 Err(e)
             }
         }
+    }
+
+    /// Publishes committed events, in order.
+    fn published(&self, events: Vec<Event>) {
+        let committed = std::time::Instant::now();
+        let events: Vec<Arc<Event>> = events
+            .into_iter()
+            .map(|mut e| {
+                metrics::counter!("zonecast_events_appended_total",
+                    "stream_kind" => e.stream.kind(), "type" => e.kind.as_str())
+                .increment(1);
+                e.committed = Some(committed);
+                Arc::new(e)
+            })
+            .collect();
+        self.broker.publish(&events);
+        self.stats.broadcast(events.len() as u64);
     }
 
     /// Connections and totals of this node as `by` may see them: an admin of every

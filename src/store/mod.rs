@@ -38,6 +38,9 @@ pub enum StoreError {
     Corrupt(String),
     #[error("notification channel: {0}")]
     Bus(String),
+    /// The transaction a change shared with others (group commit) could not commit.
+    #[error("commit failed: {0}")]
+    Commit(String),
 }
 
 impl From<DbErr> for StoreError {

@@ -1,4 +1,5 @@
 use std::collections::HashMap;
+use std::time::Duration;
 
 use zonecast::cursor::{Item, Start};
 use zonecast::domain::Principal;
@@ -188,5 +189,147 @@ async fn a_lagged_cursor_is_filled_from_the_cache_and_the_log() {
             }
             app.stop().await;
         }
+    }
+}
+
+/// Changes beyond the first in each committed group, so far (SQLite group commit).
+async fn grouped_changes(app: &TestApp) -> f64 {
+    let m = crate::operations::parse_prometheus(&app.get("/metrics").await.text);
+    m.get("zonecast_write_group_size_sum")
+        .copied()
+        .unwrap_or(0.0)
+        - m.get("zonecast_write_group_size_count")
+            .copied()
+            .unwrap_or(0.0)
+}
+
+/// Concurrent changes to one zone, half of them refused: on SQLite they share
+/// transactions (group commit), yet each refusal rolls back only itself, every applied
+/// change is in the log once, and the seqs stay gapless.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn concurrent_changes_are_applied_or_refused_each_on_its_own() {
+    const N: usize = 64;
+    for db in test_dbs().await {
+        let app = spawn_app(&db, &[]).await;
+        let zone = app.create_zone("Group").await as i32;
+        let up = app.create_item(zone as i64, "UP", 0, 0).await as i32;
+        let empty = app.create_item(zone as i64, "EMPTY", 0, 0).await as i32;
+        let admin = Principal::system("test");
+        let start = app.service.snapshot(&admin, zone).await.expect("snapshot");
+        let grouped_before = grouped_changes(&app).await;
+        let tasks: Vec<_> = (0..N)
+            .map(|i| {
+                let (service, admin) = (app.service.clone(), admin.clone());
+                tokio::spawn(async move {
+                    // Odd ones would take EMPTY below zero: refused.
+                    let (item, delta) = if i % 2 == 0 { (up, 1) } else { (empty, -1) };
+                    let p =
+                        ItemPatch::parse(None, Some(delta), None, None, None, None).expect("patch");
+                    (i, service.update_item(item, p, None, &admin).await)
+                })
+            })
+            .collect();
+        for t in tasks {
+            let (i, r) = within_for(LOAD_WAIT, "a change", t).await.expect("task");
+            match (i % 2, r) {
+                (0, Ok(c)) => assert!(c.changed, "change {i}"),
+                (1, Err(zonecast::service::ServiceError::Domain(_))) => {}
+                (_, other) => panic!("change {i}: {other:?}"),
+            }
+        }
+        let end = app.service.snapshot(&admin, zone).await.expect("snapshot");
+        let qty = |s: &zonecast::domain::Snapshot, id| {
+            s.items.iter().find(|it| it.id == id).map(|it| it.quantity)
+        };
+        assert_eq!(qty(&end, up), Some(N as i64 / 2));
+        assert_eq!(qty(&end, empty), Some(0));
+        assert_eq!(end.last_event_id, start.last_event_id + N as u64 / 2);
+        let events = app
+            .service
+            .events(&admin, zone, start.last_event_id, 1000)
+            .await
+            .expect("log");
+        let seqs: Vec<u64> = events.iter().map(|e| e.seq).collect();
+        let want: Vec<u64> = (start.last_event_id + 1..=end.last_event_id).collect();
+        assert_eq!(seqs, want, "gapless, once each");
+        for (n, e) in events.iter().enumerate() {
+            let data: serde_json::Value = serde_json::from_str(&e.data).expect("json");
+            assert_eq!(data["item_id"], up);
+            assert_eq!(data["quantity"], n as i64 + 1, "event {}", e.seq);
+        }
+        if db.postgres_admin().is_none() {
+            assert!(
+                grouped_changes(&app).await > grouped_before,
+                "on SQLite concurrent changes share a transaction"
+            );
+        }
+        app.stop().await;
+    }
+}
+
+/// Changes whose requests are dropped at any point (a client gone mid-request) neither
+/// stall the changes they share a transaction with nor leave half of themselves
+/// behind: whatever is in the log is whole, and the others all complete.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn changes_dropped_midway_neither_stall_nor_half_apply() {
+    const N: u64 = 64;
+    for db in test_dbs().await {
+        let app = spawn_app(&db, &[]).await;
+        let zone = app.create_zone("Dropped").await as i32;
+        let item = app.create_item(zone as i64, "D", 0, 0).await as i32;
+        let admin = Principal::system("test");
+        let start = app.service.snapshot(&admin, zone).await.expect("snapshot");
+        let mut rng = 0xd0d0;
+        let tasks: Vec<_> = (0..N)
+            .map(|i| {
+                let (service, admin) = (app.service.clone(), admin.clone());
+                // Every other request is dropped after 0–3 ms, wherever it then is.
+                let cut = (i % 2 == 1).then(|| Duration::from_micros(lcg(&mut rng) % 3000));
+                tokio::spawn(async move {
+                    let p = ItemPatch::parse(None, Some(1), None, None, None, None).expect("patch");
+                    let change = service.update_item(item, p, None, &admin);
+                    match cut {
+                        Some(after) => tokio::time::timeout(after, change).await.ok(),
+                        None => Some(change.await),
+                    }
+                })
+            })
+            .collect();
+        for (i, t) in tasks.into_iter().enumerate() {
+            let r = within_for(LOAD_WAIT, "a change", t).await.expect("task");
+            if i % 2 == 0 {
+                assert!(matches!(r, Some(Ok(_))), "change {i}: {r:?}");
+            }
+        }
+        // A dropped change may still commit with its group. One more change settles
+        // them: groups take the database in turn (and on PostgreSQL the stream's row
+        // lock orders transactions), so once it is answered every earlier one is done.
+        let p = ItemPatch::parse(None, Some(1), None, None, None, None).expect("patch");
+        within(
+            "the last change",
+            app.service.update_item(item, p, None, &admin),
+        )
+        .await
+        .expect("applies");
+        let end = app.service.snapshot(&admin, zone).await.expect("snapshot");
+        let applied = end.last_event_id - start.last_event_id;
+        assert!((N / 2 + 1..=N + 1).contains(&applied), "{applied} applied");
+        let qty = end
+            .items
+            .iter()
+            .find(|it| it.id == item)
+            .map(|it| it.quantity);
+        assert_eq!(qty, Some(applied as i64), "one step per logged event");
+        let events = app
+            .service
+            .events(&admin, zone, start.last_event_id, 1000)
+            .await
+            .expect("log");
+        for (n, e) in events.iter().enumerate() {
+            assert_eq!(e.seq, start.last_event_id + 1 + n as u64);
+            let data: serde_json::Value = serde_json::from_str(&e.data).expect("json");
+            assert_eq!(data["quantity"], n as i64 + 1, "event {}", e.seq);
+        }
+        app.stop().await;
     }
 }

@@ -8,7 +8,7 @@ use zonecast::domain::{Role, ZoneScope};
 use crate::helpers::*;
 
 /// Parses Prometheus text: `name{labels} value` lines and `#` comments only.
-fn parse_prometheus(text: &str) -> HashMap<String, f64> {
+pub fn parse_prometheus(text: &str) -> HashMap<String, f64> {
     let mut out = HashMap::new();
     for line in text
         .lines()

@@ -1,0 +1,295 @@
+//! Group commit on SQLite: changes that arrive while one is being written share its
+//! transaction, each inside its own savepoint, and commit together. One writer holds
+//! SQLite's lock at a time anyway; without this, concurrent writers each take it in
+//! turn through SQLite's busy handler, which sleeps (1, 2, 5, 10 … 100 ms) instead of
+//! handing the lock over, and every change pays its own `BEGIN`/`COMMIT`.
+//!
+//! What a member sees is exactly what a transaction of its own would give it: its
+//! change is rolled back to its savepoint when refused (or when it changes nothing), so
+//! it never touches the others; its answer is returned only once the group has
+//! committed, and if the commit fails every member gets the error and nothing of the
+//! group is applied. Events are published after the commit, all together, in order.
+//!
+//! Cancellation: a member whose request is dropped still counts itself out of the
+//! group (a `Member` guard), a savepoint it left open is rolled back by whoever uses
+//! the transaction next, and the commit itself runs in a task of its own, so a dropped
+//! request can neither stall the group nor commit half a change.
+//!
+//! Not used on PostgreSQL: there several nodes write at once, and a group that takes
+//! the row locks of several zones in the order its members arrived could deadlock with
+//! another node's group taking them in another order. Each change keeps its own
+//! transaction there (`Service::write_alone`).
+
+use std::sync::{Arc, Mutex};
+
+use sea_orm::DatabaseTransaction;
+use tokio::sync::{OwnedMutexGuard, watch};
+
+use super::{Outcome, Service, ServiceError};
+use crate::domain::Event;
+use crate::store::{Store, StoreError, exec};
+
+/// Changes in one group, at most: a bound on how long the first member may wait.
+pub const MAX_GROUP: usize = 128;
+
+/// The group being formed, and the turn of groups on the database.
+pub(crate) struct Groups {
+    current: Mutex<Option<Arc<Group>>>,
+    /// Held by a group from `BEGIN` to `COMMIT`: the next group waits here (FIFO), not
+    /// in SQLite's busy handler, and keeps gathering members meanwhile.
+    turn: Arc<tokio::sync::Mutex<()>>,
+    size: metrics::Histogram,
+}
+
+impl Default for Groups {
+    fn default() -> Self {
+        Groups {
+            current: Mutex::new(None),
+            turn: Arc::default(),
+            size: metrics::histogram!("zonecast_write_group_size"),
+        }
+    }
+}
+
+struct Group {
+    counts: Mutex<Counts>,
+    open: Arc<tokio::sync::Mutex<Open>>,
+    /// The group's outcome, once committed (or not).
+    done: watch::Sender<Option<Result<(), Arc<str>>>>,
+}
+
+#[derive(Default)]
+struct Counts {
+    joined: usize,
+    finished: usize,
+}
+
+/// The group's transaction, used by one member at a time.
+#[derive(Default)]
+struct Open {
+    txn: Option<DatabaseTransaction>,
+    turn: Option<OwnedMutexGuard<()>>,
+    /// The transaction cannot be used: `BEGIN` or a savepoint statement failed.
+    broken: Option<Arc<str>>,
+    /// A savepoint left open by a member that was dropped in the middle of its change.
+    abandoned: Option<String>,
+    events: Vec<Event>,
+}
+
+/// One change's place in a group; counts itself out when dropped.
+struct Member<'a> {
+    service: &'a Service,
+    groups: Arc<Groups>,
+    group: Arc<Group>,
+    finished: bool,
+}
+
+impl Groups {
+    fn join(&self) -> Arc<Group> {
+        let mut current = self.current.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(g) = current.as_ref() {
+            let mut c = g.counts.lock().unwrap_or_else(|p| p.into_inner());
+            if c.joined < MAX_GROUP {
+                c.joined += 1;
+                return g.clone();
+            }
+        }
+        let g = Arc::new(Group {
+            counts: Mutex::new(Counts {
+                joined: 1,
+                finished: 0,
+            }),
+            open: Arc::default(),
+            done: watch::channel(None).0,
+        });
+        *current = Some(g.clone());
+        g
+    }
+
+    /// Counts a member out; `true` for the last one, which seals the group (no one
+    /// joins it after) and has it committed.
+    fn finish(&self, group: &Arc<Group>) -> bool {
+        let mut current = self.current.lock().unwrap_or_else(|p| p.into_inner());
+        let mut c = group.counts.lock().unwrap_or_else(|p| p.into_inner());
+        c.finished += 1;
+        let last = c.finished == c.joined;
+        if last && current.as_ref().is_some_and(|g| Arc::ptr_eq(g, group)) {
+            *current = None;
+        }
+        if last {
+            self.size.record(c.joined as f64);
+        }
+        last
+    }
+}
+
+impl Member<'_> {
+    /// Counts this member out, and starts the commit if it was the last.
+    fn finish(&mut self) {
+        if self.finished {
+            return;
+        }
+        self.finished = true;
+        if self.groups.finish(&self.group) {
+            let (service, group) = (self.service.clone(), self.group.clone());
+            // In a task of its own: a member dropped now must not stop the commit the
+            // others wait for.
+            tokio::spawn(async move {
+                let mut open = group.open.clone().lock_owned().await;
+                let outcome = service.commit_group(&mut open).await;
+                drop(open);
+                group.done.send_replace(Some(outcome));
+            });
+        }
+    }
+}
+
+impl Drop for Member<'_> {
+    fn drop(&mut self) {
+        self.finish();
+    }
+}
+
+fn broken(e: impl std::fmt::Display) -> Arc<str> {
+    Arc::from(e.to_string())
+}
+
+impl Service {
+    /// `write` on SQLite: the change in a savepoint of the group's transaction.
+    pub(super) async fn write_grouped<T, F>(&self, body: F) -> Result<T, ServiceError>
+    where
+        F: AsyncFnOnce(&DatabaseTransaction) -> Outcome<T>,
+    {
+        let Some(groups) = self.groups.clone() else {
+            return self.write_alone(body).await;
+        };
+        let mut member = Member {
+            service: self,
+            group: groups.join(),
+            groups,
+            finished: false,
+        };
+        let mut done = member.group.done.subscribe();
+        let mut open = member.group.open.clone().lock_owned().await;
+        let result = self.run_member(&member.groups, &mut open, body).await;
+        drop(open);
+        member.finish();
+        let outcome = done
+            .wait_for(Option::is_some)
+            .await
+            .map_err(|_| StoreError::Commit("the group's commit was abandoned".into()))?
+            .clone();
+        match outcome {
+            Some(Ok(())) => result,
+            Some(Err(e)) => Err(StoreError::Commit(e.to_string()).into()),
+            None => Err(StoreError::Commit("no outcome".into()).into()),
+        }
+    }
+
+    /// One member's change, in its own savepoint. Its events join the group's; a
+    /// refusal (or a change that appends nothing) rolls back to the savepoint.
+    async fn run_member<T, F>(
+        &self,
+        groups: &Groups,
+        open: &mut Open,
+        body: F,
+    ) -> Result<T, ServiceError>
+    where
+        F: AsyncFnOnce(&DatabaseTransaction) -> Outcome<T>,
+    {
+        if open.txn.is_none() && open.broken.is_none() {
+            open.turn = Some(groups.turn.clone().lock_owned().await);
+            match self.store.begin_write().await {
+                Ok(t) => open.txn = Some(t),
+                Err(e) => open.broken = Some(broken(e)),
+            }
+        }
+        if let Some(e) = &open.broken {
+            return Err(StoreError::Commit(e.to_string()).into());
+        }
+        let Some(txn) = open.txn.as_ref() else {
+            return Err(StoreError::Commit("no transaction".into()).into());
+        };
+        if let Some(sp) = open.abandoned.take()
+            && let Err(e) = undo(txn, &sp).await
+        {
+            open.broken = Some(broken(&e));
+            return Err(e.into());
+        }
+        // One name for every member's savepoint: each is released before the next is
+        // taken, and the statements stay in the prepared-statement cache.
+        let sp = "zc_change".to_owned();
+        if let Err(e) = exec(txn, &format!("SAVEPOINT {sp}"), vec![]).await {
+            open.broken = Some(broken(&e));
+            return Err(e.into());
+        }
+        open.abandoned = Some(sp.clone());
+        let result = body(txn).await;
+        let kept = match result {
+            Ok((value, events)) if !events.is_empty() => {
+                exec(txn, &format!("RELEASE {sp}"), vec![]).await.map(|_| {
+                    open.events.extend(events);
+                    Ok(value)
+                })
+            }
+            // Nothing appended: the seq taken under the lock must not be kept.
+            Ok((value, _)) => undo(txn, &sp).await.map(|_| Ok(value)),
+            Err(e) => undo(txn, &sp).await.map(|_| Err(e)),
+        };
+        open.abandoned = None;
+        match kept {
+            Ok(r) => r,
+            Err(e) => {
+                open.broken = Some(broken(&e));
+                Err(e.into())
+            }
+        }
+    }
+
+    /// Commits the group (or rolls it back when nothing is left to keep, or it broke),
+    /// then publishes its events.
+    async fn commit_group(&self, open: &mut Open) -> Result<(), Arc<str>> {
+        let Some(txn) = open.txn.take() else {
+            return match open.broken.clone() {
+                Some(e) => Err(e),
+                None => Ok(()),
+            };
+        };
+        let events = std::mem::take(&mut open.events);
+        let outcome = async {
+            if let Some(e) = open.broken.clone() {
+                txn.rollback().await.map_err(broken)?;
+                return Err(e);
+            }
+            if let Some(sp) = open.abandoned.take() {
+                undo(&txn, &sp).await.map_err(broken)?;
+            }
+            if events.is_empty() {
+                return txn.rollback().await.map_err(broken);
+            }
+            if let Err(e) = self.broker.before_commit(&txn, &events).await {
+                let _ = txn.rollback().await;
+                return Err(broken(e));
+            }
+            txn.commit().await.map_err(broken)
+        }
+        .await;
+        open.turn = None;
+        if outcome.is_ok() && !events.is_empty() {
+            self.published(events);
+        }
+        outcome
+    }
+}
+
+/// Rolls a savepoint back and releases it.
+async fn undo(txn: &DatabaseTransaction, sp: &str) -> Result<(), StoreError> {
+    exec(txn, &format!("ROLLBACK TO {sp}"), vec![]).await?;
+    exec(txn, &format!("RELEASE {sp}"), vec![]).await?;
+    Ok(())
+}
+
+/// Whether the store's writes are grouped.
+pub(super) fn grouped(store: &Store) -> bool {
+    store.backend() == sea_orm::DbBackend::Sqlite
+}
