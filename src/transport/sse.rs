@@ -115,10 +115,10 @@ where
 {
     let state = caller.state;
     let heartbeat = state.config.heartbeat;
-    let mut shutdown = state.shutdown.clone();
+    let shutdown = state.shutdown.clone();
     let auth = state.auth.clone();
     let principal = caller.principal.clone();
-    let delivery = Delivery::new(state.service.connections().clone());
+    let mut delivery = Delivery::new(state.service.connections().clone());
     let body = async_stream::stream! {
         yield Ok::<Bytes, std::io::Error>(first);
         let name = principal.name.clone();
@@ -131,13 +131,15 @@ where
         tracing::info!(principal = %name, streams = ?streams, "SSE stream opened");
         let ended = async move { auth.ended(&principal).await };
         tokio::pin!(ended);
+        let stop = stopping(shutdown);
+        tokio::pin!(stop);
         let mut beat = interval_at(Instant::now() + heartbeat, heartbeat);
         beat.set_missed_tick_behavior(MissedTickBehavior::Delay);
         let mut pieces: Vec<Bytes> = Vec::new();
         loop {
             tokio::select! {
                 biased;
-                _ = stopping(&mut shutdown) => break,
+                _ = &mut stop => break,
                 why = &mut ended => {
                     tracing::info!(principal = %name, reason = why.reason(), "ending SSE stream");
                     break;
@@ -150,6 +152,7 @@ where
                     n
                 }) => match taken {
                     Ok(n) => {
+                        delivery.written();
                         delivery.stats.sent(Transport::Sse, n as u64);
                         yield Ok(join(&mut pieces));
                     }

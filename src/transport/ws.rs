@@ -32,7 +32,7 @@ use tokio::time::{Instant, MissedTickBehavior, interval_at};
 use tokio_tungstenite::tungstenite::protocol::frame::CloseFrame;
 use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
 use tokio_tungstenite::tungstenite::{Error as WsError, Message, Utf8Bytes};
-use tracing::Instrument;
+use tracing::{Instrument, Span};
 
 use super::batch::{Merged, Source, collect};
 use super::ws_protocol::{self as proto, Code, Refusal, Request};
@@ -204,15 +204,20 @@ async fn serve(
     let stats = state.service.connections().clone();
     let (writer, mut incoming) = Writer::spawn(socket, state.config.ws_queue, stats.clone());
     let ping_every = state.config.ws_ping;
-    let mut shutdown = state.shutdown.clone();
+    let stop = stopping(state.shutdown.clone());
+    tokio::pin!(stop);
     let auth = state.auth.clone();
     let principal = peer.principal.clone();
     let ended = async move { auth.ended(&principal).await };
     tokio::pin!(ended);
     let registration = stats.connect(Transport::Ws, peer.principal.user.as_deref());
     let (feeds, control) = mpsc::channel(8);
-    let feeder =
-        tokio::spawn(feed(control, writer.queue.clone(), Delivery::new(stats)).in_current_span());
+    let feeder = tokio::spawn(feed(
+        control,
+        writer.queue.clone(),
+        Delivery::new(stats),
+        Span::current(),
+    ));
     let mut conn = Connection {
         registration,
         messages: state.limits.ws_messages(),
@@ -247,7 +252,7 @@ async fn serve(
     while let Step::Continue = step {
         step = tokio::select! {
             biased;
-            _ = stopping(&mut shutdown) => {
+            _ = &mut stop => {
                 Step::End(Some(close_frame(CloseCode::Restart, "server restarting")))
             }
             why = &mut ended => {
@@ -297,7 +302,8 @@ async fn serve(
 async fn feed(
     mut control: mpsc::Receiver<Control>,
     out: mpsc::Sender<Message>,
-    delivery: Delivery,
+    mut delivery: Delivery,
+    span: Span,
 ) {
     let mut merged = Merged::default();
     let mut positions: HashMap<StreamKey, u64> = HashMap::new();
@@ -331,13 +337,17 @@ async fn feed(
                     Item::Event(ev) => ev.seq,
                     Item::Reset(r) => r.last_event_id,
                 };
-                positions.insert(stream.clone(), at);
+                if let Some(p) = positions.get_mut(stream) {
+                    *p = at;
+                }
                 msgs.push(Message::Text(render::ws(stream, item)));
                 1
             }) => {
                 if let Err(e) = taken {
                     let stream = merged.last_stream().clone();
-                    tracing::warn!(stream = %stream, error = %e, "subscription ended");
+                    // The connection's span is entered only to log: an instrumented
+                    // feeder would enter it on every wake-up.
+                    span.in_scope(|| tracing::warn!(stream = %stream, error = %e, "subscription ended"));
                     merged.remove(&stream);
                     let at = positions.remove(&stream).unwrap_or(0);
                     let r = Refusal::new(
@@ -352,6 +362,7 @@ async fn feed(
                         return;
                     }
                 }
+                delivery.written();
                 delivery.stats.sent(Transport::Ws, n);
             }
         }

@@ -90,9 +90,11 @@ pub async fn run(a: Args) -> anyhow::Result<()> {
         },
         a.publish_via
     );
-    if a.server == Kind::Nchan && a.rate == 0 && a.in_flight > 1 {
+    if a.server == Kind::Nchan && (a.rate > 0 || a.in_flight > 1) {
         println!(
-            "note: Nchan messages carry the tool's numbering; concurrent publishes may be counted out of order"
+            "note: Nchan messages carry the tool's numbering; publishes that overlap (at a rate when \
+             the server is slower than the rate, or several in flight) may reach it, and so be \
+             counted, out of order"
         );
     }
 

@@ -70,27 +70,12 @@ pub async fn run(a: Args) -> anyhow::Result<()> {
             })
             .collect::<Vec<_>>()
     };
-    let until_ready = |n: usize| {
-        let ready = ready.clone();
-        async move {
-            while ready.load(Ordering::Relaxed) < n {
-                if Instant::now() > deadline {
-                    bail!(
-                        "only {} of {n} connections opened in time",
-                        ready.load(Ordering::Relaxed)
-                    );
-                }
-                tokio::time::sleep(Duration::from_millis(20)).await;
-            }
-            anyhow::Ok(())
-        }
-    };
     let mut held = open(0..WARM_UP);
-    until_ready(WARM_UP).await?;
+    wait_ready(&ready, WARM_UP, &held, deadline).await?;
     tokio::time::sleep(Duration::from_secs(1)).await;
     let before = rss_kib(&pid).unwrap_or(0);
     held.extend(open(WARM_UP..WARM_UP + a.connections));
-    until_ready(WARM_UP + a.connections).await?;
+    wait_ready(&ready, WARM_UP + a.connections, &held, deadline).await?;
     tokio::time::sleep(a.hold).await;
     let after = rss_kib(&pid).unwrap_or(0);
     if held.iter().any(|h| h.is_finished()) {
@@ -108,6 +93,29 @@ pub async fn run(a: Args) -> anyhow::Result<()> {
     let _ = stop_tx.send(true);
     for h in held {
         let _ = h.await;
+    }
+    Ok(())
+}
+
+/// Until `n` connections are open; fails at once when one could not open, and at the
+/// deadline.
+async fn wait_ready<T>(
+    ready: &AtomicUsize,
+    n: usize,
+    held: &[tokio::task::JoinHandle<T>],
+    deadline: Instant,
+) -> anyhow::Result<()> {
+    while ready.load(Ordering::Relaxed) < n {
+        if held.iter().any(|h| h.is_finished()) {
+            bail!("a connection could not be opened (the server's limits, the open-file limit)");
+        }
+        if Instant::now() > deadline {
+            bail!(
+                "only {} of {n} connections opened in time",
+                ready.load(Ordering::Relaxed)
+            );
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
     }
     Ok(())
 }

@@ -93,7 +93,8 @@ impl Server {
             kind: self.kind,
             zone: 0,
             item: 0,
-            channel: format!("zcload-{}-{name}", std::process::id()),
+            // A path segment as is: no character that would need escaping.
+            channel: format!("zcload-{}-{}", std::process::id(), name.replace(' ', "-")),
             start: 0,
             key: self.key.clone(),
         };

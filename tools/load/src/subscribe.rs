@@ -89,16 +89,24 @@ pub async fn subscribe(
                 };
                 let Some(Ok(chunk)) = chunk else { break };
                 let now = Instant::now();
-                for &b in chunk.iter() {
-                    if b == b'\n' {
-                        if let Some(seq) = sse_seq(topic.kind, &line) {
-                            out.push((seq, now));
-                        }
-                        line.clear();
+                // Whole lines straight from the chunk; only a line cut by the chunk's
+                // end is copied (the tool must not be the bottleneck it measures).
+                let mut rest: &[u8] = &chunk;
+                while let Some(nl) = rest.iter().position(|&b| b == b'\n') {
+                    let seq = if line.is_empty() {
+                        sse_seq(topic.kind, &rest[..nl])
                     } else {
-                        line.push(b);
+                        line.extend_from_slice(&rest[..nl]);
+                        let seq = sse_seq(topic.kind, &line);
+                        line.clear();
+                        seq
+                    };
+                    if let Some(seq) = seq {
+                        out.push((seq, now));
                     }
+                    rest = &rest[nl + 1..];
                 }
+                line.extend_from_slice(rest);
             }
             Some(out)
         }
