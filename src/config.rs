@@ -219,8 +219,10 @@ pub struct ServeArgs {
     #[arg(long, env = "ZONECAST_WS_PING", default_value = "30s", value_parser = duration)]
     pub ws_ping: Duration,
 
-    /// Outgoing messages queued per WebSocket connection before its subscriptions
-    /// stop reading (and later catch up from the cache or the log).
+    /// Replies (acks, errors, snapshots, pings) queued per WebSocket connection while
+    /// its socket is not being read; events are not queued: a connection's
+    /// subscriptions stop pulling while its socket is blocked (and later catch up from
+    /// the cache or the log).
     #[arg(long, env = "ZONECAST_WS_QUEUE", default_value_t = 256)]
     pub ws_queue: usize,
 

@@ -1,10 +1,12 @@
 //! WebSocket connections (DESIGN §6): the same cursors as SSE, plus requests.
 //!
-//! One connection = a reader loop (requests, pings, shutdown), one writer task that
-//! owns the socket's sending half (`ws_socket`), and one feeder task per subscription.
-//! Everything outgoing goes through one bounded queue: when a client stops reading,
-//! the queue fills, feeders stop pulling from their cursors, and those catch up later
-//! from the cache or the log (or say `reset`). Memory per connection stays bounded.
+//! One connection = a reader loop (requests, pings, shutdown) and one writer task that
+//! owns the socket's sending half (`ws_socket`) and feeds it the connection's
+//! subscriptions (`Feeds`) as well as the replies queued by the reader (a bounded
+//! queue). When a client stops reading, the writer blocks: it takes no more from the
+//! cursors, which catch up later from the cache or the log (or say `reset`), and the
+//! reader's replies wait in the queue, then time out. Memory per connection stays
+//! bounded.
 //!
 //! Close codes (every other problem is an `error` message and the connection stays
 //! open):
@@ -27,7 +29,6 @@ use poem::web::Path;
 use poem::{Request as HttpRequest, Response, handler};
 use serde_json::Value;
 use tokio::sync::mpsc;
-use tokio::task::JoinHandle;
 use tokio::time::{Instant, MissedTickBehavior, interval_at};
 use tokio_tungstenite::tungstenite::protocol::frame::CloseFrame;
 use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
@@ -114,16 +115,7 @@ pub async fn zone_socket(req: &HttpRequest, Path(zone_id): Path<i32>, c: Caller<
     })
 }
 
-/// Aborts the connection's feeder with the connection.
-struct Feeder(JoinHandle<()>);
-
-impl Drop for Feeder {
-    fn drop(&mut self) {
-        self.0.abort();
-    }
-}
-
-/// What the reader tells the feeder: subscriptions come and go through it, in order
+/// What the reader tells the writer's feed: subscriptions come and go through it, in order
 /// with their replies, so `subscribed` always comes before the stream's first event and
 /// `unsubscribed` after its last.
 enum Control {
@@ -147,7 +139,6 @@ struct Connection {
     refused_in_a_row: u32,
     out: mpsc::Sender<Message>,
     feeds: mpsc::Sender<Control>,
-    _feeder: Feeder,
     /// The streams the feeder carries.
     subscribed: HashSet<StreamKey>,
     /// The zone of the `/ws/zones/{id}` path, the default for `request_stock`.
@@ -202,7 +193,15 @@ async fn serve(
     id: String,
 ) {
     let stats = state.service.connections().clone();
-    let (writer, mut incoming) = Writer::spawn(socket, state.config.ws_queue, stats.clone());
+    let (feeds, control) = mpsc::channel(8);
+    let feed = Feeds {
+        control: Some(control),
+        merged: Merged::default(),
+        positions: HashMap::new(),
+        delivery: Delivery::new(stats.clone()),
+        span: Span::current(),
+    };
+    let (writer, mut incoming) = Writer::spawn(socket, state.config.ws_queue, stats.clone(), feed);
     let ping_every = state.config.ws_ping;
     let stop = stopping(state.shutdown.clone());
     tokio::pin!(stop);
@@ -211,13 +210,6 @@ async fn serve(
     let ended = async move { auth.ended(&principal).await };
     tokio::pin!(ended);
     let registration = stats.connect(Transport::Ws, peer.principal.user.as_deref());
-    let (feeds, control) = mpsc::channel(8);
-    let feeder = tokio::spawn(feed(
-        control,
-        writer.queue.clone(),
-        Delivery::new(stats),
-        Span::current(),
-    ));
     let mut conn = Connection {
         registration,
         messages: state.limits.ws_messages(),
@@ -225,7 +217,6 @@ async fn serve(
         peer,
         out: writer.queue.clone(),
         feeds,
-        _feeder: Feeder(feeder),
         subscribed: HashSet::new(),
         zone: zone.as_ref().map(|z| z.0),
         send_patience: ping_every * 2,
@@ -296,42 +287,68 @@ async fn serve(
     tracing::debug!("disconnected");
 }
 
-/// The connection's feeder: every subscribed stream merged, in batches, into the
-/// outgoing queue. Waits while the queue is full: its cursors then stop pulling and
-/// catch up from the cache or the log once the client reads.
-async fn feed(
-    mut control: mpsc::Receiver<Control>,
-    out: mpsc::Sender<Message>,
-    mut delivery: Delivery,
+/// The connection's subscriptions, fed to the socket by its writer task: every
+/// subscribed stream merged, in batches. The writer asks for a batch only when it has
+/// written the last one, so for a client that does not read the cursors stop pulling
+/// and catch up later from the cache or the log.
+struct Feeds {
+    /// `None` once the connection dropped its end.
+    control: Option<mpsc::Receiver<Control>>,
+    merged: Merged,
+    /// Each stream's last position handed out, for the message when it fails.
+    positions: HashMap<StreamKey, u64>,
+    delivery: Delivery,
+    /// The connection's span, entered only to log: instrumenting the writer would
+    /// enter it on every wake-up.
     span: Span,
-) {
-    let mut merged = Merged::default();
-    let mut positions: HashMap<StreamKey, u64> = HashMap::new();
-    let mut msgs: Vec<Message> = Vec::new();
-    loop {
-        tokio::select! {
-            biased;
-            cmd = control.recv() => {
-                let reply = match cmd {
-                    None => return,
-                    Some(Control::Add { cursor, reply }) => {
-                        positions.insert(cursor.stream().clone(), cursor.position());
-                        merged.insert(cursor);
-                        reply
-                    }
-                    Some(Control::Remove { stream, reply }) => {
-                        merged.remove(&stream);
-                        positions.remove(&stream);
-                        Some(reply)
-                    }
-                };
-                if let Some(r) = reply
-                    && out.send(Message::Text(r)).await.is_err()
-                {
-                    return;
-                }
+}
+
+impl Feeds {
+    /// A subscription added or removed; its reply (if any) is appended to `out`, so
+    /// it is written before the stream's first event and after its last.
+    fn control(&mut self, cmd: Option<Control>, out: &mut Vec<Message>) {
+        let reply = match cmd {
+            None => {
+                self.control = None;
+                None
             }
-            taken = collect(&mut merged, BATCH, |stream, item| {
+            Some(Control::Add { cursor, reply }) => {
+                self.positions
+                    .insert(cursor.stream().clone(), cursor.position());
+                self.merged.insert(cursor);
+                reply
+            }
+            Some(Control::Remove { stream, reply }) => {
+                self.merged.remove(&stream);
+                self.positions.remove(&stream);
+                Some(reply)
+            }
+        };
+        if let Some(r) = reply {
+            out.push(Message::Text(r));
+        }
+    }
+}
+
+impl ws_socket::Feed for Feeds {
+    async fn next_batch(&mut self, out: &mut Vec<Message>) {
+        let Feeds {
+            control,
+            merged,
+            positions,
+            delivery,
+            ..
+        } = self;
+        let cmd = async {
+            match control {
+                Some(c) => c.recv().await,
+                None => std::future::pending().await,
+            }
+        };
+        let taken = tokio::select! {
+            biased;
+            cmd = cmd => Err(cmd),
+            taken = collect(merged, BATCH, |stream, item| {
                 delivery.delivered(item);
                 let at = match item {
                     Item::Event(ev) => ev.seq,
@@ -340,32 +357,34 @@ async fn feed(
                 if let Some(p) = positions.get_mut(stream) {
                     *p = at;
                 }
-                msgs.push(Message::Text(render::ws(stream, item)));
+                out.push(Message::Text(render::ws(stream, item)));
                 1
-            }) => {
-                if let Err(e) = taken {
-                    let stream = merged.last_stream().clone();
-                    // The connection's span is entered only to log: an instrumented
-                    // feeder would enter it on every wake-up.
-                    span.in_scope(|| tracing::warn!(stream = %stream, error = %e, "subscription ended"));
-                    merged.remove(&stream);
-                    let at = positions.remove(&stream).unwrap_or(0);
-                    let r = Refusal::new(
-                        Code::Internal,
-                        format!("subscription to {stream} ended; subscribe again with last_event_id {at}"),
-                    );
-                    msgs.push(Message::Text(proto::error(None, &r).into()));
-                }
-                let n = msgs.len() as u64;
-                for m in msgs.drain(..) {
-                    if out.send(m).await.is_err() {
-                        return;
-                    }
-                }
-                delivery.written();
-                delivery.stats.sent(Transport::Ws, n);
+            }) => Ok(taken),
+        };
+        match taken {
+            Err(cmd) => self.control(cmd, out),
+            Ok(Ok(_)) => {}
+            Ok(Err(e)) => {
+                let stream = self.merged.last_stream().clone();
+                self.span.in_scope(
+                    || tracing::warn!(stream = %stream, error = %e, "subscription ended"),
+                );
+                self.merged.remove(&stream);
+                let at = self.positions.remove(&stream).unwrap_or(0);
+                let r = Refusal::new(
+                    Code::Internal,
+                    format!(
+                        "subscription to {stream} ended; subscribe again with last_event_id {at}"
+                    ),
+                );
+                out.push(Message::Text(proto::error(None, &r).into()));
             }
         }
+    }
+
+    fn written(&mut self, n: usize) {
+        self.delivery.written();
+        self.delivery.stats.sent(Transport::Ws, n as u64);
     }
 }
 

@@ -1,6 +1,8 @@
 //! The WebSocket socket itself: the upgrade handshake, the writer task, and how a
 //! connection ends. No protocol messages here (that is `ws_protocol`), no streams
-//! (that is `ws`).
+//! (that is `ws`): the writer takes what it sends from a bounded queue (replies,
+//! pings) and from a `Feed` it is given (the connection's subscriptions), and writes
+//! a feed's batch straight to the socket, so a delivery wakes one task, not two.
 //!
 //! tokio-tungstenite is used directly rather than through poem's wrapper: poem turns
 //! every read error into a string, and the close code depends on which error it was.
@@ -124,6 +126,18 @@ pub fn close_frame(code: CloseCode, reason: &str) -> CloseFrame {
     }
 }
 
+/// More to send besides the queue: batches the writer asks for when it is free, so a
+/// client that does not read stops the feed from being pulled (and its memory stays
+/// one batch).
+pub trait Feed: Send + 'static {
+    /// Waits for the next batch and appends it to `out`. Cancel-safe: nothing is
+    /// taken unless the future completes.
+    fn next_batch(&mut self, out: &mut Vec<Message>) -> impl Future<Output = ()> + Send;
+
+    /// The batch just taken was written.
+    fn written(&mut self, n: usize);
+}
+
 /// The sending side of a connection, owned by its writer task.
 pub struct Writer {
     /// Everything outgoing except the close frame, bounded.
@@ -134,15 +148,16 @@ pub struct Writer {
 
 impl Writer {
     /// Starts the writer; `incoming` is the reading half, returned by `finish`.
-    pub fn spawn(
+    pub fn spawn<F: Feed>(
         socket: Socket,
         queue_len: usize,
         stats: std::sync::Arc<Stats>,
+        feed: F,
     ) -> (Self, Incoming) {
         let (sink, incoming) = socket.split();
         let (queue, rx) = mpsc::channel(queue_len.max(8));
         let (close, close_rx) = oneshot::channel();
-        let task = tokio::spawn(write(sink, rx, close_rx, stats));
+        let task = tokio::spawn(write(sink, rx, close_rx, stats, feed));
         (
             Writer {
                 queue,
@@ -185,41 +200,53 @@ impl Writer {
     }
 }
 
-async fn write(
+async fn write<F: Feed>(
     mut sink: Sink,
     mut queue: mpsc::Receiver<Message>,
     mut close: oneshot::Receiver<CloseFrame>,
     stats: std::sync::Arc<Stats>,
+    mut feed: F,
 ) -> Option<Sink> {
+    let mut batch: Vec<Message> = Vec::new();
     loop {
-        let first = tokio::select! {
+        let fed = tokio::select! {
             biased;
             frame = &mut close => return send_close(sink, frame.ok()).await,
             m = queue.recv() => match m {
-                Some(m) => m,
+                Some(m) => {
+                    // Everything already queued goes out in one flush.
+                    batch.push(m);
+                    while batch.len() < BATCH {
+                        match queue.try_recv() {
+                            Ok(m) => batch.push(m),
+                            Err(_) => break,
+                        }
+                    }
+                    false
+                }
                 None => return send_close(sink, close.await.ok()).await,
             },
+            () = feed.next_batch(&mut batch) => true,
         };
-        // Everything already queued goes out in one flush; the close frame still
-        // overtakes a write the client is not reading.
-        let batch = async {
-            sink.feed(first).await?;
-            for _ in 1..BATCH {
-                match queue.try_recv() {
-                    Ok(m) => sink.feed(m).await?,
-                    Err(_) => break,
-                }
+        let n = batch.len();
+        let write = async {
+            for m in batch.drain(..) {
+                sink.feed(m).await?;
             }
             sink.flush().await
         };
+        // The close frame still overtakes a write the client is not reading.
         let sent = tokio::select! {
             biased;
             frame = &mut close => return send_close(sink, frame.ok()).await,
-            r = batch => r,
+            r = write => r,
         };
         if sent.is_err() {
             stats.send_error();
             return None;
+        }
+        if fed {
+            feed.written(n);
         }
     }
 }

@@ -119,20 +119,25 @@ async fn open_sockets(app: &TestApp) -> u64 {
         .expect("open_sockets")
 }
 
+/// A zone with one item whose events are large (a 200-character name), so a few
+/// hundred of them fill a small socket buffer.
+async fn zone_with_a_long_item(app: &TestApp) -> (i64, i64) {
+    let zone = app.create_zone("A").await;
+    let r = app
+        .post(
+            &format!("/api/zones/{zone}/items"),
+            json!({"sku": "S", "name": "n".repeat(200), "quantity": 1_000_000}),
+        )
+        .await;
+    assert_eq!(r.status, 201);
+    (zone, r.json()["item"]["id"].as_i64().expect("id"))
+}
+
 #[tokio::test]
 async fn a_client_that_stops_reading_is_closed_and_its_socket_freed() {
     let db = TestDb::sqlite().await;
     let app = spawn_app(&db, &["--ws-ping", "200ms", "--ws-queue", "16"]).await;
-    let zone = app.create_zone("A").await;
-    let long = "n".repeat(200);
-    let r = app
-        .post(
-            &format!("/api/zones/{zone}/items"),
-            json!({"sku": "S", "name": long, "quantity": 1_000_000}),
-        )
-        .await;
-    assert_eq!(r.status, 201);
-    let item = r.json()["item"]["id"].as_i64().expect("id");
+    let (zone, item) = zone_with_a_long_item(&app).await;
     let before = open_sockets(&app).await;
     // A small receive window: the server's socket buffer fills after a few hundred
     // events, then its queue, then its writer blocks.
@@ -187,5 +192,38 @@ async fn a_connection_holds_a_bounded_number_of_subscriptions() {
     ws.send(json!({"type": "subscribe", "stream": format!("zone:{}", zones[0])}))
         .await;
     assert_eq!(ws.recv().await["type"], "subscribed");
+    app.stop().await;
+}
+
+/// A client that pauses reading blocks only its own socket: the server stops taking
+/// events for it (at most one batch waits) and, once it reads again, it gets every
+/// event once, in order, from the cache or the log; writers are not held up.
+#[tokio::test]
+async fn a_client_that_pauses_reading_gets_everything_once_it_reads_again() {
+    const CHANGES: u64 = 600;
+    let db = TestDb::sqlite().await;
+    let app = spawn_app(&db, &["--ws-queue", "16", "--cache-events", "64"]).await;
+    let (zone, item) = zone_with_a_long_item(&app).await;
+    let mut ws = welcomed(&app, Some(4096)).await;
+    let stream = format!("zone:{zone}");
+    ws.send_text(&json!({"type": "subscribe", "stream": stream, "last_event_id": 1}).to_string())
+        .await;
+    assert_eq!(next_json(&mut ws).await["type"], "subscribed");
+    // Not read meanwhile: far more than the socket buffers and one batch hold.
+    for _ in 0..CHANGES {
+        app.delta(item, -1).await;
+    }
+    let mut seqs = Vec::new();
+    while seqs.len() < CHANGES as usize {
+        let v = next_json(&mut ws).await;
+        assert_ne!(v["type"], "reset", "{v}");
+        if let Some(id) = v["id"].as_u64() {
+            seqs.push(id);
+        }
+    }
+    assert_eq!(seqs, (2..=CHANGES + 1).collect::<Vec<u64>>());
+    let last = next_json(&mut ws);
+    app.delta(item, -1).await;
+    assert_eq!(last.await["id"], CHANGES + 2);
     app.stop().await;
 }

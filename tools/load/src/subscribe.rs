@@ -53,6 +53,14 @@ fn ws_seq(kind: Kind, text: &str) -> Option<u64> {
     rest[..end].parse().ok()
 }
 
+/// Prints why a subscriber could not connect, for the first one only.
+fn first_failure<E: std::fmt::Display>(e: E) {
+    static SAID: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+    if !SAID.swap(true, std::sync::atomic::Ordering::Relaxed) {
+        eprintln!("a subscriber could not connect: {e}");
+    }
+}
+
 /// Watches `topic` until seq `until` has arrived or `stop` turns true; calls `opened`
 /// once its stream is open. `None`: it could not connect.
 pub async fn subscribe(
@@ -77,7 +85,11 @@ pub async fn subscribe(
                     .get(format!("{}/sub/{}", sub.base, topic.channel))
                     .header("Accept", "text/event-stream"),
             };
-            let resp = req.send().await.ok().filter(|r| r.status().is_success())?;
+            let resp = req.send().await.map_err(first_failure).ok()?;
+            if !resp.status().is_success() {
+                first_failure(format!("HTTP {}", resp.status()));
+                return None;
+            }
             opened();
             let mut out = Vec::new();
             let mut body = resp.bytes_stream();
@@ -124,8 +136,14 @@ pub async fn subscribe(
                 parsed.host_str()?.parse().ok()?,
                 parsed.port_or_known_default()?,
             );
-            let tcp = connect_from(addr, sub.from).await.ok()?;
-            let (mut ws, _) = tokio_tungstenite::client_async(url, tcp).await.ok()?;
+            let tcp = connect_from(addr, sub.from)
+                .await
+                .map_err(first_failure)
+                .ok()?;
+            let (mut ws, _) = tokio_tungstenite::client_async(url, tcp)
+                .await
+                .map_err(first_failure)
+                .ok()?;
             opened();
             let mut out = Vec::new();
             while out.last().is_none_or(|(s, _): &(u64, Instant)| *s < until) {
