@@ -156,17 +156,18 @@ fn broken(e: impl std::fmt::Display) -> Arc<str> {
 
 impl Service {
     /// `write` on SQLite: the change in a savepoint of the group's transaction.
-    pub(super) async fn write_grouped<T, F>(&self, body: F) -> Result<T, ServiceError>
+    pub(super) async fn write_grouped<T, F>(
+        &self,
+        groups: &Arc<Groups>,
+        body: F,
+    ) -> Result<T, ServiceError>
     where
         F: AsyncFnOnce(&DatabaseTransaction) -> Outcome<T>,
     {
-        let Some(groups) = self.groups.clone() else {
-            return self.write_alone(body).await;
-        };
         let mut member = Member {
             service: self,
             group: groups.join(),
-            groups,
+            groups: groups.clone(),
             finished: false,
         };
         let mut done = member.group.done.subscribe();

@@ -117,10 +117,9 @@ impl Service {
         F: AsyncFnOnce(&DatabaseTransaction) -> Outcome<T>,
     {
         let started = std::time::Instant::now();
-        let result = if self.groups.is_some() {
-            self.write_grouped(body).await
-        } else {
-            self.write_alone(body).await
+        let result = match &self.groups {
+            Some(groups) => self.write_grouped(groups, body).await,
+            None => self.write_alone(body).await,
         };
         metrics::histogram!("zonecast_write_duration_seconds")
             .record(started.elapsed().as_secs_f64());

@@ -278,19 +278,9 @@ impl TestApp {
 #[tokio::test]
 async fn a_connection_cap_the_open_file_limit_cannot_honour_stops_the_start() {
     let db = TestDb::sqlite().await;
-    let flags = [
-        "--bind",
-        "127.0.0.1:0",
-        "--database-url",
-        &db.url,
-        "--max-connections",
-        "100000000",
-    ];
-    let config = zonecast::config::ServeArgs::from_flags(flags).expect("flags");
-    let err = match zonecast::app::Application::build(config).await {
-        Ok(_) => panic!("a cap above the open-file limit was accepted"),
-        Err(e) => e.to_string(),
-    };
+    let err = start_error(&db, &["--max-connections", "100000000"])
+        .await
+        .to_string();
     assert!(
         err.contains("--max-connections 100000000") && err.contains("ulimit -n"),
         "{err}"

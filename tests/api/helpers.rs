@@ -175,6 +175,17 @@ const DEFAULT_FLAGS: [(&str, &str); 4] = [
     ("--auth-failure-rate", "0"),
 ];
 
+/// What a start on `db` with `flags` stops with; it must not start.
+pub async fn start_error(db: &TestDb, flags: &[&str]) -> zonecast::app::StartError {
+    let mut all = vec!["--bind", "127.0.0.1:0", "--database-url", &db.url];
+    all.extend_from_slice(flags);
+    let config = ServeArgs::from_flags(all).expect("flags parse");
+    match Application::build(config).await {
+        Ok(_) => panic!("started with {flags:?}"),
+        Err(e) => e,
+    }
+}
+
 /// Starts zonecast on `db` with `--no-demo` plus `flags`; `http` carries an admin key.
 pub async fn spawn_app(db: &TestDb, flags: &[&str]) -> TestApp {
     let mut all = vec![

@@ -226,21 +226,9 @@ async fn a_certificate_that_cannot_be_read_stops_the_start_with_its_path() {
     let dir = tempfile::tempdir().expect("dir");
     let missing = dir.path().join("nope.pem").display().to_string();
     let db = TestDb::sqlite().await;
-    let flags = [
-        "--bind",
-        "127.0.0.1:0",
-        "--database-url",
-        &db.url,
-        "--tls-cert",
-        &missing,
-        "--tls-key",
-        &missing,
-    ];
-    let config = zonecast::config::ServeArgs::from_flags(flags).expect("flags");
-    let err = match zonecast::app::Application::build(config).await {
-        Ok(_) => panic!("started without a certificate"),
-        Err(e) => e.to_string(),
-    };
+    let err = start_error(&db, &["--tls-cert", &missing, "--tls-key", &missing])
+        .await
+        .to_string();
     assert!(err.contains("nope.pem"), "{err}");
     assert!(
         zonecast::config::ServeArgs::from_flags(["--tls-cert", "c.pem"]).is_err(),

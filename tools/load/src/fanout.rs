@@ -5,15 +5,15 @@
 
 use std::collections::HashMap;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, bail};
-use tokio::sync::{Mutex, Semaphore, watch};
+use tokio::sync::{Mutex, watch};
 
 use crate::report::{CpuWindow, latency_line, print_cpu};
 use crate::server::{Kind, Server, Transport, WsPublisher};
-use crate::subscribe::{Arrivals, Sub, check, source, subscribe};
+use crate::subscribe::{Arrivals, Opening, Sub, check, source};
 
 #[derive(clap::Args)]
 pub struct Args {
@@ -99,10 +99,9 @@ pub async fn run(a: Args) -> anyhow::Result<()> {
     }
 
     // Subscribers, positioned after `start`; ready once their stream is open.
-    let ready = Arc::new(AtomicUsize::new(0));
     let (stop_tx, stop) = watch::channel(false);
-    let gate = Arc::new(Semaphore::new(a.connect_concurrency.max(1)));
-    let mut subs = Vec::with_capacity(a.subscribers);
+    // At most `--connect-concurrency` connecting at once.
+    let mut opening = Opening::new(a.connect_concurrency, stop);
     for i in 0..a.subscribers {
         let sub = Sub {
             transport: a.transport,
@@ -112,32 +111,10 @@ pub async fn run(a: Args) -> anyhow::Result<()> {
                 .to_owned(),
             from: source(i, a.source_addresses),
         };
-        let (topic, ready, stop, gate) = (topic.clone(), ready.clone(), stop.clone(), gate.clone());
-        subs.push(tokio::spawn(async move {
-            // At most `--connect-concurrency` connecting at once.
-            let permit = gate.acquire_owned().await;
-            let opened = move || {
-                drop(permit);
-                ready.fetch_add(1, Ordering::Relaxed);
-            };
-            subscribe(topic, sub, last, opened, stop).await
-        }));
+        opening.spawn(&topic, sub, last);
     }
-    while ready.load(Ordering::Relaxed) < a.subscribers {
-        if Instant::now() > deadline {
-            bail!(
-                "only {} of {} subscribers connected in time",
-                ready.load(Ordering::Relaxed),
-                a.subscribers
-            );
-        }
-        if subs.iter().any(|s| s.is_finished()) {
-            bail!(
-                "a subscriber could not connect (the server's limits: --connect-rate, --max-connections-per-ip, --max-connections; the open-file limit)"
-            );
-        }
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    opening.wait(a.subscribers, deadline).await?;
+    let subs = opening.tasks;
     println!("{} subscribers connected", a.subscribers);
 
     // Publish.

@@ -2,15 +2,14 @@
 //! connection (`/proc/PID/status`, after a warm-up), for zonecast or Nchan.
 
 use std::sync::Arc;
-use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
 use anyhow::bail;
-use tokio::sync::{Semaphore, watch};
+use tokio::sync::watch;
 
 use crate::report::rss_kib;
 use crate::server::{Kind, Server, Transport};
-use crate::subscribe::{Sub, source, subscribe};
+use crate::subscribe::{Opening, Sub, source};
 
 #[derive(clap::Args)]
 pub struct Args {
@@ -46,38 +45,27 @@ pub async fn run(a: Args) -> anyhow::Result<()> {
     let topic = Arc::new(server.topic("zonecast-load idle").await?);
     let pid = a.server_pid.to_string();
     let (stop_tx, stop) = watch::channel(false);
-    let ready = Arc::new(AtomicUsize::new(0));
-    let gate = Arc::new(Semaphore::new(256));
+    let mut opening = Opening::new(256, stop);
     let base = a.url.as_str().trim_end_matches('/').to_owned();
-    let open = |range: std::ops::Range<usize>| {
-        range
-            .map(|i| {
-                let sub = Sub {
-                    transport: a.transport,
-                    base: base.clone(),
-                    from: source(i, a.source_addresses),
-                };
-                let (topic, ready, stop, gate) =
-                    (topic.clone(), ready.clone(), stop.clone(), gate.clone());
-                tokio::spawn(async move {
-                    let permit = gate.acquire_owned().await;
-                    let opened = move || {
-                        drop(permit);
-                        ready.fetch_add(1, Ordering::Relaxed);
-                    };
-                    subscribe(topic, sub, u64::MAX, opened, stop).await
-                })
-            })
-            .collect::<Vec<_>>()
+    let open = |opening: &mut Opening, range: std::ops::Range<usize>| {
+        for i in range {
+            let sub = Sub {
+                transport: a.transport,
+                base: base.clone(),
+                from: source(i, a.source_addresses),
+            };
+            opening.spawn(&topic, sub, u64::MAX);
+        }
     };
-    let mut held = open(0..WARM_UP);
-    wait_ready(&ready, WARM_UP, &held, deadline).await?;
+    open(&mut opening, 0..WARM_UP);
+    opening.wait(WARM_UP, deadline).await?;
     tokio::time::sleep(Duration::from_secs(1)).await;
     let before = rss_kib(&pid).unwrap_or(0);
-    held.extend(open(WARM_UP..WARM_UP + a.connections));
-    wait_ready(&ready, WARM_UP + a.connections, &held, deadline).await?;
+    open(&mut opening, WARM_UP..WARM_UP + a.connections);
+    opening.wait(WARM_UP + a.connections, deadline).await?;
     tokio::time::sleep(a.hold).await;
     let after = rss_kib(&pid).unwrap_or(0);
+    let held = opening.tasks;
     if held.iter().any(|h| h.is_finished()) {
         bail!("connections ended while held");
     }
@@ -93,29 +81,6 @@ pub async fn run(a: Args) -> anyhow::Result<()> {
     let _ = stop_tx.send(true);
     for h in held {
         let _ = h.await;
-    }
-    Ok(())
-}
-
-/// Until `n` connections are open; fails at once when one could not open, and at the
-/// deadline.
-async fn wait_ready<T>(
-    ready: &AtomicUsize,
-    n: usize,
-    held: &[tokio::task::JoinHandle<T>],
-    deadline: Instant,
-) -> anyhow::Result<()> {
-    while ready.load(Ordering::Relaxed) < n {
-        if held.iter().any(|h| h.is_finished()) {
-            bail!("a connection could not be opened (the server's limits, the open-file limit)");
-        }
-        if Instant::now() > deadline {
-            bail!(
-                "only {} of {n} connections opened in time",
-                ready.load(Ordering::Relaxed)
-            );
-        }
-        tokio::time::sleep(Duration::from_millis(20)).await;
     }
     Ok(())
 }

@@ -3,10 +3,12 @@
 
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::sync::Arc;
-use std::time::Instant;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::{Duration, Instant};
 
 use futures_util::StreamExt;
-use tokio::sync::watch;
+use tokio::sync::{Semaphore, watch};
+use tokio::task::JoinHandle;
 use tokio_tungstenite::tungstenite::Message;
 
 use crate::server::{Kind, Topic, Transport, connect_from};
@@ -164,6 +166,65 @@ pub async fn subscribe(
             }
             Some(out)
         }
+    }
+}
+
+/// Subscribers being opened, at most a set number connecting at once; each counts
+/// as ready once its stream is open.
+pub struct Opening {
+    ready: Arc<AtomicUsize>,
+    gate: Arc<Semaphore>,
+    stop: watch::Receiver<bool>,
+    pub tasks: Vec<JoinHandle<Option<Arrivals>>>,
+}
+
+impl Opening {
+    pub fn new(concurrency: usize, stop: watch::Receiver<bool>) -> Opening {
+        Opening {
+            ready: Arc::default(),
+            gate: Arc::new(Semaphore::new(concurrency.max(1))),
+            stop,
+            tasks: Vec::new(),
+        }
+    }
+
+    /// Opens one more subscriber, watching until seq `until`.
+    pub fn spawn(&mut self, topic: &Arc<Topic>, sub: Sub, until: u64) {
+        let (topic, ready, gate, stop) = (
+            topic.clone(),
+            self.ready.clone(),
+            self.gate.clone(),
+            self.stop.clone(),
+        );
+        self.tasks.push(tokio::spawn(async move {
+            let permit = gate.acquire_owned().await;
+            let opened = move || {
+                drop(permit);
+                ready.fetch_add(1, Ordering::Relaxed);
+            };
+            subscribe(topic, sub, until, opened, stop).await
+        }));
+    }
+
+    /// Until `n` subscribers are open; fails at once when one could not open, and at
+    /// the deadline.
+    pub async fn wait(&self, n: usize, deadline: Instant) -> anyhow::Result<()> {
+        while self.ready.load(Ordering::Relaxed) < n {
+            if self.tasks.iter().any(|t| t.is_finished()) {
+                anyhow::bail!(
+                    "a subscriber could not connect (the server's limits: --connect-rate, \
+                     --max-connections-per-ip, --max-connections; the open-file limit)"
+                );
+            }
+            if Instant::now() > deadline {
+                anyhow::bail!(
+                    "only {} of {n} subscribers connected in time",
+                    self.ready.load(Ordering::Relaxed)
+                );
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        Ok(())
     }
 }
 
