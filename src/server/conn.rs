@@ -306,17 +306,23 @@ impl Serving {
         });
         let shutdown = self.shutdown.clone();
         let hard_stop = self.hard_stop.clone();
-        let tls = self.tls.clone();
-        tokio::spawn(async move {
-            match tls {
-                None => serve_io(socket, service, shutdown, hard_stop).await,
-                // The handshake reads through the socket, under its header deadline.
-                Some(tls) => match tls.accept(socket).await {
-                    Ok(stream) => serve_io(stream, service, shutdown, hard_stop).await,
-                    Err(e) => tracing::debug!(error = %e, "TLS handshake failed"),
-                },
+        // One task type for each: a task is as large as its largest state, and the TLS
+        // one (handshake, then hyper over the TLS stream) would make every plain
+        // connection pay for it.
+        match self.tls.clone() {
+            None => {
+                tokio::spawn(serve_io(socket, service, shutdown, hard_stop));
             }
-        });
+            // The handshake reads through the socket, under its header deadline.
+            Some(tls) => {
+                tokio::spawn(async move {
+                    match tls.accept(socket).await {
+                        Ok(stream) => serve_io(stream, service, shutdown, hard_stop).await,
+                        Err(e) => tracing::debug!(error = %e, "TLS handshake failed"),
+                    }
+                });
+            }
+        }
     }
 }
 

@@ -118,9 +118,11 @@ pub async fn zone_socket(req: &HttpRequest, Path(zone_id): Path<i32>, c: Caller<
 /// What the reader tells the writer's feed: subscriptions come and go through it, in order
 /// with their replies, so `subscribed` always comes before the stream's first event and
 /// `unsubscribed` after its last.
+/// Boxed where large: a tokio channel allocates its slots 32 at a time, whatever its
+/// bound, and a `Cursor` inline made that 5 KiB per connection.
 enum Control {
     Add {
-        cursor: Cursor,
+        cursor: Box<Cursor>,
         reply: Option<Utf8Bytes>,
     },
     Remove {
@@ -234,7 +236,7 @@ async fn serve(
         Step::End(None)
     };
     if let Some((_, cursor)) = zone {
-        conn.feed(cursor, None).await;
+        Box::pin(conn.feed(cursor, None)).await;
     }
 
     let mut ping = interval_at(Instant::now() + ping_every, ping_every);
@@ -254,8 +256,10 @@ async fn serve(
                 last_heard = Instant::now();
                 match msg {
                     None | Some(Ok(Message::Close(_))) => Step::End(None),
-                    Some(Ok(Message::Text(text))) => conn.handle(Some(text.as_str())).await,
-                    Some(Ok(Message::Binary(_))) => conn.handle(None).await,
+                    // Boxed: a change's future reaches down into the store, and inline
+                    // it would size every connection's task for it while idle.
+                    Some(Ok(Message::Text(text))) => Box::pin(conn.handle(Some(text.as_str()))).await,
+                    Some(Ok(Message::Binary(_))) => Box::pin(conn.handle(None)).await,
                     // A ping costs the server a write: it counts like a message.
                     Some(Ok(Message::Ping(_))) => conn.ping().await,
                     Some(Ok(Message::Pong(_) | Message::Frame(_))) => Step::Continue,
@@ -315,7 +319,7 @@ impl Feeds {
             Some(Control::Add { cursor, reply }) => {
                 self.positions
                     .insert(cursor.stream().clone(), cursor.position());
-                self.merged.insert(cursor);
+                self.merged.insert(*cursor);
                 reply
             }
             Some(Control::Remove { stream, reply }) => {
@@ -545,7 +549,13 @@ impl Connection {
             self.registration.add_stream(&stream);
         }
         self.feeds
-            .send_timeout(Control::Add { cursor, reply }, self.send_patience)
+            .send_timeout(
+                Control::Add {
+                    cursor: Box::new(cursor),
+                    reply,
+                },
+                self.send_patience,
+            )
             .await
             .is_ok()
     }

@@ -681,6 +681,8 @@ pub async fn spawn_binary(db_url: &str, args: &[&str]) -> Child {
         .args(["--admin-key-file".as_ref(), key_file.as_os_str()])
         .args(args)
         .env("RUST_LOG", "info")
+        // The binary's own default (no huge pages) is what the tests see.
+        .env_remove("MIMALLOC_ALLOW_THP")
         .stdout(std::process::Stdio::piped())
         .stderr(log)
         .kill_on_drop(true)

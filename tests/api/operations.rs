@@ -434,3 +434,20 @@ async fn sigterm_ends_streams_exits_zero_and_clients_resume_without_loss() {
     let status = child.terminate(Duration::from_secs(10)).await;
     assert!(status.success());
 }
+
+/// mimalloc asks the kernel for transparent huge pages and hands freed memory back
+/// after 10 ms; each touch after that zeroes 2 MiB. The binary turns huge pages off
+/// for itself (a third of its CPU went to that zeroing in a reconnect storm).
+#[cfg(target_os = "linux")]
+#[tokio::test]
+async fn the_server_runs_without_transparent_huge_pages() {
+    let db = TestDb::sqlite().await;
+    let child = spawn_binary(&db.url, &[]).await;
+    let pid = child.process.id().expect("the server's pid");
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).expect("its status");
+    let thp = status
+        .lines()
+        .find_map(|l| l.strip_prefix("THP_enabled:"))
+        .map(str::trim);
+    assert_eq!(thp, Some("0"), "{status}");
+}
