@@ -74,27 +74,21 @@ pub async fn subscribe(
 ) -> Option<Arrivals> {
     match sub.transport {
         Transport::Sse => {
-            let http = reqwest::Client::builder()
-                .local_address(sub.from)
-                .build()
-                .ok()?;
-            let req = match topic.kind {
-                Kind::Zonecast => http
-                    .get(format!("{}/sse/zones/{}/stock", sub.base, topic.zone))
-                    .header("Authorization", format!("Bearer {}", topic.key))
-                    .header("Last-Event-ID", topic.start.to_string()),
-                Kind::Nchan => http
-                    .get(format!("{}/sub/{}", sub.base, topic.channel))
-                    .header("Accept", "text/event-stream"),
+            let path = match topic.kind {
+                Kind::Zonecast => format!("/sse/zones/{}/stock", topic.zone),
+                Kind::Nchan => format!("/sub/{}", topic.channel),
             };
-            let resp = req.send().await.map_err(first_failure).ok()?;
+            let resp = sse_get(&sub, &topic, &path)
+                .await
+                .map_err(first_failure)
+                .ok()?;
             if !resp.status().is_success() {
                 first_failure(format!("HTTP {}", resp.status()));
                 return None;
             }
             opened();
             let mut out = Vec::new();
-            let mut body = resp.bytes_stream();
+            let mut body = http_body_util::BodyDataStream::new(resp.into_body());
             let mut line = Vec::with_capacity(64);
             while out.last().is_none_or(|(s, _)| *s < until) {
                 let chunk = tokio::select! {
@@ -167,6 +161,33 @@ pub async fn subscribe(
             Some(out)
         }
     }
+}
+
+/// Opens an event stream over a connection of its own from `sub.from` (HTTP/1.1 by
+/// hyper's client: a client with a pool per subscriber cost more than the stream).
+async fn sse_get(
+    sub: &Sub,
+    topic: &Topic,
+    path: &str,
+) -> anyhow::Result<hyper::Response<hyper::body::Incoming>> {
+    let base = url::Url::parse(&sub.base)?;
+    let host = base.host_str().unwrap_or("127.0.0.1");
+    let addr = SocketAddr::new(host.parse()?, base.port_or_known_default().unwrap_or(80));
+    let tcp = connect_from(addr, sub.from).await?;
+    let (mut send, conn) =
+        hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(tcp)).await?;
+    tokio::spawn(conn);
+    let mut req = hyper::Request::get(path)
+        .header("Host", format!("{host}:{}", addr.port()))
+        .header("Accept", "text/event-stream");
+    if topic.kind == Kind::Zonecast {
+        req = req
+            .header("Authorization", format!("Bearer {}", topic.key))
+            .header("Last-Event-ID", topic.start.to_string());
+    }
+    Ok(send
+        .send_request(req.body(http_body_util::Empty::<bytes::Bytes>::new())?)
+        .await?)
 }
 
 /// Subscribers being opened, at most a set number connecting at once; each counts
