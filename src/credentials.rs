@@ -5,10 +5,13 @@
 //!
 //! Must never log a credential.
 
-use std::collections::HashSet;
-use std::sync::{Arc, RwLock};
+use std::collections::{HashMap, HashSet};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex, RwLock};
 
 use chrono::{DateTime, Utc};
+use futures_util::FutureExt;
+use futures_util::future::{BoxFuture, Shared};
 use jsonwebtoken::{Algorithm, DecodingKey, Validation};
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
@@ -70,6 +73,7 @@ pub struct Authenticator {
     public_read: bool,
     revoked: Arc<RwLock<HashSet<i32>>>,
     revocations: watch::Sender<u64>,
+    lookups: Arc<Lookups<Result<Option<ApiKey>, StoreError>>>,
 }
 
 impl Authenticator {
@@ -80,6 +84,7 @@ impl Authenticator {
             public_read,
             revoked: Arc::default(),
             revocations: watch::channel(0).0,
+            lookups: Arc::default(),
         }
     }
 
@@ -93,9 +98,13 @@ impl Authenticator {
             };
         };
         if token.starts_with("zk_") {
+            let hash = hash_key(token);
+            let (store, h) = (self.store.clone(), hash.clone());
             let key = self
-                .store
-                .api_key_by_hash(&hash_key(token))
+                .lookups
+                .get(&hash, move || {
+                    async move { store.api_key_by_hash(&h).await }.boxed()
+                })
                 .await?
                 .filter(|k| k.revoked_at.is_none())
                 .ok_or(AuthError::Invalid)?;
@@ -234,6 +243,118 @@ impl Ended {
     }
 }
 
+/// API key lookups in flight, by key hash. Requests with the same key at the same time
+/// (a reconnect storm: thousands of dashboards with one key) share one query, yet none
+/// is answered by a query that began before the request arrived, so a revocation
+/// committed before a request always refuses it ("at once for new requests"): a
+/// request that finds the query for its key already running waits for the next one,
+/// which every request arriving meanwhile shares. One query per key runs at a time.
+///
+/// Holds an entry only while a lookup for it is queued or running (at most one per
+/// request in flight); the last request to leave removes it.
+struct Lookups<V> {
+    slots: Mutex<HashMap<String, Slot<V>>>,
+    /// Queries begun, for the tests.
+    queries: std::sync::atomic::AtomicU64,
+}
+
+type Lookup<V> = Shared<BoxFuture<'static, V>>;
+
+struct Slot<V> {
+    lookup: Lookup<V>,
+    /// Set when the query begins: from then on, new requests queue the next one.
+    started: Arc<AtomicBool>,
+}
+
+impl<V> Default for Lookups<V> {
+    fn default() -> Self {
+        Lookups {
+            slots: Mutex::default(),
+            queries: Default::default(),
+        }
+    }
+}
+
+impl<V> Lookups<V> {
+    fn slots(&self) -> std::sync::MutexGuard<'_, HashMap<String, Slot<V>>> {
+        self.slots.lock().unwrap_or_else(|e| e.into_inner())
+    }
+}
+
+impl<V: Clone + Send + Sync + 'static> Lookups<V> {
+    /// The answer to `query` for `key`, from a query that begins after this call.
+    async fn get<F>(self: &Arc<Self>, key: &str, query: F) -> V
+    where
+        F: FnOnce() -> BoxFuture<'static, V> + Send + 'static,
+    {
+        let lookup = self.join(key, query);
+        let _leave = Leave {
+            lookups: self,
+            key,
+            lookup: &lookup,
+        };
+        lookup.clone().await
+    }
+
+    /// The queued lookup for `key`, or a new one queued behind the running one.
+    fn join<F>(self: &Arc<Self>, key: &str, query: F) -> Lookup<V>
+    where
+        F: FnOnce() -> BoxFuture<'static, V> + Send + 'static,
+    {
+        let mut slots = self.slots();
+        let running = match slots.get(key) {
+            // SeqCst with the store below: a request that sees `false` here arrived
+            // before the query reads anything.
+            Some(s) if !s.started.load(Ordering::SeqCst) => return s.lookup.clone(),
+            Some(s) => Some(s.lookup.clone()),
+            None => None,
+        };
+        let started = Arc::new(AtomicBool::new(false));
+        let lookup = {
+            let (started, this) = (started.clone(), self.clone());
+            async move {
+                if let Some(running) = running {
+                    let _ = running.await;
+                }
+                started.store(true, Ordering::SeqCst);
+                this.queries.fetch_add(1, Ordering::Relaxed);
+                query().await
+            }
+            .boxed()
+            .shared()
+        };
+        slots.insert(
+            key.to_owned(),
+            Slot {
+                lookup: lookup.clone(),
+                started,
+            },
+        );
+        lookup
+    }
+}
+
+/// Removes a lookup's entry when its last request leaves (answered or gone).
+struct Leave<'a, V> {
+    lookups: &'a Lookups<V>,
+    key: &'a str,
+    lookup: &'a Lookup<V>,
+}
+
+impl<V> Drop for Leave<'_, V> {
+    fn drop(&mut self) {
+        let mut slots = self.lookups.slots();
+        let Some(slot) = slots.get(self.key) else {
+            return;
+        };
+        // Held by the map and by this request only (`None`: this handle has completed;
+        // a new request would not join it anyway).
+        if slot.lookup.ptr_eq(self.lookup) && self.lookup.strong_count().is_none_or(|n| n <= 2) {
+            slots.remove(self.key);
+        }
+    }
+}
+
 pub fn principal_of(key: &ApiKey) -> Principal {
     Principal {
         name: format!("key:{}", key.name),
@@ -249,6 +370,90 @@ pub fn principal_of(key: &ApiKey) -> Principal {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use futures_util::poll;
+    use std::time::Duration;
+    use tokio::sync::oneshot;
+
+    /// A query that says when it began and answers what the test sends it.
+    fn gated(
+        began: oneshot::Sender<()>,
+        answer: oneshot::Receiver<u32>,
+    ) -> impl FnOnce() -> BoxFuture<'static, u32> + Send + 'static {
+        move || {
+            async move {
+                let _ = began.send(());
+                answer.await.unwrap_or(0)
+            }
+            .boxed()
+        }
+    }
+
+    fn unused() -> impl FnOnce() -> BoxFuture<'static, u32> + Send + 'static {
+        || async { panic!("a request that joined a queued lookup ran its own query") }.boxed()
+    }
+
+    async fn within<T>(f: impl std::future::Future<Output = T>) -> T {
+        tokio::time::timeout(Duration::from_secs(5), f)
+            .await
+            .expect("timed out")
+    }
+
+    #[tokio::test]
+    async fn a_request_arriving_during_a_lookup_waits_for_the_next_which_later_arrivals_share() {
+        let lookups = Arc::new(Lookups::<u32>::default());
+        let (began1, mut began1_rx) = oneshot::channel();
+        let (answer1, answer1_rx) = oneshot::channel();
+        let mut first = Box::pin(lookups.get("k", gated(began1, answer1_rx)));
+        assert!(poll!(&mut first).is_pending());
+        assert!(began1_rx.try_recv().is_ok(), "the first query began");
+
+        // Arrives while query 1 runs: a revocation committed just before must refuse
+        // it, so query 1's answer must not be its answer.
+        let (began2, mut began2_rx) = oneshot::channel();
+        let (answer2, answer2_rx) = oneshot::channel();
+        let mut second = Box::pin(lookups.get("k", gated(began2, answer2_rx)));
+        assert!(poll!(&mut second).is_pending());
+        let mut third = Box::pin(lookups.get("k", unused()));
+        assert!(poll!(&mut third).is_pending());
+        assert!(began2_rx.try_recv().is_err(), "one query per key at a time");
+
+        answer1.send(1).expect("query 1 waits");
+        assert_eq!(within(first).await, 1);
+        answer2.send(2).expect("query 2 waits");
+        assert_eq!(within(second).await, 2);
+        assert_eq!(within(third).await, 2);
+        assert_eq!(lookups.queries.load(Ordering::Relaxed), 2);
+        assert!(lookups.slots().is_empty(), "entries are removed");
+
+        // Nothing running: a new request begins a query of its own.
+        let fresh = lookups.get("k", || async { 3 }.boxed());
+        assert_eq!(within(fresh).await, 3);
+        assert!(lookups.slots().is_empty());
+    }
+
+    #[tokio::test]
+    async fn requests_that_leave_take_their_lookups_with_them() {
+        let lookups = Arc::new(Lookups::<u32>::default());
+        let (began, _began_rx) = oneshot::channel();
+        let (answer, answer_rx) = oneshot::channel();
+        let mut first = Box::pin(lookups.get("k", gated(began, answer_rx)));
+        assert!(poll!(&mut first).is_pending());
+        // Queued behind it, then gone (a client that disconnected).
+        let mut queued = Box::pin(lookups.get("k", unused()));
+        assert!(poll!(&mut queued).is_pending());
+        drop(queued);
+        answer.send(7).expect("the query waits");
+        assert_eq!(within(first).await, 7);
+        assert!(lookups.slots().is_empty(), "no entry outlives its requests");
+
+        // A running lookup whose only request leaves is dropped with it.
+        let (began, _began_rx) = oneshot::channel();
+        let (_answer, answer_rx) = oneshot::channel::<u32>();
+        let mut lone = Box::pin(lookups.get("k", gated(began, answer_rx)));
+        assert!(poll!(&mut lone).is_pending());
+        drop(lone);
+        assert!(lookups.slots().is_empty());
+    }
 
     #[test]
     fn keys_are_256_random_bits_stored_as_their_hash() {

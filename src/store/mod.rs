@@ -30,7 +30,7 @@ pub use keys::ApiKey;
 /// Storage failures. `Display` carries the database's own message, once: the cause is
 /// not also exposed as `source()`, so an error chain printed at the top (`main`) does
 /// not repeat it line after line.
-#[derive(Debug, thiserror::Error)]
+#[derive(Debug, Clone, thiserror::Error)]
 pub enum StoreError {
     #[error("database error: {}", db_message(.0))]
     Db(DbErr),
