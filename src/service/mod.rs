@@ -79,6 +79,10 @@ pub struct Service {
     stats: Arc<Stats>,
     /// Group commit, on SQLite only (see `commit`).
     groups: Option<Arc<commit::Groups>>,
+    /// Zones known to exist. Zones are never deleted, so once seen a zone exists for
+    /// good and opening its stream needs no query (a reconnect storm opens thousands
+    /// at once). Holds only ids the database had, so it is bounded by the zones.
+    known_zones: Arc<std::sync::RwLock<std::collections::HashSet<i32>>>,
 }
 
 /// Events of one transaction, published together after it commits.
@@ -93,6 +97,7 @@ impl Service {
         Service {
             history: Arc::new(store.clone()),
             groups: commit::grouped(&store).then(Arc::default),
+            known_zones: Arc::default(),
             store,
             broker,
             stats,

@@ -3,7 +3,7 @@
 
 use super::{Service, ServiceError};
 use crate::cursor::{Cursor, CursorError, Start};
-use crate::domain::{Principal, Snapshot, StreamKey};
+use crate::domain::{DomainError, Principal, Snapshot, StreamKey};
 use crate::store::StoreError;
 
 fn seek_error(e: CursorError) -> ServiceError {
@@ -30,11 +30,28 @@ impl Service {
     ) -> Result<Cursor, ServiceError> {
         by.require_stream(stream)?;
         if let StreamKey::Zone(id) = stream {
-            self.zone(by, *id).await?;
+            self.require_zone_exists(*id).await?;
         }
         let mut cursor = self.cursor(stream);
         cursor.seek(start).await.map_err(seek_error)?;
         Ok(cursor)
+    }
+
+    /// Refused when zone `id` does not exist; a query only the first time it does.
+    async fn require_zone_exists(&self, id: i32) -> Result<(), ServiceError> {
+        let known = |z: &std::collections::HashSet<i32>| z.contains(&id);
+        if known(&self.known_zones.read().unwrap_or_else(|e| e.into_inner())) {
+            return Ok(());
+        }
+        self.store
+            .zone(id)
+            .await?
+            .ok_or(DomainError::NotFound("zone"))?;
+        self.known_zones
+            .write()
+            .unwrap_or_else(|e| e.into_inner())
+            .insert(id);
+        Ok(())
     }
 
     /// Opens a zone's stream with its snapshot: the cursor is subscribed before the
