@@ -390,6 +390,72 @@ async fn revoking_a_key_refuses_it_and_closes_its_connections() {
     app.stop().await;
 }
 
+/// Requests with one key at the same time share its lookup (a reconnect storm), but a
+/// request never takes the answer of a lookup that began before it: every request
+/// sent after a revocation is refused, even while a burst with the key keeps lookups
+/// in flight throughout. A cache of keys (even a short one) fails this; the race of
+/// joining a lookup already running is covered deterministically by the unit tests
+/// in `credentials`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_revocation_refuses_every_later_request_during_a_burst_with_the_key() {
+    let db = TestDb::sqlite().await;
+    let app = spawn_app(&db, &["--connect-rate", "0"]).await;
+    let key = app.make_key(Role::Reader, ZoneScope::All, None).await;
+    let name = app
+        .service
+        .keys(&zonecast::domain::Principal::system("test"))
+        .await
+        .expect("keys")
+        .into_iter()
+        .find(|k| k.role == Role::Reader)
+        .expect("the reader key")
+        .name;
+    let (stop, stopped) = tokio::sync::watch::channel(false);
+    let burst: Vec<_> = (0..16)
+        .map(|_| {
+            let (client, url, mut stopped) = (
+                client_with(Some(&key)),
+                format!("{}/api/zones", app.base),
+                stopped.clone(),
+            );
+            tokio::spawn(async move {
+                let mut answered = 0u32;
+                while !*stopped.borrow_and_update() {
+                    if client.get(&url).send().await.is_ok() {
+                        answered += 1;
+                    }
+                }
+                answered
+            })
+        })
+        .collect();
+    drop(stopped);
+    // The key works while the burst runs.
+    let ok = app
+        .request_as(Some(&key), Method::GET, "/api/zones", None)
+        .await;
+    assert_eq!(ok.status, 200, "{}", ok.text);
+    // As `zonecast keys revoke` does: straight to the database, nothing evicted.
+    app.service
+        .store
+        .revoke_api_key(&name, zonecast::domain::now())
+        .await
+        .expect("revoke")
+        .expect("known key");
+    let after: Vec<_> = (0..32)
+        .map(|_| app.request_as(Some(&key), Method::GET, "/api/zones", None))
+        .collect();
+    for reply in futures_util::future::join_all(after).await {
+        reply.assert_problem(401, "unauthorized");
+    }
+    stop.send_replace(true);
+    for t in burst {
+        let answered = within("the burst to end", t).await.expect("burst task");
+        assert!(answered > 0, "the burst kept lookups in flight");
+    }
+    app.stop().await;
+}
+
 #[tokio::test]
 async fn bursts_past_the_write_limit_get_429_per_principal() {
     let db = TestDb::sqlite().await;
