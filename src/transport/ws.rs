@@ -139,7 +139,7 @@ struct Connection {
     /// This connection's message limiter, and how many messages in a row it refused.
     messages: Option<governor::DefaultDirectRateLimiter>,
     refused_in_a_row: u32,
-    out: mpsc::Sender<Message>,
+    out: mpsc::Sender<Box<Message>>,
     feeds: mpsc::Sender<Control>,
     /// The streams the feeder carries.
     subscribed: HashSet<StreamKey>,
@@ -275,7 +275,7 @@ async fn serve(
                 } else {
                     // A full queue means the client is not reading; the check above
                     // will close it if it does not answer either.
-                    let _ = conn.out.try_send(Message::Ping(Default::default()));
+                    let _ = conn.out.try_send(Box::new(Message::Ping(Default::default())));
                     Step::Continue
                 }
             }
@@ -396,7 +396,7 @@ impl Connection {
     /// Queues a message; `false` when the client is gone or has not read for too long.
     async fn send(&self, text: String) -> bool {
         self.out
-            .send_timeout(Message::Text(text.into()), self.send_patience)
+            .send_timeout(Box::new(Message::Text(text.into())), self.send_patience)
             .await
             .is_ok()
     }

@@ -140,8 +140,10 @@ pub trait Feed: Send + 'static {
 
 /// The sending side of a connection, owned by its writer task.
 pub struct Writer {
-    /// Everything outgoing except the close frame, bounded.
-    pub queue: mpsc::Sender<Message>,
+    /// Replies and pings (not the close frame), bounded. Boxed: a tokio channel
+    /// allocates its slots 32 at a time, whatever its bound, and every connection has
+    /// one.
+    pub queue: mpsc::Sender<Box<Message>>,
     close: Option<oneshot::Sender<CloseFrame>>,
     task: JoinHandle<Option<Sink>>,
 }
@@ -202,7 +204,7 @@ impl Writer {
 
 async fn write<F: Feed>(
     mut sink: Sink,
-    mut queue: mpsc::Receiver<Message>,
+    mut queue: mpsc::Receiver<Box<Message>>,
     mut close: oneshot::Receiver<CloseFrame>,
     stats: std::sync::Arc<Stats>,
     mut feed: F,
@@ -215,10 +217,10 @@ async fn write<F: Feed>(
             m = queue.recv() => match m {
                 Some(m) => {
                     // Everything already queued goes out in one flush.
-                    batch.push(m);
+                    batch.push(*m);
                     while batch.len() < BATCH {
                         match queue.try_recv() {
-                            Ok(m) => batch.push(m),
+                            Ok(m) => batch.push(*m),
                             Err(_) => break,
                         }
                     }
