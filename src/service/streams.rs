@@ -39,8 +39,12 @@ impl Service {
 
     /// Refused when zone `id` does not exist; a query only the first time it does.
     async fn require_zone_exists(&self, id: i32) -> Result<(), ServiceError> {
-        let known = |z: &std::collections::HashSet<i32>| z.contains(&id);
-        if known(&self.known_zones.read().unwrap_or_else(|e| e.into_inner())) {
+        if self
+            .known_zones
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .contains(&id)
+        {
             return Ok(());
         }
         self.store

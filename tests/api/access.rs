@@ -343,17 +343,7 @@ async fn revoking_a_key_refuses_it_and_closes_its_connections() {
     let app = spawn_app(&db, &["--revocation-check", "100ms"]).await;
     let zone = app.create_zone("A").await;
     for via_rest in [true, false] {
-        let key = app.make_key(Role::Reader, ZoneScope::All, None).await;
-        let name = app
-            .get("/api/keys")
-            .await
-            .json()
-            .as_array()
-            .and_then(|ks| ks.last().cloned())
-            .expect("keys")["name"]
-            .as_str()
-            .expect("name")
-            .to_owned();
+        let (name, key) = app.make_named_key(Role::Reader, ZoneScope::All, None).await;
         let resp = client_with(Some(&key))
             .get(format!("{}/sse/zones/{zone}/stock", app.base))
             .send()
@@ -372,14 +362,9 @@ async fn revoking_a_key_refuses_it_and_closes_its_connections() {
             assert_eq!(r.status, 200, "{}", r.text);
             assert!(r.json()["revoked_at"].is_string());
         } else {
-            // As `zonecast keys revoke` does from another process: the server notices
-            // on its next revocation check.
-            app.service
-                .store
-                .revoke_api_key(&name, zonecast::domain::now())
-                .await
-                .expect("revoke")
-                .expect("known key");
+            // As `zonecast keys revoke` does: the server notices on its next
+            // revocation check.
+            app.revoke_in_database(&name).await;
         }
         sse.assert_ends().await;
         assert_eq!(ws.close_code().await, 1008);
@@ -400,16 +385,7 @@ async fn revoking_a_key_refuses_it_and_closes_its_connections() {
 async fn a_revocation_refuses_every_later_request_during_a_burst_with_the_key() {
     let db = TestDb::sqlite().await;
     let app = spawn_app(&db, &["--connect-rate", "0"]).await;
-    let key = app.make_key(Role::Reader, ZoneScope::All, None).await;
-    let name = app
-        .service
-        .keys(&zonecast::domain::Principal::system("test"))
-        .await
-        .expect("keys")
-        .into_iter()
-        .find(|k| k.role == Role::Reader)
-        .expect("the reader key")
-        .name;
+    let (name, key) = app.make_named_key(Role::Reader, ZoneScope::All, None).await;
     let (stop, stopped) = tokio::sync::watch::channel(false);
     let burst: Vec<_> = (0..16)
         .map(|_| {
@@ -435,13 +411,8 @@ async fn a_revocation_refuses_every_later_request_during_a_burst_with_the_key() 
         .request_as(Some(&key), Method::GET, "/api/zones", None)
         .await;
     assert_eq!(ok.status, 200, "{}", ok.text);
-    // As `zonecast keys revoke` does: straight to the database, nothing evicted.
-    app.service
-        .store
-        .revoke_api_key(&name, zonecast::domain::now())
-        .await
-        .expect("revoke")
-        .expect("known key");
+    // As `zonecast keys revoke` does: nothing in the server is told or evicted.
+    app.revoke_in_database(&name).await;
     let after: Vec<_> = (0..32)
         .map(|_| app.request_as(Some(&key), Method::GET, "/api/zones", None))
         .collect();

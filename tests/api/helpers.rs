@@ -616,11 +616,33 @@ impl Ws {
 impl TestApp {
     /// A new API key with this role and zone scope.
     pub async fn make_key(&self, role: Role, zones: ZoneScope, user: Option<&str>) -> String {
-        self.service
+        self.make_named_key(role, zones, user).await.1
+    }
+
+    /// `make_key`, with the key's name (for revoking it).
+    pub async fn make_named_key(
+        &self,
+        role: Role,
+        zones: ZoneScope,
+        user: Option<&str>,
+    ) -> (String, String) {
+        let (key, secret) = self
+            .service
             .create_key(&Principal::system("test"), &unique("k"), role, zones, user)
             .await
-            .expect("key")
-            .1
+            .expect("key");
+        (key.name, secret)
+    }
+
+    /// Revokes a key straight in the database, as `zonecast keys revoke` does from
+    /// another process: nothing in the server is told.
+    pub async fn revoke_in_database(&self, name: &str) {
+        self.service
+            .store
+            .revoke_api_key(name, zonecast::domain::now())
+            .await
+            .expect("revoke")
+            .expect("known key");
     }
 
     /// A request with exactly these credentials (`None`: anonymous).
