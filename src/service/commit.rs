@@ -73,6 +73,10 @@ struct Open {
     broken: Option<Arc<str>>,
     /// A savepoint left open by a member that was dropped in the middle of its change.
     abandoned: Option<String>,
+    /// The last member's change was kept and its savepoint not yet released: the next
+    /// member releases it in the same round trip as it takes its own (and `COMMIT`
+    /// releases whatever is left).
+    kept: bool,
     events: Vec<Event>,
 }
 
@@ -218,20 +222,22 @@ impl Service {
             return Err(e.into());
         }
         // One name for every member's savepoint: each is released before the next is
-        // taken, and the statements stay in the prepared-statement cache.
-        let sp = "zc_change".to_owned();
-        if let Err(e) = exec(txn, &format!("SAVEPOINT {sp}"), vec![]).await {
+        // taken (or rolled back to the innermost of that name), and the statements stay
+        // in the prepared-statement cache.
+        let sp = SAVEPOINT.to_owned();
+        let take = if open.kept { RELEASE_AND_TAKE } else { TAKE };
+        if let Err(e) = exec(txn, take, vec![]).await {
             open.broken = Some(broken(&e));
             return Err(e.into());
         }
+        open.kept = false;
         open.abandoned = Some(sp.clone());
         let result = body(txn).await;
         let kept = match result {
             Ok((value, events)) if !events.is_empty() => {
-                exec(txn, &format!("RELEASE {sp}"), vec![]).await.map(|_| {
-                    open.events.extend(events);
-                    Ok(value)
-                })
+                open.kept = true;
+                open.events.extend(events);
+                Ok(Ok(value))
             }
             // Nothing appended: the seq taken under the lock must not be kept.
             Ok((value, _)) => undo(txn, &sp).await.map(|_| Ok(value)),
@@ -282,6 +288,11 @@ impl Service {
         outcome
     }
 }
+
+/// Every member's savepoint, and the statements that take it.
+const SAVEPOINT: &str = "zc_change";
+const TAKE: &str = "SAVEPOINT zc_change";
+const RELEASE_AND_TAKE: &str = "RELEASE zc_change; SAVEPOINT zc_change";
 
 /// Rolls a savepoint back and releases it.
 async fn undo(txn: &DatabaseTransaction, sp: &str) -> Result<(), StoreError> {

@@ -125,9 +125,7 @@ impl Service {
             // The stream row lock is taken before the item is read: it serialises every
             // change to the zone, so the item read below cannot go stale.
             let seq = Store::next_seq(txn, &stream).await?;
-            let before = Store::item_in(txn, item_id)
-                .await?
-                .ok_or(DomainError::NotFound("item"))?;
+            let before = item_of(txn, item_id, &stream).await?;
             let at = now();
             let after = patch.apply(&before, at)?;
             let same = after.quantity == before.quantity
@@ -179,36 +177,106 @@ impl Service {
         let stream = self.item_stream(item_id, by).await?;
         let actor = by.name.as_str();
         let req = Requested::new(by, request_id.as_deref(), json!(["delete_item", item_id]));
-        self.write(async |txn| {
-            if let Some(done) = req.claim(txn).await? {
-                return Ok((ItemChange::from_event(&done)?, vec![]));
-            }
-            let seq = Store::next_seq(txn, &stream).await?;
-            let item = Store::item_in(txn, item_id)
-                .await?
-                .ok_or(DomainError::NotFound("item"))?;
-            Store::delete_item(txn, item_id).await?;
-            let at = now();
-            let data = json(&ItemEventData::new(&item, None, None, actor))?;
-            let ev = req
-                .append(txn, &stream, seq, EventKind::ItemDeleted, data, at)
-                .await?;
-            Ok((ItemChange::from_event(&ev)?, vec![ev]))
-        })
-        .await
+        let deleted = self
+            .write(async |txn| {
+                if let Some(done) = req.claim(txn).await? {
+                    return Ok((ItemChange::from_event(&done)?, vec![]));
+                }
+                let seq = Store::next_seq(txn, &stream).await?;
+                let item = item_of(txn, item_id, &stream).await?;
+                Store::delete_item(txn, item_id).await?;
+                let at = now();
+                let data = json(&ItemEventData::new(&item, None, None, actor))?;
+                let ev = req
+                    .append(txn, &stream, seq, EventKind::ItemDeleted, data, at)
+                    .await?;
+                Ok((ItemChange::from_event(&ev)?, vec![ev]))
+            })
+            .await;
+        if deleted.is_ok() {
+            self.item_zones.remove(item_id);
+        }
+        deleted
     }
 
-    /// The stream of the zone an item belongs to (items never change zones), once
-    /// `by` is known to be allowed to change it.
+    /// The stream of the zone an item belongs to, once `by` is known to be allowed to
+    /// change it. The zone comes from `item_zones` when it is there: the change then
+    /// reads the item in its transaction anyway, and answers 404 if it has gone.
     async fn item_stream(&self, item_id: i32, by: &Principal) -> Result<StreamKey, ServiceError> {
+        if let Some(zone_id) = self.item_zones.get(item_id)
+            && by.require_write(zone_id).is_ok()
+        {
+            return Ok(StreamKey::Zone(zone_id));
+        }
+        // Unknown, or not writable: the database says whether the item exists (404)
+        // before the caller's rights are refused (403), as without the cache.
         let zone_id = self
             .store
             .item_zone(item_id)
             .await?
             .ok_or(DomainError::NotFound("item"))?;
         by.require_write(zone_id)?;
+        self.item_zones.insert(item_id, zone_id);
         Ok(StreamKey::Zone(zone_id))
     }
+}
+
+/// The zones of items, so that a change need not ask the database which zone (and so
+/// which stream lock and which rights) its item belongs to before its transaction.
+///
+/// Correct without invalidation because an item never changes zones and an item id is
+/// never reused (`AUTOINCREMENT` on SQLite, a sequence on PostgreSQL): an entry can only
+/// outlive its item, and a change reads its item inside the transaction, under the
+/// zone's lock, so a deleted item is still a 404. Entries for deleted items are dropped
+/// on this node; another node's may linger until the bound clears them.
+///
+/// Must not be used to answer whether an item exists, nor for a caller who may not
+/// write the cached zone (`item_stream` asks the database then).
+#[derive(Default)]
+pub(super) struct ItemZones(std::sync::RwLock<std::collections::HashMap<i32, i32>>);
+
+/// Entries held at most; the map is emptied when full (a lookup then costs one query
+/// again). About 40 bytes each.
+const ITEM_ZONES_MAX: usize = 100_000;
+
+impl ItemZones {
+    fn get(&self, item_id: i32) -> Option<i32> {
+        let map = self.0.read().unwrap_or_else(|e| e.into_inner());
+        map.get(&item_id).copied()
+    }
+
+    fn insert(&self, item_id: i32, zone_id: i32) {
+        let mut map = self.0.write().unwrap_or_else(|e| e.into_inner());
+        if map.len() >= ITEM_ZONES_MAX {
+            map.clear();
+        }
+        map.insert(item_id, zone_id);
+    }
+
+    fn remove(&self, item_id: i32) {
+        let mut map = self.0.write().unwrap_or_else(|e| e.into_inner());
+        map.remove(&item_id);
+    }
+}
+
+/// The item, read under its zone's lock; 404 when it has gone.
+async fn item_of(
+    txn: &DatabaseTransaction,
+    item_id: i32,
+    stream: &StreamKey,
+) -> Result<Item, ServiceError> {
+    let item = Store::item_in(txn, item_id)
+        .await?
+        .ok_or(DomainError::NotFound("item"))?;
+    if *stream != StreamKey::Zone(item.zone_id) {
+        // Items never change zones: a cached zone cannot be wrong unless ids are reused.
+        return Err(crate::store::StoreError::Corrupt(format!(
+            "item {item_id} is in zone {}, not {stream}",
+            item.zone_id
+        ))
+        .into());
+    }
+    Ok(item)
 }
 
 async fn low_stock_alert(
@@ -229,4 +297,26 @@ async fn low_stock_alert(
         zone_event_id,
     })?;
     Ok(Store::append(txn, &stream, seq, EventKind::LowStockAlert, data, None, at).await?)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn item_zones_hold_at_most_their_bound() {
+        let zones = ItemZones::default();
+        for id in 0..=ITEM_ZONES_MAX as i32 {
+            zones.insert(id, 7);
+        }
+        let held = zones.0.read().map(|m| m.len()).unwrap_or(usize::MAX);
+        assert!(held <= ITEM_ZONES_MAX, "{held} held");
+        assert_eq!(
+            zones.get(ITEM_ZONES_MAX as i32),
+            Some(7),
+            "the newest is kept"
+        );
+        zones.remove(ITEM_ZONES_MAX as i32);
+        assert_eq!(zones.get(ITEM_ZONES_MAX as i32), None);
+    }
 }

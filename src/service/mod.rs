@@ -83,6 +83,8 @@ pub struct Service {
     /// good and opening its stream needs no query (a reconnect storm opens thousands
     /// at once). Holds only ids the database had, so it is bounded by the zones.
     known_zones: Arc<std::sync::RwLock<std::collections::HashSet<i32>>>,
+    /// The zone of each item changed lately (see `items::ItemZones`).
+    item_zones: Arc<items::ItemZones>,
 }
 
 /// Events of one transaction, published together after it commits.
@@ -98,6 +100,7 @@ impl Service {
             history: Arc::new(store.clone()),
             groups: commit::grouped(&store).then(Arc::default),
             known_zones: Arc::default(),
+            item_zones: Arc::default(),
             store,
             broker,
             stats,

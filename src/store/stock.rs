@@ -127,19 +127,30 @@ impl Store {
         Ok(to_item(m))
     }
 
+    /// One `UPDATE`: an active model's `update` would read the row back after it on
+    /// SQLite, a second round trip on the hot path of every change.
     pub async fn save_item(txn: &DatabaseTransaction, it: &Item) -> Result<(), StoreError> {
-        item::ActiveModel {
-            id: Set(it.id),
-            zone_id: Set(it.zone_id),
-            sku: Set(it.sku.clone()),
-            name: Set(it.name.clone()),
-            quantity: Set(it.quantity),
-            low_stock_threshold: Set(it.low_stock_threshold),
-            version: Set(it.version),
-            updated_at: Set(it.updated_at),
+        let changed = item::Entity::update_many()
+            .set(item::ActiveModel {
+                // The id and the zone never change.
+                sku: Set(it.sku.clone()),
+                name: Set(it.name.clone()),
+                quantity: Set(it.quantity),
+                low_stock_threshold: Set(it.low_stock_threshold),
+                version: Set(it.version),
+                updated_at: Set(it.updated_at),
+                ..Default::default()
+            })
+            .filter(item::Column::Id.eq(it.id))
+            .exec(txn)
+            .await?
+            .rows_affected;
+        if changed != 1 {
+            return Err(StoreError::Corrupt(format!(
+                "item {} was not there to update",
+                it.id
+            )));
         }
-        .update(txn)
-        .await?;
         Ok(())
     }
 

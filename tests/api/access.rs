@@ -642,3 +642,67 @@ async fn a_ws_client_flooding_far_past_its_limit_is_closed_with_1008() {
     assert_eq!(ws.close_code().await, 1008);
     app.stop().await;
 }
+
+/// A change finds its item's zone without asking the database once the item has been
+/// changed before, yet the answers stay what the database says: 403 for an item of a
+/// zone the caller may not write, 404 once it is gone — whether this node deleted it or
+/// it went behind the server's back (another node, on a shared database).
+#[tokio::test]
+async fn changes_answer_403_and_404_as_the_database_says_after_the_item_was_seen() {
+    for db in test_dbs().await {
+        let app = spawn_app(&db, &[]).await;
+        let z1 = app.create_zone("Seen").await;
+        let z2 = app.create_zone("Elsewhere").await;
+        let other = app
+            .make_key(Role::Writer, ZoneScope::Only(vec![z2 as i32]), None)
+            .await;
+        let writer = app
+            .make_key(Role::Writer, ZoneScope::Only(vec![z1 as i32]), None)
+            .await;
+        let patch = |key: &str, item: i64| {
+            let key = key.to_owned();
+            let app = &app;
+            async move {
+                app.request_as(
+                    Some(&key),
+                    Method::PATCH,
+                    &format!("/api/items/{item}"),
+                    Some(json!({"delta": 1})),
+                )
+                .await
+            }
+        };
+        // Deleted through this server.
+        let item = app.create_item(z1, "GONE", 1, 0).await;
+        assert_eq!(patch(&writer, item).await.status, 200);
+        patch(&other, item).await.assert_problem(403, "forbidden");
+        let r = app
+            .request_as(
+                Some(&writer),
+                Method::DELETE,
+                &format!("/api/items/{item}"),
+                None,
+            )
+            .await;
+        assert_eq!(r.status, 200, "{}", r.text);
+        patch(&writer, item).await.assert_problem(404, "not_found");
+        patch(&other, item).await.assert_problem(404, "not_found");
+        // Deleted straight in the database: nothing in the server is told.
+        let item = app.create_item(z1, "VANISHED", 1, 0).await;
+        assert_eq!(patch(&writer, item).await.status, 200);
+        let last = app.snapshot(z1).await["last_event_id"].clone();
+        use sea_orm::EntityTrait;
+        let deleted = entity::item::Entity::delete_by_id(item as i32)
+            .exec(app.service.store.connection())
+            .await
+            .expect("delete");
+        assert_eq!(deleted.rows_affected, 1);
+        patch(&writer, item).await.assert_problem(404, "not_found");
+        patch(&other, item).await.assert_problem(404, "not_found");
+        // The refused changes appended nothing, and the zone still takes changes.
+        assert_eq!(app.snapshot(z1).await["last_event_id"], last);
+        let next = app.create_item(z1, "NEXT", 1, 0).await;
+        assert_eq!(patch(&writer, next).await.status, 200);
+        app.stop().await;
+    }
+}
