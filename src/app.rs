@@ -147,7 +147,9 @@ impl Application {
             config.bus_capacity,
             config.cache_events,
             config.cache_total_events,
-        );
+        )
+        .wake_from_thread()
+        .map_err(|e| StartError::Broker(format!("cannot start the waker thread: {e}")))?;
         let broker: Arc<dyn Broker> = match config.broker_kind() {
             BrokerKind::Memory => Arc::new(MemoryBroker::new(local)),
             BrokerKind::Postgres if !config.is_postgres() => {
