@@ -194,16 +194,18 @@ impl Service {
             })
             .await;
         if deleted.is_ok() {
-            self.item_zones.remove(item_id);
+            self.item_zones.remove(&item_id);
         }
         deleted
     }
 
     /// The stream of the zone an item belongs to, once `by` is known to be allowed to
-    /// change it. The zone comes from `item_zones` when it is there: the change then
-    /// reads the item in its transaction anyway, and answers 404 if it has gone.
+    /// change it. The zone comes from `item_zones` when it is there: an entry can only
+    /// outlive its item, and the change reads the item in its transaction under the
+    /// zone's lock anyway (`item_of`: 404 if it has gone). Never used to say that an
+    /// item exists, nor for a caller who may not write the remembered zone.
     async fn item_stream(&self, item_id: i32, by: &Principal) -> Result<StreamKey, ServiceError> {
-        if let Some(zone_id) = self.item_zones.get(item_id)
+        if let Some(zone_id) = self.item_zones.get(&item_id)
             && by.require_write(zone_id).is_ok()
         {
             return Ok(StreamKey::Zone(zone_id));
@@ -218,44 +220,6 @@ impl Service {
         by.require_write(zone_id)?;
         self.item_zones.insert(item_id, zone_id);
         Ok(StreamKey::Zone(zone_id))
-    }
-}
-
-/// The zones of items, so that a change need not ask the database which zone (and so
-/// which stream lock and which rights) its item belongs to before its transaction.
-///
-/// Correct without invalidation because an item never changes zones and an item id is
-/// never reused (`AUTOINCREMENT` on SQLite, a sequence on PostgreSQL): an entry can only
-/// outlive its item, and a change reads its item inside the transaction, under the
-/// zone's lock, so a deleted item is still a 404. Entries for deleted items are dropped
-/// on this node; another node's may linger until the bound clears them.
-///
-/// Must not be used to answer whether an item exists, nor for a caller who may not
-/// write the cached zone (`item_stream` asks the database then).
-#[derive(Default)]
-pub(super) struct ItemZones(std::sync::RwLock<std::collections::HashMap<i32, i32>>);
-
-/// Entries held at most; the map is emptied when full (a lookup then costs one query
-/// again). About 40 bytes each.
-const ITEM_ZONES_MAX: usize = 100_000;
-
-impl ItemZones {
-    fn get(&self, item_id: i32) -> Option<i32> {
-        let map = self.0.read().unwrap_or_else(|e| e.into_inner());
-        map.get(&item_id).copied()
-    }
-
-    fn insert(&self, item_id: i32, zone_id: i32) {
-        let mut map = self.0.write().unwrap_or_else(|e| e.into_inner());
-        if map.len() >= ITEM_ZONES_MAX {
-            map.clear();
-        }
-        map.insert(item_id, zone_id);
-    }
-
-    fn remove(&self, item_id: i32) {
-        let mut map = self.0.write().unwrap_or_else(|e| e.into_inner());
-        map.remove(&item_id);
     }
 }
 
@@ -297,26 +261,4 @@ async fn low_stock_alert(
         zone_event_id,
     })?;
     Ok(Store::append(txn, &stream, seq, EventKind::LowStockAlert, data, None, at).await?)
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn item_zones_hold_at_most_their_bound() {
-        let zones = ItemZones::default();
-        for id in 0..=ITEM_ZONES_MAX as i32 {
-            zones.insert(id, 7);
-        }
-        let held = zones.0.read().map(|m| m.len()).unwrap_or(usize::MAX);
-        assert!(held <= ITEM_ZONES_MAX, "{held} held");
-        assert_eq!(
-            zones.get(ITEM_ZONES_MAX as i32),
-            Some(7),
-            "the newest is kept"
-        );
-        zones.remove(ITEM_ZONES_MAX as i32);
-        assert_eq!(zones.get(ITEM_ZONES_MAX as i32), None);
-    }
 }

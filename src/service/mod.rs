@@ -10,10 +10,12 @@
 //! - `items`: zones and items (reads and changes), `keys`: API keys,
 //!   `notifications`: per-user notifications, watches, announcements,
 //!   `streams`: opening a stream, `retention`: pruning the log, `demo`: the demo zone,
-//!   `idempotency`: keys and their fingerprints, `commit`: group commit on SQLite.
+//!   `idempotency`: keys and their fingerprints, `commit`: group commit on SQLite,
+//!   `facts`: what never changes once seen (a zone exists, an item's zone).
 
 mod commit;
 mod demo;
+mod facts;
 mod idempotency;
 mod items;
 mod keys;
@@ -81,10 +83,10 @@ pub struct Service {
     groups: Option<Arc<commit::Groups>>,
     /// Zones known to exist. Zones are never deleted, so once seen a zone exists for
     /// good and opening its stream needs no query (a reconnect storm opens thousands
-    /// at once). Holds only ids the database had, so it is bounded by the zones.
-    known_zones: Arc<std::sync::RwLock<std::collections::HashSet<i32>>>,
-    /// The zone of each item changed lately (see `items::ItemZones`).
-    item_zones: Arc<items::ItemZones>,
+    /// at once). Holds only ids the database had, and at most `facts::FACTS_MAX`.
+    known_zones: Arc<facts::Facts<i32, ()>>,
+    /// The zone of each item changed lately (items never change zones).
+    item_zones: Arc<facts::Facts<i32, i32>>,
 }
 
 /// Events of one transaction, published together after it commits.

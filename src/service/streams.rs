@@ -39,22 +39,14 @@ impl Service {
 
     /// Refused when zone `id` does not exist; a query only the first time it does.
     async fn require_zone_exists(&self, id: i32) -> Result<(), ServiceError> {
-        if self
-            .known_zones
-            .read()
-            .unwrap_or_else(|e| e.into_inner())
-            .contains(&id)
-        {
+        if self.known_zones.get(&id).is_some() {
             return Ok(());
         }
         self.store
             .zone(id)
             .await?
             .ok_or(DomainError::NotFound("zone"))?;
-        self.known_zones
-            .write()
-            .unwrap_or_else(|e| e.into_inner())
-            .insert(id);
+        self.known_zones.insert(id, ());
         Ok(())
     }
 
