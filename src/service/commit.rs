@@ -203,9 +203,16 @@ impl Service {
         F: AsyncFnOnce(&DatabaseTransaction) -> Outcome<T>,
     {
         if open.txn.is_none() && open.broken.is_none() {
-            open.turn = Some(groups.turn.clone().lock_owned().await);
+            // The turn is kept in `open` only together with the transaction it is for.
+            // A member dropped while BEGIN waits drops it here, unkept; stored before,
+            // it would stay held by the group, and the next member would wait for it
+            // for ever.
+            let turn = groups.turn.clone().lock_owned().await;
             match self.store.begin_write().await {
-                Ok(t) => open.txn = Some(t),
+                Ok(t) => {
+                    open.txn = Some(t);
+                    open.turn = Some(turn);
+                }
                 Err(e) => open.broken = Some(broken(e)),
             }
         }

@@ -333,3 +333,77 @@ async fn changes_dropped_midway_neither_stall_nor_half_apply() {
         app.stop().await;
     }
 }
+
+/// A change whose request is dropped while it waits for the database (another
+/// connection holds the lock it needs) leaves nothing behind that the change after it
+/// waits for. On SQLite that change shares its group (group commit): the group's turn
+/// on the database must be given back. On PostgreSQL the dropped change's connection
+/// must not be left in the middle of a query.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_change_dropped_while_it_waits_for_the_database_does_not_stall_the_next() {
+    use futures_util::FutureExt;
+    use sea_orm::{ConnectionTrait, TransactionTrait};
+    for db in test_dbs().await {
+        let app = spawn_app(&db, &[]).await;
+        let zone = app.create_zone("Blocked").await as i32;
+        let item = app.create_item(zone as i64, "B", 0, 0).await as i32;
+        let admin = Principal::system("test");
+        let patch = || ItemPatch::parse(None, Some(1), None, None, None, None).expect("patch");
+        // Settles the item's zone in memory, so that the first poll of a change below
+        // goes straight into its write.
+        within(
+            "a first change",
+            app.service.update_item(item, patch(), None, &admin),
+        )
+        .await
+        .expect("applies");
+        let outside = sea_orm::Database::connect(db.url.as_str())
+            .await
+            .expect("a connection of its own");
+        let holder = match db.postgres_admin() {
+            // The zone's stream row, which every change to the zone locks first.
+            Some(_) => {
+                let txn = outside.begin().await.expect("begin");
+                let sql =
+                    format!("SELECT last_seq FROM streams WHERE key = 'zone:{zone}' FOR UPDATE");
+                txn.execute_unprepared(&sql).await.expect("row lock");
+                txn
+            }
+            // SQLite's write lock, which BEGIN IMMEDIATE waits for.
+            None => outside
+                .begin_with_options(sea_orm::TransactionOptions {
+                    sqlite_transaction_mode: Some(sea_orm::SqliteTransactionMode::Immediate),
+                    ..Default::default()
+                })
+                .await
+                .expect("write lock"),
+        };
+        // One poll takes the first change as far as it goes without the database: on
+        // SQLite it opens a group and takes the group's turn, then waits for BEGIN.
+        let mut first = Box::pin(app.service.update_item(item, patch(), None, &admin));
+        assert!((&mut first).now_or_never().is_none(), "waits for the lock");
+        // The second joins that group (on SQLite) and waits behind the first.
+        let (service, by) = (app.service.clone(), admin.clone());
+        let mut second =
+            Box::pin(async move { service.update_item(item, patch(), None, &by).await });
+        assert!(
+            (&mut second).now_or_never().is_none(),
+            "waits behind the first"
+        );
+        drop(first);
+        let second = tokio::spawn(second);
+        holder.rollback().await.expect("release the lock");
+        within("the change after the dropped one", second)
+            .await
+            .expect("task")
+            .expect("applies");
+        let end = app.service.snapshot(&admin, zone).await.expect("snapshot");
+        let qty = end
+            .items
+            .iter()
+            .find(|it| it.id == item)
+            .map(|it| it.quantity);
+        assert_eq!(qty, Some(2), "the dropped change applied nothing");
+        app.stop().await;
+    }
+}
