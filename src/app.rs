@@ -297,6 +297,7 @@ impl Application {
             state.slots.clone(),
             self.net,
             self.tls,
+            Some(transport::sse::takes_over),
             state.shutdown.clone(),
             grace,
         );
@@ -363,6 +364,7 @@ pub fn routes(state: AppState) -> impl poem::Endpoint {
         // Outside CORS, so that its refusals are problem+json too.
         .around(http::problem::problems)
         .around(ops::request_span)
+        .data(transport::sse_socket::fanout(state.clone()))
         .data(state)
 }
 

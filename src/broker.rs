@@ -200,6 +200,12 @@ impl Local {
         self.hub.positions()
     }
 
+    /// Up to `max` cached events of `stream` from seq `from` on, consecutive (it stops
+    /// at the first one the cache does not hold).
+    pub fn recent(&self, stream: &StreamKey, from: u64, max: usize) -> Vec<Arc<Event>> {
+        self.cache.run_from(stream, from, max)
+    }
+
     pub fn is_live(&self, stream: &StreamKey) -> bool {
         self.hub.subscribers(stream) > 0
     }

@@ -183,6 +183,12 @@ impl Authenticator {
         Ok(())
     }
 
+    /// Changes whenever the set of revoked keys grows: whoever holds many principals
+    /// (the SSE fan-out) checks them with `is_revoked` then.
+    pub fn revocations(&self) -> watch::Receiver<u64> {
+        self.revocations.subscribe()
+    }
+
     pub fn is_revoked(&self, principal: &Principal) -> bool {
         principal.key_id.is_some_and(|id| {
             self.revoked

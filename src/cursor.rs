@@ -225,6 +225,13 @@ impl Cursor {
         }
     }
 
+    /// Nothing to hand out and nothing to fill: every seq up to `position()` has been
+    /// handed out, and the next can only come live. Meaningful right after `try_next`
+    /// returned `None`.
+    pub fn caught_up(&self) -> bool {
+        self.ready.is_empty() && self.ahead.is_empty() && !self.need_fill
+    }
+
     fn pop_ready(&mut self) -> Option<Item> {
         if let Some(it) = self.ready.pop_front() {
             return Some(it);

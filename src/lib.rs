@@ -12,7 +12,8 @@
 //! - `domain` (0): validated types: zones, items, changes, stream keys, principals and
 //!   their scopes, notifications, events rendered once (JSON + SSE frame).
 //! - `limits` (0): rate limiters with bounded keys.
-//! - `server` (0): the accept loop and HTTP connections: caps, deadlines, back-off, TLS.
+//! - `server` (0): the accept loop and HTTP connections: caps, deadlines, back-off, TLS,
+//!   and the hand-over of a connection's socket to a transport after its first request.
 //! - `telemetry` (0): logging setup.
 //! - `config` (1): command line and environment.
 //! - `observe` (1): metrics and the connection registry behind `/api/stats`.
@@ -34,7 +35,8 @@
 //!   body limits, the item wire shapes.
 //! - `api` (6): REST (OpenAPI), one `impl` per resource.
 //! - `transport` (6): `open` (every transport's one way to a cursor), the renderers,
-//!   the coalescing loop; SSE (`sse`, `sse_multi`) and WebSocket (`ws`, `ws_protocol`,
+//!   the coalescing loop; SSE (`sse`, `sse_multi`; `sse_socket` and `fanout` for the
+//!   connections the server hands over) and WebSocket (`ws`, `ws_protocol`,
 //!   `ws_socket`).
 //! - `pages` (6): the dashboard, `zonecast.js` and the raw test pages (from `static/`).
 //! - `ops` (6): `/metrics`, `/readyz`, the per-request span.

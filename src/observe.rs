@@ -166,6 +166,19 @@ pub struct Stats {
     /// delivery's bookkeeping): `[sse, ws]`.
     deliveries: [metrics::Counter; 2],
     send_error_total: metrics::Counter,
+    fanout: FanoutCounts,
+}
+
+/// The SSE fan-out (`transport::fanout`): its groups (one per stream with members),
+/// the connections in them, and how often one was handed back to follow on its own
+/// (a socket that could not take a whole batch, or a join too far behind).
+struct FanoutCounts {
+    groups: AtomicU64,
+    members: AtomicU64,
+    handed_back: AtomicU64,
+    groups_gauge: metrics::Gauge,
+    members_gauge: metrics::Gauge,
+    handed_back_total: metrics::Counter,
 }
 
 impl Default for Stats {
@@ -180,6 +193,14 @@ impl Default for Stats {
             deliveries: [Transport::Sse, Transport::Ws]
                 .map(|t| metrics::counter!("zonecast_deliveries_total", "transport" => t.label())),
             send_error_total: metrics::counter!("zonecast_send_errors_total"),
+            fanout: FanoutCounts {
+                groups: AtomicU64::new(0),
+                members: AtomicU64::new(0),
+                handed_back: AtomicU64::new(0),
+                groups_gauge: metrics::gauge!("zonecast_sse_fanout_groups"),
+                members_gauge: metrics::gauge!("zonecast_sse_fanout_members"),
+                handed_back_total: metrics::counter!("zonecast_sse_handed_back_total"),
+            },
         }
     }
 }
@@ -293,6 +314,9 @@ pub struct Snapshot {
     pub total_broadcasts: u64,
     pub total_send_errors: u64,
     pub last_broadcast_at: Option<DateTime<Utc>>,
+    pub fanout_groups: u64,
+    pub fanout_members: u64,
+    pub fanout_handed_back: u64,
 }
 
 impl Stats {
@@ -324,6 +348,36 @@ impl Stats {
     pub fn sent(&self, transport: Transport, n: u64) {
         self.messages_sent.fetch_add(n, Ordering::Relaxed);
         self.deliveries[transport as usize].increment(n);
+    }
+
+    /// A fan-out group started (`true`) or ended.
+    pub fn fanout_group(&self, started: bool) {
+        let f = &self.fanout;
+        if started {
+            f.groups.fetch_add(1, Ordering::Relaxed);
+            f.groups_gauge.increment(1.0);
+        } else {
+            f.groups.fetch_sub(1, Ordering::Relaxed);
+            f.groups_gauge.decrement(1.0);
+        }
+    }
+
+    /// A connection joined a fan-out group (`true`) or left it.
+    pub fn fanout_member(&self, joined: bool) {
+        let f = &self.fanout;
+        if joined {
+            f.members.fetch_add(1, Ordering::Relaxed);
+            f.members_gauge.increment(1.0);
+        } else {
+            f.members.fetch_sub(1, Ordering::Relaxed);
+            f.members_gauge.decrement(1.0);
+        }
+    }
+
+    /// A fan-out group handed a connection back to follow on its own.
+    pub fn handed_back(&self) {
+        self.fanout.handed_back.fetch_add(1, Ordering::Relaxed);
+        self.fanout.handed_back_total.increment(1);
     }
 
     pub fn send_error(&self) {
@@ -377,6 +431,9 @@ impl Stats {
             last_broadcast_at: (last > 0)
                 .then(|| DateTime::from_timestamp_millis(last as i64))
                 .flatten(),
+            fanout_groups: self.fanout.groups.load(Ordering::Relaxed),
+            fanout_members: self.fanout.members.load(Ordering::Relaxed),
+            fanout_handed_back: self.fanout.handed_back.load(Ordering::Relaxed),
         }
     }
 }

@@ -214,6 +214,20 @@ pub struct StatsBody {
     /// SSE heartbeat interval in milliseconds.
     pub heartbeat_interval: u64,
     pub metrics: StatsMetrics,
+    pub fanout: StatsFanout,
+}
+
+/// The SSE fan-out: an SSE connection of its own (a plain HTTP/1.1 connection's first
+/// request) is written by one task per stream once it has caught up.
+#[derive(Debug, Object)]
+pub struct StatsFanout {
+    /// Streams with a fan-out task.
+    pub groups: u64,
+    /// SSE connections written by a fan-out task (the others follow on their own).
+    pub members: u64,
+    /// Times a connection was handed back to follow on its own: its socket could not
+    /// take a whole batch (a slow reader), or it joined too far behind.
+    pub handed_back: u64,
 }
 
 #[derive(Debug, Object)]

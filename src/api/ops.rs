@@ -58,6 +58,11 @@ impl OpsApi {
                 total_send_errors: s.total_send_errors,
                 last_broadcast_at: s.last_broadcast_at.as_ref().map(crate::domain::format_time),
             },
+            fanout: StatsFanout {
+                groups: s.fanout_groups,
+                members: s.fanout_members,
+                handed_back: s.fanout_handed_back,
+            },
         }))
     }
 }

@@ -12,7 +12,7 @@ use std::sync::{Arc, Mutex, MutexGuard};
 use std::task::{Context, Poll};
 use std::time::Duration;
 
-use bytes::Bytes;
+use bytes::{Bytes, BytesMut};
 use futures_util::task::AtomicWaker;
 use http_body::{Body, Frame, SizeHint};
 use hyper::body::Incoming;
@@ -29,6 +29,7 @@ use tokio::time::{Instant, Sleep};
 
 use super::NetLimits;
 use super::accept::Slot;
+use super::takeover::{self, Eligible, Head, Prefixed, RawConnection};
 
 /// Largest request head (and pipelined bytes) hyper buffers for one connection.
 const MAX_HEAD: usize = 64 * 1024;
@@ -56,6 +57,8 @@ pub(super) struct Serving {
     pub endpoint: Arc<dyn DynEndpoint<Output = poem::Response>>,
     pub local: SocketAddr,
     pub tls: Option<tokio_rustls::TlsAcceptor>,
+    /// First requests of plain connections answered outside hyper (`takeover`).
+    pub takeover: Option<Eligible>,
     pub limits: NetLimits,
     pub shutdown: watch::Receiver<bool>,
     pub hard_stop: watch::Receiver<bool>,
@@ -167,7 +170,7 @@ struct Socket {
     limits: NetLimits,
     timer: Pin<Box<Sleep>>,
     armed: Option<Instant>,
-    _slot: Slot,
+    slot: Slot,
 }
 
 impl AsyncRead for Socket {
@@ -268,6 +271,29 @@ impl<B: Body + Unpin> Body for Tracked<B> {
 
 type PoemBody = http_body_util::combinators::BoxBody<Bytes, std::io::Error>;
 
+/// What hyper serves a connection with: the poem endpoint, its responses tracked.
+trait ConnService:
+    hyper::service::Service<
+        hyper::Request<Incoming>,
+        Response = hyper::Response<Tracked<PoemBody>>,
+        Error = std::convert::Infallible,
+        Future: Send + 'static,
+    > + Send
+    + 'static
+{
+}
+
+impl<S> ConnService for S where
+    S: hyper::service::Service<
+            hyper::Request<Incoming>,
+            Response = hyper::Response<Tracked<PoemBody>>,
+            Error = std::convert::Infallible,
+            Future: Send + 'static,
+        > + Send
+        + 'static
+{
+}
+
 impl Serving {
     pub fn spawn(&self, tcp: TcpStream, peer: SocketAddr, slot: Slot) {
         tune(&tcp);
@@ -278,11 +304,13 @@ impl Serving {
             limits: self.limits.clone(),
             timer: Box::pin(tokio::time::sleep(Duration::from_secs(3600))),
             armed: None,
-            _slot: slot,
+            slot,
         };
         let endpoint = self.endpoint.clone();
+        let first = self.endpoint.clone();
         let local = LocalAddr(Addr::SocketAddr(self.local));
         let remote = super::remote(peer);
+        let addrs = (local.clone(), remote.clone());
         let scheme = if self.tls.is_some() {
             Scheme::HTTPS
         } else {
@@ -309,12 +337,21 @@ impl Serving {
         // One task type for each: a task is as large as its largest state, and the TLS
         // one (handshake, then hyper over the TLS stream) would make every plain
         // connection pay for it.
-        match self.tls.clone() {
-            None => {
+        match (self.tls.clone(), self.takeover) {
+            (None, None) => {
                 tokio::spawn(serve_io(socket, service, shutdown, hard_stop));
             }
+            (None, Some(eligible)) => {
+                let plain = Plain {
+                    endpoint: first,
+                    addrs,
+                    peer,
+                    eligible,
+                };
+                tokio::spawn(plain.serve(socket, service, shutdown, hard_stop));
+            }
             // The handshake reads through the socket, under its header deadline.
-            Some(tls) => {
+            (Some(tls), _) => {
                 tokio::spawn(async move {
                     match tls.accept(socket).await {
                         Ok(stream) => serve_io(stream, service, shutdown, hard_stop).await,
@@ -322,6 +359,62 @@ impl Serving {
                     }
                 });
             }
+        }
+    }
+}
+
+/// A plain connection whose first request may be answered outside hyper
+/// (`takeover`).
+struct Plain {
+    endpoint: Arc<dyn DynEndpoint<Output = poem::Response>>,
+    addrs: (LocalAddr, poem::web::RemoteAddr),
+    peer: SocketAddr,
+    eligible: Eligible,
+}
+
+impl Plain {
+    async fn serve<S>(
+        self,
+        mut socket: Socket,
+        service: S,
+        mut shutdown: watch::Receiver<bool>,
+        mut hard_stop: watch::Receiver<bool>,
+    ) where
+        S: ConnService,
+    {
+        let mut buf = BytesMut::with_capacity(1024);
+        let head = tokio::select! {
+            h = takeover::read_head(&mut socket, &mut buf, self.eligible, MAX_HEAD) => h,
+            _ = shutdown.wait_for(|stop| *stop) => return,
+        };
+        let parts = match head {
+            Ok(Head::Eligible(parts)) => *parts,
+            Ok(Head::Other) => {
+                let io = Prefixed::new(buf.freeze(), socket);
+                return serve_io(io, service, shutdown, hard_stop).await;
+            }
+            // Closed, reset, or the header deadline passed.
+            Ok(Head::Closed) | Err(_) => return,
+        };
+        drop(service);
+        let (local, remote) = self.addrs;
+        let parts = poem::RequestParts::from((parts, local, remote, Scheme::HTTP));
+        let req = poem::Request::from_parts(parts, poem::Body::empty());
+        let resp = self.endpoint.get_response(req).await;
+        if let Some((hand_over, head)) = takeover::taken(&resp) {
+            drop(resp);
+            let Socket { io, slot, .. } = socket;
+            hand_over(RawConnection {
+                tcp: io,
+                peer: self.peer,
+                head,
+                slot,
+            });
+            return;
+        }
+        tokio::select! {
+            _ = takeover::write_response(&mut socket, resp) => {}
+            _ = hard_stop.wait_for(|stop| *stop) => {}
         }
     }
 }
@@ -334,13 +427,7 @@ async fn serve_io<I, S>(
     mut hard_stop: watch::Receiver<bool>,
 ) where
     I: AsyncRead + AsyncWrite + Unpin + Send + 'static,
-    S: hyper::service::Service<
-            hyper::Request<Incoming>,
-            Response = hyper::Response<Tracked<PoemBody>>,
-            Error = std::convert::Infallible,
-        > + Send
-        + 'static,
-    S::Future: Send + 'static,
+    S: ConnService,
 {
     let mut builder = auto::Builder::new(TokioExecutor::new());
     builder

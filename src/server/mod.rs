@@ -21,11 +21,16 @@
 //! With `tls`, each admitted connection first completes a TLS handshake (within the
 //! header deadline), then speaks HTTP/2 or HTTP/1.1 as ALPN chose.
 //!
+//! With `takeover`, the first request of a plain connection that the rule picks is
+//! answered here rather than by hyper, and its response may take the socket over
+//! (`takeover`): the SSE fan-out writes such streams itself.
+//!
 //! It must not know about routes, credentials or streams: it sees bytes, addresses and
 //! one endpoint.
 
 mod accept;
 mod conn;
+pub mod takeover;
 pub mod tls;
 
 use std::net::SocketAddr;
@@ -37,7 +42,8 @@ use poem::endpoint::{DynEndpoint, ToDynEndpoint};
 use tokio::net::TcpListener;
 use tokio::sync::watch;
 
-pub use accept::Slots;
+pub use accept::{Slot, Slots};
+pub use takeover::{Eligible, RawConnection, Takeover};
 
 /// What one server allows its clients.
 #[derive(Debug, Clone)]
@@ -76,6 +82,7 @@ pub async fn serve<E>(
     slots: Slots,
     limits: NetLimits,
     tls: Option<tokio_rustls::TlsAcceptor>,
+    takeover: Option<Eligible>,
     mut shutdown: watch::Receiver<bool>,
     grace: Duration,
 ) -> std::io::Result<()>
@@ -90,6 +97,7 @@ where
         endpoint,
         local,
         tls,
+        takeover,
         limits: limits.clone(),
         shutdown: shutdown.clone(),
         hard_stop: hard_stopped,

@@ -8,11 +8,27 @@
 
 use std::pin::Pin;
 
+use bytes::{Bytes, BytesMut};
 use futures_util::{FutureExt, Stream, StreamExt};
 use tokio_stream::StreamMap;
 
 use crate::cursor::{Cursor, CursorError, Item};
 use crate::domain::StreamKey;
+
+/// Upper bound of one coalesced SSE write.
+pub const MAX_CHUNK: usize = 64 * 1024;
+
+/// One chunk of frames: a lone frame is passed on as the shared bytes, without a copy.
+pub fn join(pieces: &mut Vec<Bytes>) -> Bytes {
+    if pieces.len() == 1 {
+        return pieces.pop().unwrap_or_default();
+    }
+    let mut buf = BytesMut::with_capacity(pieces.iter().map(Bytes::len).sum());
+    for p in pieces.drain(..) {
+        buf.extend_from_slice(&p);
+    }
+    buf.freeze()
+}
 
 /// Where a batch's items come from.
 pub trait Source: Send {

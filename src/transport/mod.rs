@@ -4,14 +4,18 @@
 //! connection.
 //!
 //! - `sse`: the single-stream endpoints and the event-stream response body;
-//!   `sse_multi`: several streams on one EventSource.
+//!   `sse_multi`: several streams on one EventSource; `sse_socket`: a single-stream
+//!   connection the server handed over, on its own until it has caught up; `fanout`:
+//!   one task per stream writing to every caught-up connection's socket.
 //! - `ws`: WebSocket connections; `ws_protocol`: their messages; `ws_socket`: the
 //!   socket, its writer and how it closes.
 
 pub mod batch;
+pub mod fanout;
 pub mod render;
 pub mod sse;
 pub mod sse_multi;
+pub mod sse_socket;
 pub mod ws;
 pub mod ws_protocol;
 pub mod ws_socket;
@@ -73,6 +77,8 @@ impl OpenError {
 /// and where the caller resumes.
 pub struct Caller<'a> {
     pub state: &'a AppState,
+    /// The server's SSE fan-out, where the routes have one.
+    pub fanout: Option<&'a fanout::Fanout>,
     pub principal: &'a Principal,
     pub rate: &'a RateKey,
     /// The resume point: the `Last-Event-ID` header, else `?last_event_id=`.
@@ -109,6 +115,7 @@ impl<'a> FromRequest<'a> for Caller<'a> {
         };
         Ok(Caller {
             state: data(req)?,
+            fanout: req.data(),
             principal: data(req)?,
             rate: data(req)?,
             resume,

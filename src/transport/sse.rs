@@ -10,22 +10,22 @@
 //! ends the stream (the client reconnects with `Last-Event-ID`), shutdown ends it after
 //! the last complete frame, and so do revoked or expired credentials.
 
+use std::sync::{Arc, Mutex};
+
 use bytes::{Bytes, BytesMut};
-use poem::http::StatusCode;
+use poem::http::{Method, StatusCode};
 use poem::web::{Path, Query};
 use poem::{Body, Response, handler};
 use serde::Deserialize;
 use tokio::time::{Instant, MissedTickBehavior, interval_at};
 
-use super::batch::{Source, collect};
-use super::{Caller, Delivery, OpenError, render, stopping};
-use crate::cursor::Item;
+use super::batch::{MAX_CHUNK, Source, collect, join};
+use super::{Caller, Delivery, OpenError, render, sse_socket, stopping};
+use crate::cursor::{Cursor, Item};
 use crate::domain::StreamKey;
 use crate::http::wire::SnapshotBody;
 use crate::observe::Transport;
-
-/// Upper bound of one coalesced write.
-pub const MAX_CHUNK: usize = 64 * 1024;
+use crate::server::Takeover;
 
 #[derive(Debug, Default, Deserialize)]
 pub struct SnapshotQuery {
@@ -68,7 +68,7 @@ pub async fn zone_stock(
             Err(e) => return e.response(),
         }
     };
-    respond(&caller, cursor, first.freeze(), |_, item| render::sse(item))
+    respond_single(&caller, cursor, first.freeze())
 }
 
 /// `GET /sse/alerts`
@@ -99,18 +99,52 @@ async fn resumable(caller: &Caller<'_>, stream: Result<StreamKey, OpenError>) ->
     match opened.await {
         Ok(cursor) => {
             let first = render::retry(caller.state.config.sse_retry);
-            respond(caller, cursor, first, |_, item| render::sse(item))
+            respond_single(caller, cursor, first)
         }
         Err(e) => e.response(),
     }
 }
 
-/// The event-stream response: `first`, then batches from `src` rendered by `frame`,
-/// heartbeats, and the end on shutdown, on revoked or expired credentials, or on a
-/// storage failure. Registered in `/api/stats` while it streams.
-pub fn respond<S, F>(caller: &Caller<'_>, mut src: S, first: Bytes, mut frame: F) -> Response
+/// Whether the server may answer a plain HTTP/1 connection's first request to `path`
+/// itself, so that `respond_single`'s response can take the socket over (see
+/// `server::takeover`): the single-stream endpoints.
+pub fn takes_over(method: &Method, path: &str) -> bool {
+    method == Method::GET
+        && (path == "/sse/alerts"
+            || path == "/sse/notifications"
+            || (path.starts_with("/sse/zones/") && path.ends_with("/stock")))
+}
+
+/// The event-stream response of one cursor. Where the server hands the socket over,
+/// the connection is served outside hyper: on its own until it has caught up, then by
+/// its stream's fan-out (`sse_socket`, `fanout`). Elsewhere (TLS, HTTP/2, a request
+/// later on a keep-alive connection) the body serves it (`respond`). Whichever runs
+/// takes the cursor; the other finds nothing.
+fn respond_single(caller: &Caller<'_>, cursor: Cursor, first: Bytes) -> Response {
+    let opened = Arc::new(Mutex::new(Some((cursor, first))));
+    let take =
+        |o: &Mutex<Option<(Cursor, Bytes)>>| o.lock().unwrap_or_else(|e| e.into_inner()).take();
+    let for_body = opened.clone();
+    let mut resp = respond(caller, move || take(&for_body), |_, item| render::sse(item));
+    if let Some(fanout) = caller.fanout.cloned() {
+        let principal = Arc::new(caller.principal.clone());
+        resp.extensions_mut().insert(Takeover::new(move |raw| {
+            if let Some((cursor, first)) = take(&opened) {
+                sse_socket::start(fanout, raw, principal, cursor, first);
+            }
+        }));
+    }
+    resp
+}
+
+/// The event-stream response: the source and first bytes `open` gives, then batches
+/// from the source rendered by `frame`, heartbeats, and the end on shutdown, on revoked
+/// or expired credentials, or on a storage failure. Registered in `/api/stats` while it
+/// streams.
+pub fn respond<S, O, F>(caller: &Caller<'_>, open: O, mut frame: F) -> Response
 where
     S: Source + StreamsOf + 'static,
+    O: FnOnce() -> Option<(S, Bytes)> + Send + 'static,
     F: FnMut(&StreamKey, &Item) -> Bytes + Send + 'static,
 {
     let state = caller.state;
@@ -120,6 +154,9 @@ where
     let principal = caller.principal.clone();
     let mut delivery = Delivery::new(state.service.connections().clone());
     let body = async_stream::stream! {
+        let Some((mut src, first)) = open() else {
+            return;
+        };
         yield Ok::<Bytes, std::io::Error>(first);
         let name = principal.name.clone();
         // Registered while the body streams; dropped (unregistered) when it ends.
@@ -171,18 +208,6 @@ where
         .header("Cache-Control", "no-cache")
         .header("X-Accel-Buffering", "no")
         .body(Body::from_bytes_stream(body))
-}
-
-/// One chunk of frames: a lone frame is passed on as the shared bytes, without a copy.
-fn join(pieces: &mut Vec<Bytes>) -> Bytes {
-    if pieces.len() == 1 {
-        return pieces.pop().unwrap_or_default();
-    }
-    let mut buf = BytesMut::with_capacity(pieces.iter().map(Bytes::len).sum());
-    for p in pieces.drain(..) {
-        buf.extend_from_slice(&p);
-    }
-    buf.freeze()
 }
 
 /// The streams a source carries, for the connection registry.

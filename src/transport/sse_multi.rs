@@ -121,14 +121,18 @@ pub async fn streams(Query(q): Query<MultiQuery>, caller: Caller<'_>) -> Respons
         Err(e) => return e.response(),
     };
     let first: Bytes = render::retry(caller.state.config.sse_retry);
-    respond(&caller, merged, first, move |stream, item| {
-        let at = match item {
-            Item::Event(ev) => ev.seq,
-            Item::Reset(r) => r.last_event_id,
-        };
-        positions.insert(stream.to_string(), at);
-        render::sse_multi(&composite_id(&positions), stream, item)
-    })
+    respond(
+        &caller,
+        move || Some((merged, first)),
+        move |stream, item| {
+            let at = match item {
+                Item::Event(ev) => ev.seq,
+                Item::Reset(r) => r.last_event_id,
+            };
+            positions.insert(stream.to_string(), at);
+            render::sse_multi(&composite_id(&positions), stream, item)
+        },
+    )
 }
 
 #[cfg(test)]

@@ -8,6 +8,7 @@ mod concurrency;
 mod connections;
 mod crash;
 mod docs;
+mod fanout;
 mod first_run;
 mod fuzz;
 mod hostile;

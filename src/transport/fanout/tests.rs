@@ -1,0 +1,301 @@
+//! The group's rules, driven by hand: who joins level, ahead or behind, what each
+//! socket receives, and who is handed back with what. Real loopback sockets, a real
+//! SQLite store (the group's state needs one), events put in the node's cache by hand.
+
+use std::net::{IpAddr, Ipv4Addr};
+use std::sync::Mutex as StdMutex;
+use std::time::Duration;
+
+use chrono::DateTime;
+use tokio::io::AsyncReadExt;
+use tokio::net::{TcpListener, TcpSocket};
+
+use super::*;
+use crate::broker_memory::MemoryBroker;
+use crate::config::ServeArgs;
+use crate::credentials::Authenticator;
+use crate::domain::{Event, EventKind};
+use crate::limits::{Limits, Rate, Rates};
+use crate::server::Slots;
+use crate::service::Service;
+use crate::store::Store;
+
+/// What the group handed back, per test (each test names its stream's zone).
+static HANDED_BACK: StdMutex<Vec<(StreamKey, u64, Bytes)>> = StdMutex::new(Vec::new());
+
+fn record(_: Fanout, f: Follower, after: u64, pending: Bytes) {
+    lock(&HANDED_BACK).push((f.stream.clone(), after, pending));
+}
+
+fn handed_back(stream: &StreamKey) -> Vec<(u64, Bytes)> {
+    lock(&HANDED_BACK)
+        .iter()
+        .filter(|(s, _, _)| s == stream)
+        .map(|(_, a, p)| (*a, p.clone()))
+        .collect()
+}
+
+struct Rig {
+    fanout: Fanout,
+    listener: TcpListener,
+    slots: Slots,
+    _dir: tempfile::TempDir,
+}
+
+async fn rig() -> Rig {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let url = format!("sqlite://{}?mode=rwc", dir.path().join("z.db").display());
+    let config =
+        ServeArgs::from_flags(["--database-url", url.as_str(), "--no-demo"]).expect("flags");
+    let store = Store::open(&url).await.expect("store");
+    let broker = Arc::new(MemoryBroker::new(crate::broker::Local::new(
+        64, 1000, 100_000,
+    )));
+    let service = Service::new(store.clone(), broker, Arc::default());
+    let no = Rate {
+        per_second: 0,
+        burst: 0,
+    };
+    let slots = Slots::new(1000, 0);
+    let state = AppState {
+        node: "test".into(),
+        service,
+        config: Arc::new(config),
+        auth: Authenticator::new(store, None, false),
+        limits: Arc::new(Limits::new(Rates {
+            writes: no,
+            connects: no,
+            auth_failures: no,
+            ws_messages: no,
+        })),
+        shutdown: tokio::sync::watch::channel(false).1,
+        slots: slots.clone(),
+    };
+    Rig {
+        fanout: Fanout::new(state, record),
+        listener: TcpListener::bind("127.0.0.1:0").await.expect("bind"),
+        slots,
+        _dir: dir,
+    }
+}
+
+impl Rig {
+    /// A group of `stream` at `pos`, not running (the test drives it).
+    fn group(&self, stream: &StreamKey, pos: u64) -> Group {
+        Group {
+            fanout: self.fanout.clone(),
+            shared: Arc::new(Shared {
+                inbox: Mutex::default(),
+                joined: Notify::new(),
+                gone: Notify::new(),
+            }),
+            stream: stream.clone(),
+            members: Vec::new(),
+            early: Vec::new(),
+            pos,
+            delivery: Delivery::new(self.fanout.state().service.connections().clone()),
+            expiry: None,
+        }
+    }
+
+    /// A follower of `stream` on a fresh loopback connection, and the client's end
+    /// (with a small receive buffer if `rcvbuf`).
+    async fn follower(&self, stream: &StreamKey, rcvbuf: Option<u32>) -> (Follower, TcpStream) {
+        let socket = TcpSocket::new_v4().expect("socket");
+        if let Some(n) = rcvbuf {
+            socket.set_recv_buffer_size(n).expect("SO_RCVBUF");
+        }
+        let addr = self.listener.local_addr().expect("addr");
+        let (client, accepted) = tokio::join!(socket.connect(addr), self.listener.accept());
+        let (server, _) = accepted.expect("accept");
+        let slot = self
+            .slots
+            .try_admit(IpAddr::V4(Ipv4Addr::LOCALHOST))
+            .expect("slot");
+        let stats = self.fanout.state().service.connections().clone();
+        let f = Follower {
+            conn: Arc::new(Conn::new(server, slot)),
+            principal: Arc::new(Principal::system("test")),
+            registration: stats.connect(Transport::Sse, None),
+            stream: stream.clone(),
+        };
+        // A fresh socket's write readiness arrives with the driver's first event.
+        f.conn.tcp.writable().await.expect("writable");
+        (f, client.expect("connect"))
+    }
+
+    /// Events `seqs` of `stream`, put in the node's cache (as a commit would).
+    fn cached(&self, stream: &StreamKey, seqs: impl Iterator<Item = u64>) -> Vec<Arc<Event>> {
+        let events: Vec<Arc<Event>> = seqs.map(|s| Arc::new(event(stream, s))).collect();
+        self.fanout
+            .state()
+            .service
+            .broker()
+            .local()
+            .deliver(&events);
+        events
+    }
+}
+
+fn event(stream: &StreamKey, seq: u64) -> Event {
+    Event::render(
+        stream,
+        seq,
+        EventKind::StockUpdated,
+        DateTime::UNIX_EPOCH,
+        format!("{{\"n\":{seq}}}"),
+    )
+}
+
+fn frames(stream: &StreamKey, seqs: impl Iterator<Item = u64>) -> Vec<Frame> {
+    seqs.map(|s| Frame {
+        after: s,
+        bytes: event(stream, s).sse,
+        reset: false,
+    })
+    .collect()
+}
+
+/// The ids of the SSE frames in `bytes`.
+fn ids(bytes: &[u8]) -> Vec<u64> {
+    String::from_utf8_lossy(bytes)
+        .lines()
+        .filter_map(|l| l.strip_prefix("id: ")?.parse().ok())
+        .collect()
+}
+
+/// Reads what the client has been sent until it holds `n` ids (bounded).
+async fn read_ids(client: &mut TcpStream, n: usize) -> Vec<u64> {
+    let mut got = Vec::new();
+    tokio::time::timeout(Duration::from_secs(10), async {
+        while ids(&got).len() < n {
+            let mut buf = [0u8; 8192];
+            let k = client.read(&mut buf).await.expect("read");
+            assert!(k > 0, "closed");
+            got.extend_from_slice(&buf[..k]);
+        }
+    })
+    .await
+    .expect("the frames within 10 s");
+    ids(&got)
+}
+
+#[tokio::test]
+async fn a_connection_level_with_the_group_becomes_a_member_and_gets_each_batch() {
+    let rig = rig().await;
+    let stream = StreamKey::Zone(1);
+    let mut g = rig.group(&stream, 10);
+    let (f, mut client) = rig.follower(&stream, None).await;
+    g.admit(10, f);
+    assert_eq!((g.members.len(), g.early.len()), (1, 0));
+    g.fan_out(&frames(&stream, 11..=13), 3).await;
+    assert_eq!(read_ids(&mut client, 3).await, vec![11, 12, 13]);
+    assert_eq!(g.pos, 13);
+}
+
+#[tokio::test]
+async fn a_connection_ahead_of_the_group_waits_and_gets_only_what_follows_its_seq() {
+    let rig = rig().await;
+    let stream = StreamKey::Zone(2);
+    let mut g = rig.group(&stream, 10);
+    let (f, mut client) = rig.follower(&stream, None).await;
+    g.admit(12, f);
+    assert_eq!((g.members.len(), g.early.len()), (0, 1));
+    // Not passed yet: it stays ahead and is written nothing.
+    g.fan_out(&frames(&stream, 11..=12), 2).await;
+    assert_eq!((g.members.len(), g.early.len()), (0, 1));
+    g.fan_out(&frames(&stream, 13..=14), 2).await;
+    assert_eq!((g.members.len(), g.early.len()), (1, 0));
+    assert_eq!(read_ids(&mut client, 2).await, vec![13, 14]);
+    // Passed within a batch: only the part after its seq.
+    let (f, mut client) = rig.follower(&stream, None).await;
+    g.admit(15, f);
+    g.fan_out(&frames(&stream, 15..=17), 3).await;
+    assert_eq!(read_ids(&mut client, 2).await, vec![16, 17]);
+    assert!(handed_back(&stream).is_empty());
+}
+
+#[tokio::test]
+async fn a_connection_behind_the_group_is_brought_level_from_the_cache() {
+    let rig = rig().await;
+    let stream = StreamKey::Zone(3);
+    rig.cached(&stream, 1..=20);
+    let mut g = rig.group(&stream, 20);
+    let (f, mut client) = rig.follower(&stream, None).await;
+    g.admit(17, f);
+    assert_eq!(g.members.len(), 1);
+    g.fan_out(&frames(&stream, 21..=21), 1).await;
+    assert_eq!(read_ids(&mut client, 4).await, vec![18, 19, 20, 21]);
+    assert!(handed_back(&stream).is_empty());
+}
+
+#[tokio::test]
+async fn a_connection_behind_what_the_cache_holds_is_handed_back_where_it_stands() {
+    let rig = rig().await;
+    let stream = StreamKey::Zone(4);
+    rig.cached(&stream, 15..=20);
+    let mut g = rig.group(&stream, 20);
+    let (f, _client) = rig.follower(&stream, None).await;
+    g.admit(12, f);
+    assert!(g.is_empty());
+    let back = handed_back(&stream);
+    assert_eq!(back.len(), 1);
+    assert_eq!(
+        (back[0].0, back[0].1.len()),
+        (12, 0),
+        "after 12, nothing pending"
+    );
+}
+
+#[tokio::test]
+async fn a_socket_that_cannot_take_a_batch_is_handed_back_with_the_rest_of_it() {
+    let rig = rig().await;
+    let stream = StreamKey::Zone(5);
+    let mut g = rig.group(&stream, 0);
+    let (f, slow) = rig.follower(&stream, Some(4096)).await;
+    let (f2, mut fast) = rig.follower(&stream, None).await;
+    // Fill the slow socket's buffers first.
+    let junk = vec![b':'; 1 << 20];
+    let mut filled = 0;
+    while let Sent::All = try_send(&f.conn.tcp, &junk[..4096]) {
+        filled += 1;
+        assert!(filled < 4096, "the socket never filled");
+    }
+    g.admit(0, f);
+    g.admit(0, f2);
+    let batch = frames(&stream, 1..=3);
+    g.fan_out(&batch, 3).await;
+    assert_eq!(g.members.len(), 1, "the fast one stays");
+    assert_eq!(read_ids(&mut fast, 3).await, vec![1, 2, 3]);
+    let back = handed_back(&stream);
+    assert_eq!(back.len(), 1);
+    let (after, pending) = &back[0];
+    assert_eq!(*after, 3);
+    // Its socket was full: none of the batch went out, all of it is pending.
+    let whole = concat(batch.iter().map(|f| &f.bytes));
+    assert_eq!(pending, &whole);
+    drop(slow);
+}
+
+#[tokio::test]
+async fn a_reset_sends_those_ahead_back_to_catch_up_on_their_own() {
+    let rig = rig().await;
+    let stream = StreamKey::Zone(6);
+    let mut g = rig.group(&stream, 10);
+    let (f, _client) = rig.follower(&stream, None).await;
+    g.admit(11, f);
+    let reset = Frame {
+        after: 50,
+        bytes: Bytes::from_static(b"event: reset\ndata: {}\n\n"),
+        reset: true,
+    };
+    g.fan_out(&[reset], 0).await;
+    assert!(g.is_empty());
+    assert_eq!(g.pos, 50);
+    let back = handed_back(&stream);
+    assert_eq!(
+        (back.len(), back[0].0),
+        (1, 11),
+        "it goes on from its own seq"
+    );
+}
