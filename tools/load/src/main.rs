@@ -10,6 +10,7 @@ mod fanout;
 mod idle;
 mod report;
 mod server;
+mod sse;
 mod storm;
 mod subscribe;
 mod writes;

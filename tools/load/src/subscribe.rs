@@ -78,43 +78,42 @@ pub async fn subscribe(
                 Kind::Zonecast => format!("/sse/zones/{}/stock", topic.zone),
                 Kind::Nchan => format!("/sub/{}", topic.channel),
             };
-            let resp = sse_get(&sub, &topic, &path)
+            let mut stream = sse_open(&sub, &topic, &path)
                 .await
                 .map_err(first_failure)
                 .ok()?;
-            if !resp.status().is_success() {
-                first_failure(format!("HTTP {}", resp.status()));
-                return None;
-            }
             opened();
             let mut out = Vec::new();
-            let mut body = http_body_util::BodyDataStream::new(resp.into_body());
             let mut line = Vec::with_capacity(64);
             while out.last().is_none_or(|(s, _)| *s < until) {
-                let chunk = tokio::select! {
-                    c = body.next() => c,
+                // Whole lines straight from what was read; only a line cut by the
+                // read's end is copied.
+                let mut take = |chunk: &[u8]| {
+                    let now = Instant::now();
+                    let mut rest = chunk;
+                    while let Some(nl) = memchr::memchr(b'\n', rest) {
+                        let seq = if line.is_empty() {
+                            sse_seq(topic.kind, &rest[..nl])
+                        } else {
+                            line.extend_from_slice(&rest[..nl]);
+                            let seq = sse_seq(topic.kind, &line);
+                            line.clear();
+                            seq
+                        };
+                        if let Some(seq) = seq {
+                            out.push((seq, now));
+                        }
+                        rest = &rest[nl + 1..];
+                    }
+                    line.extend_from_slice(rest);
+                };
+                let more = tokio::select! {
+                    r = stream.read(&mut take) => r,
                     _ = stop.wait_for(|s| *s) => break,
                 };
-                let Some(Ok(chunk)) = chunk else { break };
-                let now = Instant::now();
-                // Whole lines straight from the chunk; only a line cut by the chunk's
-                // end is copied (the tool must not be the bottleneck it measures).
-                let mut rest: &[u8] = &chunk;
-                while let Some(nl) = rest.iter().position(|&b| b == b'\n') {
-                    let seq = if line.is_empty() {
-                        sse_seq(topic.kind, &rest[..nl])
-                    } else {
-                        line.extend_from_slice(&rest[..nl]);
-                        let seq = sse_seq(topic.kind, &line);
-                        line.clear();
-                        seq
-                    };
-                    if let Some(seq) = seq {
-                        out.push((seq, now));
-                    }
-                    rest = &rest[nl + 1..];
+                if !matches!(more, Ok(true)) {
+                    break;
                 }
-                line.extend_from_slice(rest);
             }
             Some(out)
         }
@@ -163,31 +162,18 @@ pub async fn subscribe(
     }
 }
 
-/// Opens an event stream over a connection of its own from `sub.from` (HTTP/1.1 by
-/// hyper's client: a client with a pool per subscriber cost more than the stream).
-async fn sse_get(
-    sub: &Sub,
-    topic: &Topic,
-    path: &str,
-) -> anyhow::Result<hyper::Response<hyper::body::Incoming>> {
+/// Opens an event stream over a connection of its own from `sub.from`.
+async fn sse_open(sub: &Sub, topic: &Topic, path: &str) -> anyhow::Result<crate::sse::Stream> {
     let base = url::Url::parse(&sub.base)?;
     let host = base.host_str().unwrap_or("127.0.0.1");
     let addr = SocketAddr::new(host.parse()?, base.port_or_known_default().unwrap_or(80));
     let tcp = connect_from(addr, sub.from).await?;
-    let (mut send, conn) =
-        hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(tcp)).await?;
-    tokio::spawn(conn);
-    let mut req = hyper::Request::get(path)
-        .header("Host", format!("{host}:{}", addr.port()))
-        .header("Accept", "text/event-stream");
+    let mut headers = Vec::new();
     if topic.kind == Kind::Zonecast {
-        req = req
-            .header("Authorization", format!("Bearer {}", topic.key))
-            .header("Last-Event-ID", topic.start.to_string());
+        headers.push(("Authorization", format!("Bearer {}", topic.key)));
+        headers.push(("Last-Event-ID", topic.start.to_string()));
     }
-    Ok(send
-        .send_request(req.body(http_body_util::Empty::<bytes::Bytes>::new())?)
-        .await?)
+    crate::sse::Stream::open(tcp, addr, path, &headers).await
 }
 
 /// Subscribers being opened, at most a set number connecting at once; each counts

@@ -1,0 +1,233 @@
+//! An event stream read off the socket by hand: the request written by hand, the
+//! response head parsed, then the body as it comes, whatever its framing (zonecast
+//! closes its own connections' bodies with the connection; Nchan and hyper send them
+//! chunked). One read per wake-up and no body channel: the tool must not be the
+//! bottleneck it measures.
+
+use std::net::SocketAddr;
+
+use anyhow::{Context, bail};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+
+/// Largest response head accepted.
+const MAX_HEAD: usize = 16 * 1024;
+
+/// How the body ends.
+enum Framing {
+    /// With the connection.
+    Close,
+    /// `Content-Length` bytes.
+    Length(u64),
+    Chunked(Chunked),
+}
+
+/// Where a chunked body's decoder stands.
+#[derive(Debug, PartialEq)]
+enum Chunked {
+    /// Reading a chunk's size (hex digits so far); `ext` once past them (an extension
+    /// or white space until the line ends).
+    Size { size: u64, ext: bool },
+    /// The size line's `\n`.
+    SizeLf { size: u64 },
+    /// Bytes of the chunk still to come.
+    Data(u64),
+    /// The `\r\n` after a chunk's data: how many bytes of it are left.
+    DataEnd(u8),
+    /// The last chunk was read (trailers are not read).
+    Done,
+}
+
+impl Chunked {
+    fn start() -> Self {
+        Chunked::Size {
+            size: 0,
+            ext: false,
+        }
+    }
+
+    /// Decodes `input`, handing each run of body bytes to `body`.
+    fn feed(&mut self, mut input: &[u8], body: &mut impl FnMut(&[u8])) -> anyhow::Result<()> {
+        while !input.is_empty() {
+            match self {
+                Chunked::Size { size, ext } => {
+                    let b = input[0];
+                    input = &input[1..];
+                    match (b, *ext) {
+                        (b'\r', _) => *self = Chunked::SizeLf { size: *size },
+                        (_, true) => {}
+                        (b'0'..=b'9' | b'a'..=b'f' | b'A'..=b'F', false) => {
+                            let d = (b as char).to_digit(16).unwrap_or(0) as u64;
+                            *size = size
+                                .checked_mul(16)
+                                .and_then(|s| s.checked_add(d))
+                                .context("chunk size overflows")?;
+                        }
+                        (b';' | b' ' | b'\t', false) => *ext = true,
+                        _ => bail!("bad chunk size byte {b:#x}"),
+                    }
+                }
+                Chunked::SizeLf { size } => {
+                    if input[0] != b'\n' {
+                        bail!("chunk size line without \\n");
+                    }
+                    input = &input[1..];
+                    *self = if *size == 0 {
+                        Chunked::Done
+                    } else {
+                        Chunked::Data(*size)
+                    };
+                }
+                Chunked::Data(left) => {
+                    let n = (*left).min(input.len() as u64) as usize;
+                    body(&input[..n]);
+                    input = &input[n..];
+                    *left -= n as u64;
+                    if *left == 0 {
+                        *self = Chunked::DataEnd(2);
+                    }
+                }
+                Chunked::DataEnd(left) => {
+                    input = &input[1..];
+                    *left -= 1;
+                    if *left == 0 {
+                        *self = Chunked::start();
+                    }
+                }
+                Chunked::Done => return Ok(()),
+            }
+        }
+        Ok(())
+    }
+}
+
+/// An open event stream.
+pub struct Stream {
+    tcp: TcpStream,
+    framing: Framing,
+    /// Body bytes read with the head.
+    early: Vec<u8>,
+    buf: Vec<u8>,
+}
+
+impl Stream {
+    /// Sends `GET path` with `headers` on `tcp` and reads the response head; fails
+    /// unless it is a 2xx.
+    pub async fn open(
+        mut tcp: TcpStream,
+        addr: SocketAddr,
+        path: &str,
+        headers: &[(&str, String)],
+    ) -> anyhow::Result<Stream> {
+        let mut req =
+            format!("GET {path} HTTP/1.1\r\nHost: {addr}\r\nAccept: text/event-stream\r\n");
+        for (k, v) in headers {
+            req.push_str(&format!("{k}: {v}\r\n"));
+        }
+        req.push_str("\r\n");
+        tcp.write_all(req.as_bytes()).await?;
+        let mut got = Vec::with_capacity(1024);
+        let end = loop {
+            let mut chunk = [0u8; 4096];
+            let n = tcp.read(&mut chunk).await?;
+            if n == 0 {
+                bail!("closed before the response head");
+            }
+            got.extend_from_slice(&chunk[..n]);
+            if let Some(i) = got.windows(4).position(|w| w == b"\r\n\r\n") {
+                break i + 4;
+            }
+            if got.len() > MAX_HEAD {
+                bail!("response head over {MAX_HEAD} bytes");
+            }
+        };
+        let head = String::from_utf8_lossy(&got[..end]).to_ascii_lowercase();
+        let status = head.split(' ').nth(1).unwrap_or("");
+        if !status.starts_with('2') {
+            bail!("HTTP {status}");
+        }
+        let header = |name: &str| {
+            head.lines()
+                .find_map(|l| l.strip_prefix(name)?.strip_prefix(':'))
+                .map(str::trim)
+        };
+        let framing = if header("transfer-encoding").is_some_and(|v| v.contains("chunked")) {
+            Framing::Chunked(Chunked::start())
+        } else if let Some(n) = header("content-length") {
+            Framing::Length(n.parse().context("content-length")?)
+        } else {
+            Framing::Close
+        };
+        Ok(Stream {
+            tcp,
+            framing,
+            early: got[end..].to_vec(),
+            buf: vec![0; 64 * 1024],
+        })
+    }
+
+    /// Reads once and hands the body bytes to `body`; `false` once the body has ended.
+    pub async fn read(&mut self, body: &mut impl FnMut(&[u8])) -> anyhow::Result<bool> {
+        let n = if self.early.is_empty() {
+            let n = self.tcp.read(&mut self.buf).await?;
+            if n == 0 {
+                return Ok(false);
+            }
+            n
+        } else {
+            let early = std::mem::take(&mut self.early);
+            self.buf[..early.len()].copy_from_slice(&early);
+            early.len()
+        };
+        let input = &self.buf[..n];
+        match &mut self.framing {
+            Framing::Close => body(input),
+            Framing::Length(left) => {
+                let k = (*left).min(n as u64) as usize;
+                body(&input[..k]);
+                *left -= k as u64;
+                if *left == 0 {
+                    return Ok(false);
+                }
+            }
+            Framing::Chunked(c) => {
+                c.feed(input, body)?;
+                if *c == Chunked::Done {
+                    return Ok(false);
+                }
+            }
+        }
+        Ok(true)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn dechunk(parts: &[&[u8]]) -> (Vec<u8>, Chunked) {
+        let mut c = Chunked::start();
+        let mut out = Vec::new();
+        for p in parts {
+            c.feed(p, &mut |b| out.extend_from_slice(b)).expect("valid");
+        }
+        (out, c)
+    }
+
+    #[test]
+    fn a_chunked_body_is_decoded_however_it_is_cut() {
+        let whole: &[u8] = b"5\r\nhello\r\nB;x=1\r\n world, sse\r\n0\r\n\r\n";
+        for cut in 0..whole.len() {
+            let (a, b) = whole.split_at(cut);
+            let (out, state) = dechunk(&[a, b]);
+            assert_eq!(out, b"hello world, sse", "cut at {cut}");
+            assert_eq!(state, Chunked::Done, "cut at {cut}");
+        }
+    }
+
+    #[test]
+    fn a_bad_chunk_size_is_an_error() {
+        let mut c = Chunked::start();
+        assert!(c.feed(b"zz\r\n", &mut |_| {}).is_err());
+    }
+}
