@@ -232,6 +232,11 @@ impl Cursor {
         self.ready.is_empty() && self.ahead.is_empty() && !self.need_fill
     }
 
+    /// Something arrived that has not been handed out yet (without taking it).
+    pub fn pending(&mut self) -> bool {
+        !self.ready.is_empty() || !self.tap.live.receiver().is_empty()
+    }
+
     fn pop_ready(&mut self) -> Option<Item> {
         if let Some(it) = self.ready.pop_front() {
             return Some(it);
@@ -517,6 +522,25 @@ mod tests {
         assert_waits(&mut c).await;
         assert_eq!(c.position(), 3);
         assert!(rig.log.reads().is_empty(), "no fill was needed");
+    }
+
+    /// `pending` says something arrived without taking it; `caught_up` once all of it
+    /// was handed out.
+    #[tokio::test]
+    async fn pending_looks_without_taking_and_caught_up_follows_the_last() {
+        let rig = Rig::new(16, 16);
+        let mut c = rig.cursor();
+        c.seek(Start::Live).await.unwrap();
+        assert!(!c.pending());
+        rig.write(1, 2);
+        assert!(c.pending());
+        assert!(c.pending(), "looking took nothing");
+        assert_eq!(c.try_next().map(|i| label(&i)), Some("1".into()));
+        assert!(c.pending());
+        assert_eq!(c.try_next().map(|i| label(&i)), Some("2".into()));
+        assert!(c.try_next().is_none());
+        assert!(!c.pending() && c.caught_up());
+        assert_eq!(c.position(), 2);
     }
 
     #[tokio::test]
