@@ -8,7 +8,7 @@ use sha2::Digest;
 use super::ServiceError;
 use chrono::{DateTime, Utc};
 
-use crate::domain::{DomainError, Event, EventKind, Principal, StreamKey, now};
+use crate::domain::{DomainError, Event, EventKind, Item, Principal, StreamKey, now};
 use crate::store::{KeyClaim, Store};
 
 /// An idempotency key with its owner and the fingerprint of the request it came with.
@@ -78,6 +78,25 @@ impl<'a> Requested<'a> {
             Store::settle_key(txn, k.principal, k.key, &ev.stream, ev.seq).await?;
         }
         Ok(())
+    }
+
+    /// Saves the changed item and appends its event (one round trip on SQLite), with
+    /// the request id, and settles the key on it.
+    #[allow(clippy::too_many_arguments)]
+    pub(crate) async fn save_and_append(
+        &self,
+        txn: &DatabaseTransaction,
+        item: &Item,
+        stream: &StreamKey,
+        seq: u64,
+        kind: EventKind,
+        data: String,
+        at: DateTime<Utc>,
+    ) -> Result<Event, ServiceError> {
+        let id = self.id.map(str::to_owned);
+        let ev = Store::save_and_append(txn, item, stream, seq, kind, data, id, at).await?;
+        self.settle(txn, &ev).await?;
+        Ok(ev)
     }
 
     /// Appends the change's event, with the request id, and settles the key on it.

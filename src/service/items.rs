@@ -123,9 +123,9 @@ impl Service {
                 return Ok((ItemChange::from_event(&done)?, vec![]));
             }
             // The stream row lock is taken before the item is read: it serialises every
-            // change to the zone, so the item read below cannot go stale.
-            let seq = Store::next_seq(txn, &stream).await?;
-            let before = item_of(txn, item_id, &stream).await?;
+            // change to the zone, so the item read cannot go stale.
+            let (seq, found) = Store::next_seq_and_item(txn, &stream, item_id).await?;
+            let before = in_zone(found, item_id, &stream)?;
             let at = now();
             let after = patch.apply(&before, at)?;
             let same = after.quantity == before.quantity
@@ -141,7 +141,6 @@ impl Service {
                 };
                 return Ok((unchanged, vec![]));
             }
-            Store::save_item(txn, &after).await?;
             let kind = if patch.changes_quantity() {
                 EventKind::StockUpdated
             } else {
@@ -150,7 +149,7 @@ impl Service {
             let reason = patch.reason().map(str::to_owned);
             let data = ItemEventData::new(&after, Some(&before), reason, actor);
             let ev = req
-                .append(txn, &stream, seq, kind, json(&data)?, at)
+                .save_and_append(txn, &after, &stream, seq, kind, json(&data)?, at)
                 .await?;
             let mut events = vec![];
             if !before.is_low() && after.is_low() {
@@ -229,9 +228,13 @@ async fn item_of(
     item_id: i32,
     stream: &StreamKey,
 ) -> Result<Item, ServiceError> {
-    let item = Store::item_in(txn, item_id)
-        .await?
-        .ok_or(DomainError::NotFound("item"))?;
+    in_zone(Store::item_in(txn, item_id).await?, item_id, stream)
+}
+
+/// The item read under its zone's lock, checked to be of that zone; 404 when it has
+/// gone.
+fn in_zone(found: Option<Item>, item_id: i32, stream: &StreamKey) -> Result<Item, ServiceError> {
+    let item = found.ok_or(DomainError::NotFound("item"))?;
     if *stream != StreamKey::Zone(item.zone_id) {
         // Items never change zones: a cached zone cannot be wrong unless ids are reused.
         return Err(crate::store::StoreError::Corrupt(format!(

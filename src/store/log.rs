@@ -12,7 +12,7 @@ use sea_orm::{
 use super::{Store, StoreError, exec, stmt};
 use crate::domain::{Event, EventKind, LogBounds, StreamKey};
 
-fn to_u64(v: i64, what: &str) -> Result<u64, StoreError> {
+pub(super) fn to_u64(v: i64, what: &str) -> Result<u64, StoreError> {
     u64::try_from(v).map_err(|_| StoreError::Corrupt(format!("negative {what}: {v}")))
 }
 

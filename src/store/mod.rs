@@ -7,6 +7,7 @@
 //! do what.
 
 mod bus;
+mod change;
 mod idempotency;
 mod keys;
 mod log;

@@ -19,7 +19,7 @@ fn to_zone(m: zone::Model) -> Zone {
     }
 }
 
-fn to_item(m: item::Model) -> Item {
+pub(super) fn to_item(m: item::Model) -> Item {
     Item {
         id: m.id,
         zone_id: m.zone_id,

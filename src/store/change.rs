@@ -1,0 +1,112 @@
+//! An item change's statements, folded into as few round trips as the backend allows.
+//!
+//! Every statement on SQLite is a round trip to sqlx's worker thread for the
+//! connection, and under many writers those hand-offs, not SQLite, were most of a
+//! change's cost. sqlx-sqlite runs several `;`-separated statements in one call, so
+//! there the stream's next seq and the item are one call, and the item's update and
+//! the event's insert another. PostgreSQL's extended protocol takes one statement per
+//! call, and a statement that both locked the stream row and read the item would read
+//! it with a snapshot from before the lock: there they stay separate, in order.
+//!
+//! Same contract as the calls they fold (`next_seq`, `item_in`, `save_item`, `append`):
+//! the seq comes from the stream row under its lock, in the caller's transaction.
+
+use chrono::{DateTime, Utc};
+use entity::item;
+use sea_orm::{ConnectionTrait, DatabaseTransaction, DbBackend, FromQueryResult};
+
+use super::log::to_u64;
+use super::stock::to_item;
+use super::{Store, StoreError, stmt};
+use crate::domain::{Event, EventKind, Item, StreamKey};
+
+/// The seq row is told from the item row by its first column.
+const NEXT_SEQ_AND_ITEM: &str = "\
+    UPDATE streams SET last_seq = last_seq + 1 WHERE key = $1 RETURNING 'seq' AS part, last_seq; \
+    SELECT 'item' AS part, id, zone_id, sku, name, quantity, low_stock_threshold, version, \
+    updated_at FROM items WHERE id = $2";
+
+const SAVE_AND_APPEND: &str = "\
+    UPDATE items SET sku = $1, name = $2, quantity = $3, low_stock_threshold = $4, version = $5, \
+    updated_at = $6 WHERE id = $7; \
+    INSERT INTO events (stream, seq, type, data, request_id, created_at) \
+    VALUES ($8, $9, $10, $11, $12, $13)";
+
+impl Store {
+    /// The stream's next seq (its row locked) and then the item, as `next_seq` and
+    /// `item_in` give them.
+    pub async fn next_seq_and_item(
+        txn: &DatabaseTransaction,
+        stream: &StreamKey,
+        item_id: i32,
+    ) -> Result<(u64, Option<Item>), StoreError> {
+        if txn.get_database_backend() != DbBackend::Sqlite {
+            let seq = Self::next_seq(txn, stream).await?;
+            return Ok((seq, Self::item_in(txn, item_id).await?));
+        }
+        let values = vec![stream.to_string().into(), item_id.into()];
+        let rows = txn
+            .query_all_raw(stmt(DbBackend::Sqlite, NEXT_SEQ_AND_ITEM, values))
+            .await?;
+        let (mut seq, mut found) = (None, None);
+        for row in rows {
+            match row.try_get::<String>("", "part")?.as_str() {
+                "seq" => seq = Some(to_u64(row.try_get("", "last_seq")?, "last_seq")?),
+                _ => found = Some(to_item(item::Model::from_query_result(&row, "")?)),
+            }
+        }
+        let seq = match seq {
+            Some(s) => s,
+            // No stream row yet: `next_seq` makes it. (SQLite holds the write lock for
+            // the whole transaction, so the item read above is still current.)
+            None => Self::next_seq(txn, stream).await?,
+        };
+        Ok((seq, found))
+    }
+
+    /// Saves the item and appends its event, as `save_item` and `append` do.
+    #[allow(clippy::too_many_arguments)]
+    pub async fn save_and_append(
+        txn: &DatabaseTransaction,
+        it: &Item,
+        stream: &StreamKey,
+        seq: u64,
+        kind: EventKind,
+        data: String,
+        request_id: Option<String>,
+        at: DateTime<Utc>,
+    ) -> Result<Event, StoreError> {
+        if txn.get_database_backend() != DbBackend::Sqlite {
+            Self::save_item(txn, it).await?;
+            return Self::append(txn, stream, seq, kind, data, request_id, at).await;
+        }
+        let seq_i = i64::try_from(seq).map_err(|_| StoreError::Corrupt("seq overflow".into()))?;
+        let values = vec![
+            it.sku.clone().into(),
+            it.name.clone().into(),
+            it.quantity.into(),
+            it.low_stock_threshold.into(),
+            it.version.into(),
+            it.updated_at.into(),
+            it.id.into(),
+            stream.to_string().into(),
+            seq_i.into(),
+            kind.as_str().into(),
+            data.clone().into(),
+            request_id.into(),
+            at.into(),
+        ];
+        let changed = txn
+            .execute_raw(stmt(DbBackend::Sqlite, SAVE_AND_APPEND, values))
+            .await?
+            .rows_affected();
+        // One row updated, one inserted.
+        if changed != 2 {
+            return Err(StoreError::Corrupt(format!(
+                "item {} was not there to update",
+                it.id
+            )));
+        }
+        Ok(Event::render(stream, seq, kind, at, data))
+    }
+}
