@@ -206,6 +206,11 @@ impl Local {
         self.cache.run_from(stream, from, max)
     }
 
+    /// The newest seq of `stream` this node has seen committed, if it has any cached.
+    pub fn newest(&self, stream: &StreamKey) -> Option<u64> {
+        self.cache.newest(stream)
+    }
+
     pub fn is_live(&self, stream: &StreamKey) -> bool {
         self.hub.subscribers(stream) > 0
     }

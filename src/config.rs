@@ -219,10 +219,10 @@ pub struct ServeArgs {
     #[arg(long, env = "ZONECAST_WS_PING", default_value = "30s", value_parser = duration)]
     pub ws_ping: Duration,
 
-    /// Replies (acks, errors, snapshots, pings) queued per WebSocket connection while
-    /// its socket is not being read; events are not queued: a connection's
-    /// subscriptions stop pulling while its socket is blocked (and later catch up from
-    /// the cache or the log).
+    /// A WebSocket connection's outgoing queue, while its socket is not being read:
+    /// this many × 256 bytes (replies, pings and events). Once it is full, the
+    /// connection's subscriptions stop pulling (they catch up later from the cache or
+    /// the log), and a queue that stays full for two ping intervals closes it.
     #[arg(long, env = "ZONECAST_WS_QUEUE", default_value_t = 256)]
     pub ws_queue: usize,
 

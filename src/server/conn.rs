@@ -399,7 +399,8 @@ impl Plain {
         drop(service);
         let (local, remote) = self.addrs;
         let parts = poem::RequestParts::from((parts, local, remote, Scheme::HTTP));
-        let req = poem::Request::from_parts(parts, poem::Body::empty());
+        let mut req = poem::Request::from_parts(parts, poem::Body::empty());
+        req.extensions_mut().insert(takeover::Answered);
         let resp = self.endpoint.get_response(req).await;
         if let Some((hand_over, head)) = takeover::taken(&resp) {
             drop(resp);

@@ -43,7 +43,7 @@ use tokio::net::TcpListener;
 use tokio::sync::watch;
 
 pub use accept::{Slot, Slots};
-pub use takeover::{Eligible, RawConnection, Takeover};
+pub use takeover::{Answered, Eligible, RawConnection, Takeover};
 
 /// What one server allows its clients.
 #[derive(Debug, Clone)]

@@ -43,6 +43,11 @@ pub type Eligible = fn(&Method, &str) -> bool;
 /// `431`).
 const MAX_HEADERS: usize = 64;
 
+/// A request extension: this request is answered outside hyper, so a response may
+/// take the socket over (a WebSocket upgrade has no hyper upgrade to wait for).
+#[derive(Clone, Copy, Debug)]
+pub struct Answered;
+
 /// A response extension: "give me the socket once the head is ready". Taken once;
 /// ignored (and dropped) when the response is served by hyper instead (TLS, HTTP/2, a
 /// request later on a keep-alive connection), where the body serves the client.
@@ -135,10 +140,11 @@ fn parse(buf: &[u8], eligible: Eligible) -> Parsed {
         ) else {
             return Parsed::Complete(Head::Other);
         };
-        // A body, or a protocol switch, is hyper's to handle.
+        // A body, or a switch to anything but WebSocket, is hyper's to handle.
         let plain = match name {
             header::CONTENT_LENGTH => value.as_bytes() == b"0",
-            header::TRANSFER_ENCODING | header::UPGRADE | header::EXPECT => false,
+            header::UPGRADE => value.as_bytes().eq_ignore_ascii_case(b"websocket"),
+            header::TRANSFER_ENCODING | header::EXPECT => false,
             _ => true,
         };
         if !plain {
@@ -152,20 +158,32 @@ fn parse(buf: &[u8], eligible: Eligible) -> Parsed {
     }
 }
 
-/// If `resp` asks for the socket (a `200` with a `Takeover`), its hand-over and the
-/// head to write first.
+/// If `resp` asks for the socket (a `200` or a `101` with a `Takeover`), its hand-over
+/// and the head to write first.
 pub(super) fn taken(resp: &poem::Response) -> Option<(TakeoverFn, Bytes)> {
-    if resp.status() != StatusCode::OK {
-        return None;
-    }
+    let body = match resp.status() {
+        StatusCode::OK => Body::UntilClose,
+        StatusCode::SWITCHING_PROTOCOLS => Body::Switched,
+        _ => return None,
+    };
     let f = resp.extensions().get::<Takeover>()?.take()?;
-    Some((f, head(resp, false)))
+    Some((f, head(resp, body)))
+}
+
+/// How the body after a head is framed.
+#[derive(Clone, Copy, PartialEq)]
+enum Body {
+    Chunked,
+    /// It ends with the connection.
+    UntilClose,
+    /// None: the connection speaks another protocol (the response's own `Connection`
+    /// and `Upgrade` say which).
+    Switched,
 }
 
 /// The response head: the status line, the response's own headers but those that
-/// frame a body, and `connection: close`; with `chunked`, the body is chunked,
-/// otherwise it ends with the connection.
-fn head(resp: &poem::Response, chunked: bool) -> Bytes {
+/// frame a body, and `connection: close` (unless the protocol switches).
+fn head(resp: &poem::Response, body: Body) -> Bytes {
     let status = resp.status();
     let mut b = BytesMut::with_capacity(256);
     b.put_slice(b"HTTP/1.1 ");
@@ -174,10 +192,12 @@ fn head(resp: &poem::Response, chunked: bool) -> Bytes {
     b.put_slice(status.canonical_reason().unwrap_or("").as_bytes());
     b.put_slice(b"\r\n");
     for (name, value) in resp.headers() {
-        if matches!(
-            *name,
-            header::CONTENT_LENGTH | header::TRANSFER_ENCODING | header::CONNECTION
-        ) {
+        let framing = match *name {
+            header::CONTENT_LENGTH | header::TRANSFER_ENCODING => true,
+            header::CONNECTION => body != Body::Switched,
+            _ => false,
+        };
+        if framing {
             continue;
         }
         b.put_slice(name.as_str().as_bytes());
@@ -185,10 +205,12 @@ fn head(resp: &poem::Response, chunked: bool) -> Bytes {
         b.put_slice(value.as_bytes());
         b.put_slice(b"\r\n");
     }
-    if chunked {
-        b.put_slice(b"transfer-encoding: chunked\r\n");
+    match body {
+        Body::Chunked => b.put_slice(b"transfer-encoding: chunked\r\nconnection: close\r\n"),
+        Body::UntilClose => b.put_slice(b"connection: close\r\n"),
+        Body::Switched => {}
     }
-    b.put_slice(b"connection: close\r\n\r\n");
+    b.put_slice(b"\r\n");
     b.freeze()
 }
 
@@ -198,7 +220,7 @@ pub(super) async fn write_response<W: AsyncWrite + Unpin>(
     io: &mut W,
     resp: poem::Response,
 ) -> std::io::Result<()> {
-    io.write_all(&head(&resp, true)).await?;
+    io.write_all(&head(&resp, Body::Chunked)).await?;
     let mut body = resp.into_body().into_bytes_stream();
     while let Some(chunk) = body.next().await {
         let chunk = chunk?;
@@ -307,7 +329,7 @@ mod tests {
             "POST /sse/alerts HTTP/1.1\r\nHost: x\r\nContent-Length: 2\r\n\r\n{}",
             "GET /sse/alerts HTTP/1.1\r\nContent-Length: 5\r\n\r\n",
             "GET /sse/alerts HTTP/1.1\r\nTransfer-Encoding: chunked\r\n\r\n",
-            "GET /sse/alerts HTTP/1.1\r\nUpgrade: websocket\r\nConnection: upgrade\r\n\r\n",
+            "GET /sse/alerts HTTP/1.1\r\nUpgrade: h2c\r\nConnection: upgrade\r\n\r\n",
             "PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n",
             "GET /sse/alerts HTTP/1.1\r\nBad Header\r\n\r\n",
         ] {
@@ -336,7 +358,7 @@ mod tests {
             .header("X-Request-Id", "r1")
             .header("Content-Length", "3")
             .finish();
-        let h = head(&resp, false);
+        let h = head(&resp, Body::UntilClose);
         let text = std::str::from_utf8(&h).expect("utf-8");
         assert!(text.starts_with("HTTP/1.1 200 OK\r\n"), "{text}");
         assert!(

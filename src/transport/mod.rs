@@ -1,18 +1,20 @@
 //! Transports: how cursors reach clients. They parse requests, open streams through
 //! `open` (the service decides who may read what), render items with `render`, write
-//! them in batches made by `batch`, and hold no state of their own beyond one
-//! connection.
+//! them in batches made by `batch` (to sockets without waiting: `send`), and hold no
+//! state beyond their connections and the fan-out of their streams.
 //!
 //! - `sse`: the single-stream endpoints and the event-stream response body;
 //!   `sse_multi`: several streams on one EventSource; `sse_socket`: a single-stream
-//!   connection the server handed over, on its own until it has caught up; `fanout`:
-//!   one task per stream writing to every caught-up connection's socket.
+//!   connection the server handed over, on its own until it has caught up.
+//! - `fanout`: one task per stream writing each batch to every caught-up connection,
+//!   SSE or WebSocket.
 //! - `ws`: WebSocket connections; `ws_protocol`: their messages; `ws_socket`: the
-//!   socket, its writer and how it closes.
+//!   socket, the outgoing queue every writer shares, and how it closes.
 
 pub mod batch;
 pub mod fanout;
 pub mod render;
+pub mod send;
 pub mod sse;
 pub mod sse_multi;
 pub mod sse_socket;

@@ -106,13 +106,16 @@ async fn resumable(caller: &Caller<'_>, stream: Result<StreamKey, OpenError>) ->
 }
 
 /// Whether the server may answer a plain HTTP/1 connection's first request to `path`
-/// itself, so that `respond_single`'s response can take the socket over (see
-/// `server::takeover`): the single-stream endpoints.
+/// itself, so that the response can take the socket over (see `server::takeover`):
+/// the single-stream SSE endpoints (`respond_single`) and the WebSocket ones
+/// (`ws_socket::upgrade`).
 pub fn takes_over(method: &Method, path: &str) -> bool {
     method == Method::GET
         && (path == "/sse/alerts"
             || path == "/sse/notifications"
-            || (path.starts_with("/sse/zones/") && path.ends_with("/stock")))
+            || (path.starts_with("/sse/zones/") && path.ends_with("/stock"))
+            || path == "/ws"
+            || path.starts_with("/ws/zones/"))
 }
 
 /// The event-stream response of one cursor. Where the server hands the socket over,

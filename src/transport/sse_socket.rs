@@ -15,7 +15,8 @@ use tokio::net::TcpStream;
 use tokio::time::{Instant, MissedTickBehavior, interval_at};
 
 use super::batch::{MAX_CHUNK, collect, join};
-use super::fanout::{Conn, Fanout, Follower, Sent, peer_gone, try_send};
+use super::fanout::{Conn, Fanout, Follower, Joiner, peer_gone};
+use super::send::{Sent, try_send};
 use super::{Delivery, render, stopping};
 use crate::cursor::{Cursor, Start};
 use crate::domain::Principal;
@@ -107,7 +108,8 @@ async fn follow(fanout: Fanout, f: Follower, mut cursor: Cursor, mut pending: By
                 delivery.stats.sent(Transport::Sse, pieces.len() as u64);
                 pending = join(&mut pieces);
             } else if cursor.caught_up() {
-                fanout.join(cursor.position(), f);
+                let stream = f.stream.clone();
+                fanout.join(&stream, cursor.position(), Joiner::Sse(f));
                 return;
             }
         }

@@ -1,45 +1,56 @@
-//! The WebSocket socket itself: the upgrade handshake, the writer task, and how a
-//! connection ends. No protocol messages here (that is `ws_protocol`), no streams
-//! (that is `ws`): the writer takes what it sends from a bounded queue (replies,
-//! pings) and from a `Feed` it is given (the connection's subscriptions), and writes
-//! a feed's batch straight to the socket, so a delivery wakes one task, not two.
+//! The WebSocket socket itself: the upgrade, the outgoing side every writer shares,
+//! and how a connection ends. No protocol messages here (that is `ws_protocol`), no
+//! streams (that is `ws`).
 //!
-//! tokio-tungstenite is used directly rather than through poem's wrapper: poem turns
-//! every read error into a string, and the close code depends on which error it was.
+//! Two writers may send on one connection: its own task (replies, pings, the streams
+//! it follows itself) and the fan-out task of a stream it has caught up with
+//! (`fanout`). Both go through the connection's `Out`, under one lock, whole frames at
+//! a time, so frames never interleave:
+//! - with the socket handed over by the server (`direct`), a writer that finds nothing
+//!   queued writes straight to it without waiting, and queues only what the socket did
+//!   not take; the connection's task flushes the queue when the socket has room;
+//! - otherwise (hyper's upgrade, TLS) writers queue and the task writes.
+//!
+//! Bytes queued are bounded (`limit`): past it the task stops reading requests and
+//! pulling its streams, a fan-out hands the stream back, and a client that still reads
+//! nothing is closed (`ws`).
+//!
+//! Reading is tungstenite's (poem's wrapper turns every read error into a string, and
+//! the close code depends on which error it was). What tungstenite writes by itself
+//! (the answer to a ping or a close) goes through `Out` too.
 //!
 //! How a connection ends, whoever ends it:
-//! 1. The writer is asked to send the close frame *ahead of* anything still queued
-//!    (a client that does not read has a full queue), and gets `LINGER` for it.
-//! 2. The write half of the TCP connection is shut down, and what the client still
-//!    sends is read and dropped until it closes too, or `LINGER` passes (a lingering
-//!    close, as nginx does): closing a socket with unread input resets the
-//!    connection, and the client may lose the close frame.
-//! 3. Everything is dropped: the writer task (aborted if it is still stuck), the
-//!    socket, the queue. Nothing of the connection outlives this.
+//! 1. The close frame goes ahead of anything still queued (a client that does not
+//!    read has a full queue), and the flush gets `LINGER`.
+//! 2. The write half is shut down, and what the client still sends is read and dropped
+//!    until it closes too, or `LINGER` passes (a lingering close, as nginx does):
+//!    closing a socket with unread input resets the connection, and the client may
+//!    lose the close frame.
+//! 3. The socket is shut down for good, and the fan-out groups it was in are told.
 
+use std::collections::{HashMap, VecDeque};
 use std::future::Future;
+use std::pin::Pin;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::task::{Context, Poll};
 use std::time::Duration;
 
-use futures_util::stream::{SplitSink, SplitStream};
-use futures_util::{SinkExt, StreamExt};
+use bytes::{Buf, BufMut, Bytes, BytesMut};
 use poem::http::{StatusCode, header};
-use poem::{Request, Response, Upgraded};
-use tokio::io::AsyncWriteExt;
-use tokio::sync::{mpsc, oneshot};
-use tokio::task::JoinHandle;
+use poem::{Request, Response};
+use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt, ReadBuf, ReadHalf, WriteHalf};
+use tokio::net::TcpStream;
+use tokio::sync::Notify;
 use tokio_tungstenite::WebSocketStream;
-use tokio_tungstenite::tungstenite::Message;
 use tokio_tungstenite::tungstenite::handshake::derive_accept_key;
 use tokio_tungstenite::tungstenite::protocol::frame::CloseFrame;
 use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
 use tokio_tungstenite::tungstenite::protocol::{Role, WebSocketConfig};
 
+use crate::domain::StreamKey;
 use crate::http::problem::Problem;
-use crate::observe::Stats;
-
-pub type Socket = WebSocketStream<Upgraded>;
-pub type Incoming = SplitStream<Socket>;
-type Sink = SplitSink<Socket, Message>;
+use crate::server::{RawConnection, Slot, Takeover};
 
 /// How long the end of a connection may take for each of its steps.
 pub const LINGER: Duration = Duration::from_secs(2);
@@ -47,17 +58,364 @@ pub const LINGER: Duration = Duration::from_secs(2);
 /// Largest message (and frame) a client may send.
 pub const MAX_MESSAGE: usize = 64 * 1024;
 
-/// Messages written to the socket in one flush, at most.
-const BATCH: usize = 64;
+/// What tungstenite reads from.
+pub type Socket = WebSocketStream<ReadIo>;
 
 fn config() -> WebSocketConfig {
-    // A 4 KiB read buffer and no write buffer instead of tungstenite's 128 KiB keep an
-    // idle connection small; messages and frames above 64 KiB are refused (1009).
+    // A 256-byte read buffer (it grows for a larger message) and no write buffer instead
+    // of tungstenite's 128 KiB keep an idle connection small; messages and frames
+    // above 64 KiB are refused (1009).
     WebSocketConfig::default()
-        .read_buffer_size(4096)
+        .read_buffer_size(256)
         .write_buffer_size(0)
         .max_message_size(Some(MAX_MESSAGE))
         .max_frame_size(Some(MAX_MESSAGE))
+}
+
+/// A server frame (unmasked, final) with `opcode` around `payload`.
+pub fn frame(opcode: u8, payload: &[u8]) -> Bytes {
+    let mut b = BytesMut::with_capacity(payload.len() + 10);
+    b.put_u8(0x80 | opcode);
+    match payload.len() {
+        n if n < 126 => b.put_u8(n as u8),
+        n if n <= 0xffff => {
+            b.put_u8(126);
+            b.put_u16(n as u16);
+        }
+        n => {
+            b.put_u8(127);
+            b.put_u64(n as u64);
+        }
+    }
+    b.put_slice(payload);
+    b.freeze()
+}
+
+pub fn text(payload: &[u8]) -> Bytes {
+    frame(0x1, payload)
+}
+
+pub fn ping() -> Bytes {
+    frame(0x9, &[])
+}
+
+fn close(f: &CloseFrame) -> Bytes {
+    let mut payload = Vec::with_capacity(2 + f.reason.len());
+    payload.extend_from_slice(&u16::from(f.code).to_be_bytes());
+    payload.extend_from_slice(f.reason.as_bytes());
+    frame(0x8, &payload)
+}
+
+/// Why the server ends a connection, as its close frame.
+pub fn close_frame(code: CloseCode, reason: &str) -> CloseFrame {
+    // A close reason is at most 123 bytes; cut at a char boundary below that.
+    let mut end = reason.len().min(123);
+    while !reason.is_char_boundary(end) {
+        end -= 1;
+    }
+    CloseFrame {
+        code,
+        reason: reason[..end].to_owned().into(),
+    }
+}
+
+/// The socket the server handed over, with its place under the server's caps.
+struct Direct {
+    tcp: TcpStream,
+    _slot: Slot,
+}
+
+/// The outgoing side of one connection, shared by its task and the fan-out groups it
+/// is a member of.
+pub struct WsConn {
+    direct: Option<Direct>,
+    out: Mutex<Out>,
+    /// Wakes the connection's task: something to flush, or a stream handed back.
+    pub wake: Notify,
+    closed: AtomicBool,
+    /// Bytes queued at most before the client counts as not reading.
+    limit: usize,
+}
+
+#[derive(Default)]
+struct Out {
+    /// Frames to write, in order; the first may be partly written.
+    queue: VecDeque<Bytes>,
+    queued: usize,
+    /// The first of `queue` is partly written: it must be finished before anything
+    /// else.
+    started: bool,
+    /// Each subscribed stream and its subscription's number: a fan-out writes a stream
+    /// only while its number is the one it joined with.
+    subs: HashMap<StreamKey, u64>,
+    /// Streams a fan-out handed back: `(stream, number, seq written last)`.
+    returned: Vec<(StreamKey, u64, u64)>,
+}
+
+static NEXT_SUBSCRIPTION: AtomicU64 = AtomicU64::new(1);
+
+/// What became of a fan-out's batch.
+pub enum Delivered {
+    /// Written, or queued behind what was.
+    Yes,
+    /// Too much is queued already: the stream goes back to the connection's task.
+    Busy,
+    /// The connection or the subscription is gone.
+    Gone,
+}
+
+impl WsConn {
+    fn new(direct: Option<Direct>, limit: usize) -> Arc<Self> {
+        Arc::new(WsConn {
+            direct,
+            out: Mutex::default(),
+            wake: Notify::new(),
+            closed: AtomicBool::new(false),
+            limit,
+        })
+    }
+
+    fn out(&self) -> MutexGuard<'_, Out> {
+        // Every critical section leaves the queue whole, so a poisoned lock is usable.
+        self.out.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    pub fn is_closed(&self) -> bool {
+        self.closed.load(Ordering::Acquire)
+    }
+
+    /// Writes (or queues) `bytes`, whole frames, after everything before them.
+    fn put(&self, out: &mut Out, bytes: Bytes) {
+        if out.queue.is_empty()
+            && let Some(d) = &self.direct
+        {
+            match super::send::try_send(&d.tcp, &bytes) {
+                super::send::Sent::All => return,
+                super::send::Sent::Part(n) => {
+                    out.started = n > 0;
+                    let rest = bytes.slice(n..);
+                    out.queued += rest.len();
+                    out.queue.push_back(rest);
+                }
+                // The task finds out when it reads or flushes.
+                super::send::Sent::Gone => return,
+            }
+            self.wake.notify_one();
+            return;
+        }
+        out.queued += bytes.len();
+        out.queue.push_back(bytes);
+        self.wake.notify_one();
+    }
+
+    /// Sends frames of the connection's own (replies, pings).
+    pub fn send(&self, bytes: Bytes) {
+        let mut out = self.out();
+        self.put(&mut out, bytes);
+    }
+
+    /// More is queued than a reading client would leave.
+    pub fn over_limit(&self) -> bool {
+        self.out().queued > self.limit
+    }
+
+    pub fn pending(&self) -> bool {
+        !self.out().queue.is_empty()
+    }
+
+    /// A new subscription to `stream` (replacing any): its number.
+    pub fn subscribe(&self, stream: &StreamKey) -> u64 {
+        let n = NEXT_SUBSCRIPTION.fetch_add(1, Ordering::Relaxed);
+        self.out().subs.insert(stream.clone(), n);
+        n
+    }
+
+    /// Ends the subscription to `stream` and sends `reply` after its last event: no
+    /// fan-out writes the stream once this returns.
+    pub fn unsubscribe(&self, stream: &StreamKey, reply: Bytes) {
+        let mut out = self.out();
+        out.subs.remove(stream);
+        out.returned.retain(|(s, _, _)| s != stream);
+        self.put(&mut out, reply);
+    }
+
+    /// Whether subscription `n` to `stream` is current.
+    pub fn is_current(&self, stream: &StreamKey, n: u64) -> bool {
+        self.out().subs.get(stream) == Some(&n)
+    }
+
+    /// A fan-out's batch for `stream` (subscription `n`).
+    pub fn deliver(&self, stream: &StreamKey, n: u64, bytes: &Bytes) -> Delivered {
+        let mut out = self.out();
+        if self.is_closed() || out.subs.get(stream) != Some(&n) {
+            return Delivered::Gone;
+        }
+        if out.queued + bytes.len() > self.limit {
+            return Delivered::Busy;
+        }
+        self.put(&mut out, bytes.clone());
+        Delivered::Yes
+    }
+
+    /// A fan-out hands `stream` back: the task follows it on its own from `after`.
+    pub fn hand_back(&self, stream: &StreamKey, n: u64, after: u64) {
+        let mut out = self.out();
+        if out.subs.get(stream) == Some(&n) {
+            out.returned.push((stream.clone(), n, after));
+        }
+        drop(out);
+        self.wake.notify_one();
+    }
+
+    pub fn has_returned(&self) -> bool {
+        !self.out().returned.is_empty()
+    }
+
+    pub fn take_returned(&self) -> Vec<(StreamKey, u64, u64)> {
+        std::mem::take(&mut self.out().returned)
+    }
+
+    /// The streams this connection is subscribed to.
+    pub fn streams(&self) -> Vec<StreamKey> {
+        self.out().subs.keys().cloned().collect()
+    }
+
+    /// Puts the close frame ahead of everything queued but a frame already started.
+    fn queue_close(&self, f: &CloseFrame) {
+        let mut out = self.out();
+        let keep = usize::from(out.started);
+        out.queue.truncate(keep);
+        out.queued = out.queue.iter().map(Bytes::len).sum();
+        let bytes = close(f);
+        out.queued += bytes.len();
+        out.queue.push_back(bytes);
+    }
+
+    /// Writes what the socket takes now; `true` when nothing is left.
+    fn try_flush(&self, tcp: &TcpStream) -> std::io::Result<bool> {
+        let mut out = self.out();
+        while let Some(front) = out.queue.front_mut() {
+            match super::send::try_send(tcp, front) {
+                super::send::Sent::All => {
+                    let n = front.len();
+                    out.queue.pop_front();
+                    out.queued -= n;
+                    out.started = false;
+                }
+                super::send::Sent::Part(n) => {
+                    front.advance(n);
+                    out.queued -= n;
+                    out.started |= n > 0;
+                    return Ok(false);
+                }
+                super::send::Sent::Gone => {
+                    return Err(std::io::ErrorKind::BrokenPipe.into());
+                }
+            }
+        }
+        Ok(true)
+    }
+}
+
+/// The writing half of a connection the task writes itself (hyper's upgrade, TLS).
+pub type Writer = Option<WriteHalf<BoxIo>>;
+
+/// Writes some of what is queued (all of it, on a handed-over socket); waits for the
+/// socket as it must. Cancel-safe: bytes leave the queue only once written.
+pub async fn flush(conn: &WsConn, writer: &mut Writer) -> std::io::Result<()> {
+    if let Some(d) = &conn.direct {
+        while !conn.try_flush(&d.tcp)? {
+            d.tcp.writable().await?;
+        }
+        return Ok(());
+    }
+    let Some(w) = writer else {
+        return Err(std::io::ErrorKind::NotConnected.into());
+    };
+    let Some(front) = conn.out().queue.front().cloned() else {
+        return Ok(());
+    };
+    let n = w.write(&front).await?;
+    if n == 0 {
+        return Err(std::io::ErrorKind::WriteZero.into());
+    }
+    let mut out = conn.out();
+    let done = out.queue.front_mut().map(|f| {
+        f.advance(n);
+        f.is_empty()
+    });
+    out.started = done == Some(false);
+    if done == Some(true) {
+        out.queue.pop_front();
+    }
+    out.queued -= n;
+    Ok(())
+}
+
+/// What hyper's upgrade gives, boxed.
+pub trait Io: AsyncRead + AsyncWrite + Send + Unpin {}
+impl<T: AsyncRead + AsyncWrite + Send + Unpin> Io for T {}
+pub type BoxIo = Box<dyn Io>;
+
+/// The reading side tungstenite is given; what tungstenite writes by itself (pongs,
+/// the answer to a close) is queued on the connection.
+pub struct ReadIo {
+    conn: Arc<WsConn>,
+    half: Option<ReadHalf<BoxIo>>,
+}
+
+impl AsyncRead for ReadIo {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<std::io::Result<()>> {
+        let this = &mut *self;
+        if let Some(h) = this.half.as_mut() {
+            return Pin::new(h).poll_read(cx, buf);
+        }
+        let Some(d) = &this.conn.direct else {
+            return Poll::Ready(Ok(()));
+        };
+        loop {
+            std::task::ready!(d.tcp.poll_read_ready(cx))?;
+            match d.tcp.try_read(buf.initialize_unfilled()) {
+                Ok(n) => {
+                    buf.advance(n);
+                    return Poll::Ready(Ok(()));
+                }
+                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => continue,
+                Err(e) => return Poll::Ready(Err(e)),
+            }
+        }
+    }
+}
+
+impl AsyncWrite for ReadIo {
+    fn poll_write(
+        self: Pin<&mut Self>,
+        _: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<std::io::Result<usize>> {
+        self.conn.send(Bytes::copy_from_slice(buf));
+        Poll::Ready(Ok(buf.len()))
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, _: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Poll::Ready(Ok(()))
+    }
+
+    fn poll_shutdown(self: Pin<&mut Self>, _: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Poll::Ready(Ok(()))
+    }
+}
+
+/// A connection ready to serve: tungstenite's reading side, the shared outgoing side,
+/// and the writing half where the task writes itself.
+pub struct Opened {
+    pub socket: Socket,
+    pub conn: Arc<WsConn>,
+    pub writer: Writer,
 }
 
 fn header_has(req: &Request, name: header::HeaderName, token: &str) -> bool {
@@ -67,11 +425,13 @@ fn header_has(req: &Request, name: header::HeaderName, token: &str) -> bool {
     })
 }
 
-/// Answers the upgrade handshake (RFC 6455 §4.2) with 101, and runs `serve` on the
-/// socket once hyper hands it over; anything else gets 400 problem+json.
-pub fn upgrade<F, Fut>(req: &Request, serve: F) -> Response
+/// Answers the upgrade handshake (RFC 6455 §4.2) with 101, and runs `serve` once the
+/// socket is there: handed over by the server (a plain connection's first request),
+/// or by hyper's upgrade. Anything else gets 400 problem+json. `limit` bounds the
+/// bytes queued.
+pub fn upgrade<F, Fut>(req: &Request, limit: usize, serve: F) -> Response
 where
-    F: FnOnce(Socket) -> Fut + Send + 'static,
+    F: FnOnce(Opened) -> Fut + Send + 'static,
     Fut: Future<Output = ()> + Send + 'static,
 {
     let key = req.header("Sec-WebSocket-Key").map(str::to_owned);
@@ -88,21 +448,7 @@ where
         )
         .response();
     };
-    let Ok(on_upgrade) = req.take_upgrade() else {
-        return Problem::new(
-            StatusCode::BAD_REQUEST,
-            "bad_request",
-            "this connection cannot be upgraded",
-        )
-        .response();
-    };
-    tokio::spawn(async move {
-        if let Ok(upgraded) = on_upgrade.await {
-            let socket = Socket::from_raw_socket(upgraded, Role::Server, Some(config())).await;
-            serve(socket).await;
-        }
-    });
-    Response::builder()
+    let mut resp = Response::builder()
         .status(StatusCode::SWITCHING_PROTOCOLS)
         .header(header::CONNECTION, "upgrade")
         .header(header::UPGRADE, "websocket")
@@ -110,156 +456,127 @@ where
             header::SEC_WEBSOCKET_ACCEPT,
             derive_accept_key(key.as_bytes()),
         )
-        .finish()
-}
-
-/// Why the server ends a connection, as its close frame.
-pub fn close_frame(code: CloseCode, reason: &str) -> CloseFrame {
-    // A close reason is at most 123 bytes; cut at a char boundary below that.
-    let mut end = reason.len().min(123);
-    while !reason.is_char_boundary(end) {
-        end -= 1;
-    }
-    CloseFrame {
-        code,
-        reason: reason[..end].to_owned().into(),
-    }
-}
-
-/// More to send besides the queue: batches the writer asks for when it is free, so a
-/// client that does not read stops the feed from being pulled (and its memory stays
-/// one batch).
-pub trait Feed: Send + 'static {
-    /// Waits for the next batch and appends it to `out`. Cancel-safe: nothing is
-    /// taken unless the future completes.
-    fn next_batch(&mut self, out: &mut Vec<Message>) -> impl Future<Output = ()> + Send;
-
-    /// The batch just taken was written.
-    fn written(&mut self, n: usize);
-}
-
-/// The sending side of a connection, owned by its writer task.
-pub struct Writer {
-    /// Replies and pings (not the close frame), bounded. Boxed: a tokio channel
-    /// allocates its slots 32 at a time, whatever its bound, and every connection has
-    /// one.
-    pub queue: mpsc::Sender<Box<Message>>,
-    close: Option<oneshot::Sender<CloseFrame>>,
-    task: JoinHandle<Option<Sink>>,
-}
-
-impl Writer {
-    /// Starts the writer; `incoming` is the reading half, returned by `finish`.
-    pub fn spawn<F: Feed>(
-        socket: Socket,
-        queue_len: usize,
-        stats: std::sync::Arc<Stats>,
-        feed: F,
-    ) -> (Self, Incoming) {
-        let (sink, incoming) = socket.split();
-        let (queue, rx) = mpsc::channel(queue_len.max(8));
-        let (close, close_rx) = oneshot::channel();
-        let task = tokio::spawn(write(sink, rx, close_rx, stats, feed));
-        (
-            Writer {
-                queue,
-                close: Some(close),
-                task,
-            },
-            incoming,
-        )
-    }
-
-    /// Ends the connection: the close frame (if the server is the one closing) ahead
-    /// of anything queued, then the lingering close; see the module docs.
-    pub async fn finish(mut self, incoming: Incoming, frame: Option<CloseFrame>) {
-        match (self.close.take(), frame) {
-            (Some(tx), Some(f)) => {
-                let _ = tx.send(f);
-            }
-            // Dropped: the writer flushes what tungstenite owes (the reply to a
-            // client's close) and stops.
-            (tx, _) => drop(tx),
+        .finish();
+    // Boxed: the closure is called once the socket is there, and its captures would
+    // otherwise stay in the task beside the connection made from them.
+    let serve = Box::new(serve);
+    match req.take_upgrade() {
+        Ok(on_upgrade) => {
+            tokio::spawn(async move {
+                if let Ok(upgraded) = on_upgrade.await {
+                    let (read, write) = tokio::io::split(Box::new(upgraded) as BoxIo);
+                    let conn = WsConn::new(None, limit);
+                    let io = ReadIo {
+                        conn: conn.clone(),
+                        half: Some(read),
+                    };
+                    let socket =
+                        WebSocketStream::from_raw_socket(io, Role::Server, Some(config())).await;
+                    serve(Opened {
+                        socket,
+                        conn,
+                        writer: Some(write),
+                    })
+                    .await;
+                }
+            });
         }
-        drop(self.queue);
-        let sink = match tokio::time::timeout(LINGER, &mut self.task).await {
-            Ok(Ok(Some(sink))) => sink,
-            Ok(_) => return,
-            Err(_) => {
-                // A client that reads nothing: its socket is dropped with the task.
-                self.task.abort();
-                return;
-            }
-        };
-        let Ok(mut socket) = incoming.reunite(sink) else {
-            return;
-        };
+        // Answered outside hyper: the server hands the socket over after the head.
+        Err(_) if req.extensions().get::<crate::server::Answered>().is_some() => {
+            resp.extensions_mut()
+                .insert(Takeover::new(move |raw: RawConnection| {
+                    let direct = Direct {
+                        tcp: raw.tcp,
+                        _slot: raw.slot,
+                    };
+                    let conn = WsConn::new(Some(direct), limit);
+                    conn.send(raw.head);
+                    tokio::spawn(async move {
+                        let io = ReadIo {
+                            conn: conn.clone(),
+                            half: None,
+                        };
+                        let socket =
+                            WebSocketStream::from_raw_socket(io, Role::Server, Some(config()))
+                                .await;
+                        serve(Opened {
+                            socket,
+                            conn,
+                            writer: None,
+                        })
+                        .await;
+                    });
+                }));
+        }
+        Err(_) => {
+            return Problem::new(
+                StatusCode::BAD_REQUEST,
+                "bad_request",
+                "this connection cannot be upgraded",
+            )
+            .response();
+        }
+    }
+    resp
+}
+
+/// Ends the connection: the close frame (if the server is the one closing) ahead of
+/// anything queued, then the lingering close; see the module docs. `socket` is read
+/// and dropped meanwhile.
+pub async fn finish(opened: Opened, frame: Option<CloseFrame>) {
+    use futures_util::StreamExt;
+    let Opened {
+        mut socket,
+        conn,
+        mut writer,
+    } = opened;
+    if let Some(f) = &frame {
+        conn.queue_close(f);
+    }
+    let flushed = tokio::time::timeout(LINGER, async {
+        while conn.pending() {
+            flush(&conn, &mut writer).await?;
+        }
+        Ok::<_, std::io::Error>(())
+    })
+    .await;
+    if matches!(flushed, Ok(Ok(()))) {
         let _ = tokio::time::timeout(LINGER, async {
-            let _ = socket.get_mut().shutdown().await;
+            match (&conn.direct, writer.as_mut()) {
+                (Some(d), _) => {
+                    let _ = socket2::SockRef::from(&d.tcp).shutdown(std::net::Shutdown::Write);
+                }
+                (None, Some(w)) => {
+                    let _ = w.shutdown().await;
+                }
+                (None, None) => {}
+            }
             while let Some(Ok(_)) = socket.next().await {}
         })
         .await;
     }
-}
-
-async fn write<F: Feed>(
-    mut sink: Sink,
-    mut queue: mpsc::Receiver<Box<Message>>,
-    mut close: oneshot::Receiver<CloseFrame>,
-    stats: std::sync::Arc<Stats>,
-    mut feed: F,
-) -> Option<Sink> {
-    let mut batch: Vec<Message> = Vec::new();
-    loop {
-        let fed = tokio::select! {
-            biased;
-            frame = &mut close => return send_close(sink, frame.ok()).await,
-            m = queue.recv() => match m {
-                Some(m) => {
-                    // Everything already queued goes out in one flush.
-                    batch.push(*m);
-                    while batch.len() < BATCH {
-                        match queue.try_recv() {
-                            Ok(m) => batch.push(*m),
-                            Err(_) => break,
-                        }
-                    }
-                    false
-                }
-                None => return send_close(sink, close.await.ok()).await,
-            },
-            () = feed.next_batch(&mut batch) => true,
-        };
-        let n = batch.len();
-        let write = async {
-            for m in batch.drain(..) {
-                sink.feed(m).await?;
-            }
-            sink.flush().await
-        };
-        // The close frame still overtakes a write the client is not reading.
-        let sent = tokio::select! {
-            biased;
-            frame = &mut close => return send_close(sink, frame.ok()).await,
-            r = write => r,
-        };
-        if sent.is_err() {
-            stats.send_error();
-            return None;
-        }
-        if fed {
-            feed.written(n);
-        }
+    conn.closed.store(true, Ordering::Release);
+    if let Some(d) = &conn.direct {
+        let _ = socket2::SockRef::from(&d.tcp).shutdown(std::net::Shutdown::Both);
     }
 }
 
-async fn send_close(mut sink: Sink, frame: Option<CloseFrame>) -> Option<Sink> {
-    let sent = tokio::time::timeout(LINGER, async {
-        match frame {
-            Some(f) => sink.send(Message::Close(Some(f))).await,
-            None => sink.close().await,
-        }
-    })
-    .await;
-    matches!(sent, Ok(Ok(()))).then_some(sink)
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn server_frames_carry_their_length_in_the_shortest_form() {
+        assert_eq!(&text(b"hi")[..], b"\x81\x02hi");
+        let mid = text(&[b'a'; 300]);
+        assert_eq!(&mid[..4], &[0x81, 126, 0x01, 0x2c]);
+        let big = text(&vec![b'b'; 70_000]);
+        assert_eq!(&big[..2], &[0x81, 127]);
+        assert_eq!(
+            u64::from_be_bytes(big[2..10].try_into().expect("8")),
+            70_000
+        );
+        let c = close(&close_frame(CloseCode::Away, "bye"));
+        assert_eq!(&c[..], b"\x88\x05\x03\xe9bye");
+    }
 }

@@ -149,6 +149,29 @@ async fn fanout_until(app: &TestApp, what: &str, ok: impl Fn((u64, u64, u64)) ->
     .await;
 }
 
+/// Large changes (a 500-character reason each), in rounds of 100, until the fan-out
+/// has handed a connection back (its socket or queue filled), at most 50 rounds; how
+/// many were made.
+async fn changes_until_handed_back(app: &TestApp, item: i32) -> u64 {
+    const ROUND: u64 = 100;
+    let reason = "r".repeat(500);
+    let admin = Principal::system("test");
+    let mut changes = 0;
+    for _ in 0..50 {
+        for _ in 0..ROUND {
+            app.service
+                .update_item(item, patch(Some(&reason)), None, &admin)
+                .await
+                .expect("change");
+        }
+        changes += ROUND;
+        if fanout(app).await.2 >= 1 {
+            return changes;
+        }
+    }
+    panic!("no connection was handed back after {changes} changes");
+}
+
 fn patch(reason: Option<&str>) -> ItemPatch {
     ItemPatch::parse(None, Some(1), None, None, None, reason).expect("patch")
 }
@@ -259,7 +282,6 @@ async fn a_stream_later_on_a_keep_alive_connection_is_served_chunked_by_hyper() 
 /// every event, in order, once, and rejoins.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_reader_that_stops_reading_falls_behind_alone_and_later_gets_everything_once() {
-    const ROUND: u64 = 100;
     let db = TestDb::sqlite().await;
     let app = spawn_app(&db, &[]).await;
     let zone = app.create_zone("Slow").await;
@@ -291,24 +313,7 @@ async fn a_reader_that_stops_reading_falls_behind_alone_and_later_gets_everythin
         .await;
         (fast, ids)
     });
-    // Large events fill the slow reader's socket buffers; rounds go on until the
-    // fan-out has handed it back (a bounded number of them).
-    let reason = "r".repeat(500);
-    let admin = Principal::system("test");
-    let mut changes = 0;
-    for _ in 0..50 {
-        for _ in 0..ROUND {
-            app.service
-                .update_item(item, patch(Some(&reason)), None, &admin)
-                .await
-                .expect("change");
-        }
-        changes += ROUND;
-        if fanout(&app).await.2 >= 1 {
-            break;
-        }
-    }
-    assert!(fanout(&app).await.2 >= 1, "the slow reader was handed back");
+    let changes = changes_until_handed_back(&app, item).await;
     last_tx.send_replace(start + changes);
     let (mut fast, ids) = within_for(LOAD_WAIT, "the fast reader", fast_reader)
         .await
@@ -322,7 +327,7 @@ async fn a_reader_that_stops_reading_falls_behind_alone_and_later_gets_everythin
     );
     fanout_until(&app, "the slow reader to rejoin", |(_, m, _)| m == 2).await;
     app.service
-        .update_item(item, patch(None), None, &admin)
+        .update_item(item, patch(None), None, &Principal::system("test"))
         .await
         .expect("change");
     assert_eq!(slow.ids(1, WAIT).await, vec![start + changes + 1]);
@@ -433,5 +438,125 @@ async fn a_revoked_keys_streams_end_in_the_fanout() {
     assert_eq!(f.event, "item_created");
     let data: Value = serde_json::from_str(&f.data).expect("json");
     assert_eq!(data["data"]["item_id"], item);
+    app.stop().await;
+}
+
+/// A WebSocket subscription that has caught up joins its stream's fan-out beside the
+/// SSE connections: one group writes both, each in its own framing, every change in
+/// order; the group lets a connection go as soon as it ends.
+#[tokio::test]
+async fn ws_and_sse_followers_of_one_stream_share_its_fanout() {
+    let db = TestDb::sqlite().await;
+    let app = spawn_app(&db, &[]).await;
+    let zone = app.create_zone("Both").await;
+    let item = app.create_item(zone, "B", 0, 0).await;
+    let mut sse = RawSse::open(&app, &format!("/sse/zones/{zone}/stock"), None, None).await;
+    let (mut ws, _) = app.ws_welcomed(&format!("/ws/zones/{zone}")).await;
+    fanout_until(&app, "both to join one group", |(g, m, _)| g == 1 && m == 2).await;
+    let start = app.snapshot(zone).await["last_event_id"]
+        .as_u64()
+        .expect("id");
+    for _ in 0..3 {
+        app.delta(item, 1).await;
+    }
+    let want: Vec<u64> = (start + 1..=start + 3).collect();
+    assert_eq!(sse.ids(3, WAIT).await, want);
+    let mut got = Vec::new();
+    while got.len() < 3 {
+        let v = ws.recv().await;
+        got.push(v["id"].as_u64().expect("an event"));
+    }
+    assert_eq!(got, want);
+    drop(ws);
+    fanout_until(&app, "the WebSocket to leave the group", |(g, m, _)| {
+        g == 1 && m == 1
+    })
+    .await;
+    app.delta(item, 1).await;
+    assert_eq!(sse.ids(1, WAIT).await, vec![start + 4]);
+    app.stop().await;
+}
+
+/// `unsubscribed` comes after the stream's last event, and nothing of the stream
+/// follows it, though the stream's fan-out was writing it.
+#[tokio::test]
+async fn nothing_of_a_stream_follows_its_unsubscribed_reply() {
+    let db = TestDb::sqlite().await;
+    let app = spawn_app(&db, &[]).await;
+    let zone = app.create_zone("Leaving").await;
+    let item = app.create_item(zone, "L", 0, 0).await;
+    let (mut ws, _) = app.ws_welcomed("/ws").await;
+    let stream = format!("zone:{zone}");
+    ws.send(serde_json::json!({"type": "subscribe", "stream": stream}))
+        .await;
+    assert_eq!(ws.recv().await["type"], "subscribed");
+    fanout_until(&app, "the subscription to join", |(_, m, _)| m == 1).await;
+    app.delta(item, 1).await;
+    assert_eq!(ws.recv().await["type"], "stock_updated");
+    ws.send(serde_json::json!({"type": "unsubscribe", "stream": stream}))
+        .await;
+    assert_eq!(ws.recv().await["type"], "unsubscribed");
+    for _ in 0..3 {
+        app.delta(item, 1).await;
+    }
+    ws.send(serde_json::json!({"type": "ping", "request_id": "after"}))
+        .await;
+    let next = ws.recv().await;
+    assert_eq!(
+        (next["type"].as_str(), next["request_id"].as_str()),
+        (Some("pong"), Some("after")),
+        "{next}"
+    );
+    fanout_until(&app, "the group to let it go", |(_, m, _)| m == 0).await;
+    app.stop().await;
+}
+
+/// A WebSocket client that stops reading fills its connection's bounded queue: the
+/// stream's fan-out hands the stream back, the connection pulls no more meanwhile, and
+/// once the client reads again it gets every event once, in order, and rejoins.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_ws_subscription_whose_queue_fills_is_handed_back_and_made_whole() {
+    let db = TestDb::sqlite().await;
+    let app = spawn_app(&db, &["--ws-queue", "16"]).await;
+    let zone = app.create_zone("Full").await;
+    let item = app.create_item(zone, "F", 0, 0).await as i32;
+    let mut ws = RawWs::connect(&app, &format!("/ws?access_token={}", app.key), Some(4096)).await;
+    let text = |frame: Option<(u8, Vec<u8>)>| -> Value {
+        let (op, payload) = frame.expect("open");
+        assert_eq!(op, 1, "a text frame");
+        serde_json::from_slice(&payload).expect("json")
+    };
+    assert_eq!(
+        text(within("welcome", ws.next_frame()).await)["type"],
+        "welcome"
+    );
+    let stream = format!("zone:{zone}");
+    ws.send_text(&serde_json::json!({"type": "subscribe", "stream": stream}).to_string())
+        .await;
+    assert_eq!(
+        text(within("subscribed", ws.next_frame()).await)["type"],
+        "subscribed"
+    );
+    fanout_until(&app, "the subscription to join", |(_, m, _)| m == 1).await;
+    let start = app.snapshot(zone).await["last_event_id"]
+        .as_u64()
+        .expect("id");
+    let changes = changes_until_handed_back(&app, item).await;
+    let ids = within_for(LOAD_WAIT, "every event", async {
+        let mut ids = Vec::new();
+        while ids.len() < changes as usize {
+            let (op, payload) = ws.next_frame().await.expect("open");
+            if op != 1 {
+                continue;
+            }
+            let v: Value = serde_json::from_slice(&payload).expect("json");
+            assert_ne!(v["type"], "reset", "{v}");
+            ids.push(v["id"].as_u64().expect("an event"));
+        }
+        ids
+    })
+    .await;
+    assert_eq!(ids, (start + 1..=start + changes).collect::<Vec<u64>>());
+    fanout_until(&app, "the subscription to rejoin", |(_, m, _)| m == 1).await;
     app.stop().await;
 }

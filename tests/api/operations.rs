@@ -105,7 +105,9 @@ async fn metrics_and_stats_move_with_connections_writes_and_deliveries() {
     assert!(moved(r#"zonecast_connections_opened_total{transport="ws"}"#) >= 1.0);
     assert!(get(&after, r#"zonecast_connections{transport="sse"}"#) >= 1.0);
     assert!(moved("zonecast_write_duration_seconds_count") >= 5.0);
-    assert!(moved("zonecast_delivery_lag_seconds_count") >= 10.0);
+    // Recorded once per batch written: by the stream's fan-out for both connections,
+    // once they have caught up.
+    assert!(moved("zonecast_delivery_lag_seconds_count") >= 1.0);
     assert!(
         after
             .keys()

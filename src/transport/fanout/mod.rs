@@ -1,11 +1,13 @@
-//! SSE fan-out: one task per stream writes each batch of the stream's events, rendered
-//! once, straight to the socket of every connection that follows the stream live.
+//! Fan-out: one task per stream writes each batch of the stream's events, rendered
+//! once per wire form, to every connection that follows the stream live: SSE
+//! connections the server handed over (straight to their sockets), and WebSocket
+//! subscriptions (through their connection's shared outgoing side, `ws_socket`).
 //!
-//! Why: served one by one, every SSE connection is a task woken per event, a poll
-//! chain, hyper's chunked encoder and its buffers (about 20 KiB per idle connection).
-//! Here a connection that has caught up is an entry in its stream's list and a small
-//! task that notices its peer leaving (`watch`); a batch is one non-blocking write per
-//! socket, from one task.
+//! Why: served one by one, every connection is a task woken per event, a poll chain,
+//! and (for SSE) hyper's chunked encoder and its buffers (about 20 KiB per idle
+//! connection). Here a connection that has caught up is an entry in its stream's list
+//! (and, for SSE, a small task that notices its peer leaving); a batch is one
+//! non-blocking write per socket, from one task.
 //!
 //! What it keeps of the cursor's promise, across every hand-over:
 //! - A connection joins at the seq it wrote last. The group writes it what lies
@@ -13,9 +15,10 @@
 //!   it until its cursor passes that seq (`early`), so every seq reaches it once, in
 //!   order, and no batch reaches it twice.
 //! - A socket that cannot take a whole batch at once goes back to a task of its own
-//!   (`sse_socket`) with the rest of that batch and a cursor after it, and joins again
-//!   once it has caught up: a slow reader never holds up the others, and costs at most
-//!   one batch and one cursor.
+//!   (SSE: `sse_socket`, with the rest of that batch and a cursor after it; WebSocket:
+//!   its connection's task, once its queue is full, with a cursor after what it has)
+//!   and joins again once it has caught up: a slow reader never holds up the others,
+//!   and costs at most one batch (or its bounded queue) and one cursor.
 //! - Heartbeats, revocation, expiry and shutdown act on every member within the same
 //!   bounds as on a connection of its own.
 //!
@@ -23,35 +26,31 @@
 //! written); read the database except through the cursor.
 
 use std::collections::HashMap;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::AtomicBool;
 use std::sync::{Arc, Mutex, MutexGuard};
 
-use bytes::{Bytes, BytesMut};
+use bytes::Bytes;
 use chrono::{DateTime, Utc};
 use tokio::net::TcpStream;
 use tokio::sync::Notify;
-use tokio::task::AbortHandle;
 use tokio::time::{Instant, MissedTickBehavior, interval_at, sleep_until};
 
 use super::batch::{MAX_CHUNK, collect};
-use super::{Delivery, render, stopping};
+use super::ws_socket::WsConn;
+use super::{Delivery, stopping};
 use crate::credentials::Ended;
-use crate::cursor::{Item, Start};
+use crate::cursor::Start;
 use crate::domain::{Principal, StreamKey};
-use crate::observe::{ConnGuard, Stats, Transport};
+use crate::observe::ConnGuard;
 use crate::server::Slot;
 use crate::state::AppState;
 
-/// Sockets written between two yields to the runtime: a pass over ten thousand
-/// members must not hold a worker for its whole length.
-const YIELD_EVERY: usize = 256;
+mod group;
+
+use group::{Frame, Group};
 
 /// Longest a busy stream's next batch gathers (see `run`).
 const MAX_GATHER: std::time::Duration = std::time::Duration::from_millis(5);
-
-/// Events a joining connection may be behind the group and still be brought level by
-/// the group itself (from the cache); further behind, it catches up on its own.
-const CATCH_UP_MAX: u64 = 512;
 
 /// A socket taken over from the HTTP server, with its place under the server's caps.
 pub struct Conn {
@@ -80,12 +79,22 @@ pub struct Follower {
     pub stream: StreamKey,
 }
 
+/// Who joins a group.
+pub enum Joiner {
+    Sse(Follower),
+    /// Subscription number `sub` of a WebSocket connection.
+    Ws {
+        conn: Arc<WsConn>,
+        sub: u64,
+    },
+}
+
 /// The streams' groups of this server.
 #[derive(Clone)]
 pub struct Fanout(Arc<Registry>);
 
-/// Where a group hands a connection back to follow on its own: it has written its
-/// stream up to the seq given, and the bytes given must be written before anything
+/// Where a group hands an SSE connection back to follow on its own: it has written
+/// its stream up to the seq given, and the bytes given must be written before anything
 /// else. (`sse_socket::resume`, given at construction: the group must not depend on
 /// the module that depends on it.)
 pub type Resume = fn(Fanout, Follower, u64, Bytes);
@@ -97,13 +106,13 @@ struct Registry {
     groups: Mutex<HashMap<StreamKey, Arc<Shared>>>,
 }
 
-/// What a group shares with the connections joining it and with its members' watchers.
+/// What a group shares with the connections joining it and with its members.
 struct Shared {
     /// Connections waiting to join, each with the seq it wrote last. Bounded by the
-    /// server's connections: each is in one place at a time.
-    inbox: Mutex<Vec<(u64, Follower)>>,
+    /// server's connections and their subscriptions: each is in one place at a time.
+    inbox: Mutex<Vec<(u64, Joiner)>>,
     joined: Notify,
-    /// A member's peer has gone.
+    /// A member's peer (or subscription) has gone.
     gone: Notify,
 }
 
@@ -123,7 +132,6 @@ impl Fanout {
 
     /// Hands `f` back to follow on its own (see `Resume`).
     fn resume(&self, f: Follower, after: u64, pending: Bytes) {
-        self.0.state.service.connections().handed_back();
         (self.0.resume)(self.clone(), f, after, pending);
     }
 
@@ -131,11 +139,11 @@ impl Fanout {
         &self.0.state
     }
 
-    /// Hands `f`, which has written its stream up to seq `pos`, to its stream's group,
+    /// Hands `who`, which has written `stream` up to seq `pos`, to the stream's group,
     /// starting the group if there is none.
-    pub(super) fn join(&self, pos: u64, f: Follower) {
+    pub(super) fn join(&self, stream: &StreamKey, pos: u64, who: Joiner) {
         let mut groups = lock(&self.0.groups);
-        let shared = match groups.get(&f.stream) {
+        let shared = match groups.get(stream) {
             Some(s) => s.clone(),
             None => {
                 let s = Arc::new(Shared {
@@ -143,14 +151,22 @@ impl Fanout {
                     joined: Notify::new(),
                     gone: Notify::new(),
                 });
-                groups.insert(f.stream.clone(), s.clone());
+                groups.insert(stream.clone(), s.clone());
                 self.0.state.service.connections().fanout_group(true);
-                tokio::spawn(run(self.clone(), s.clone(), f.stream.clone(), pos));
+                tokio::spawn(run(self.clone(), s.clone(), stream.clone(), pos));
                 s
             }
         };
-        lock(&shared.inbox).push((pos, f));
+        lock(&shared.inbox).push((pos, who));
         shared.joined.notify_one();
+    }
+
+    /// A member of `stream`'s group has gone (a WebSocket connection ended, or left the
+    /// stream): the group lets it go now rather than at its next write.
+    pub(super) fn left(&self, stream: &StreamKey) {
+        if let Some(s) = lock(&self.0.groups).get(stream) {
+            s.gone.notify_one();
+        }
     }
 
     /// Removes the group if nobody waits to join it; `false` if someone does.
@@ -166,8 +182,9 @@ impl Fanout {
         true
     }
 
-    /// Ends the group whatever waits to join it (shutdown, a failed cursor): those
-    /// connections are closed too.
+    /// Ends the group whatever waits to join it (shutdown, a failed cursor): SSE
+    /// connections waiting are closed; WebSocket subscriptions go back to their
+    /// connections.
     fn abandon(&self, stream: &StreamKey, shared: &Arc<Shared>) {
         let mut groups = lock(&self.0.groups);
         if groups.get(stream).is_some_and(|s| Arc::ptr_eq(s, shared)) {
@@ -175,53 +192,12 @@ impl Fanout {
             self.0.state.service.connections().fanout_group(false);
         }
         drop(groups);
-        lock(&shared.inbox).clear();
-    }
-}
-
-/// A connection in a group, with the task that watches its peer.
-struct Member {
-    f: Follower,
-    _watch: Watch,
-}
-
-/// A member's watcher, for as long as it is a member: aborted when the member leaves
-/// (so the socket closes with it), counted in `/api/stats` meanwhile.
-struct Watch {
-    task: AbortHandle,
-    stats: Arc<Stats>,
-}
-
-impl Drop for Watch {
-    fn drop(&mut self) {
-        self.task.abort();
-        self.stats.fanout_member(false);
-    }
-}
-
-impl Member {
-    fn new(f: Follower, shared: &Arc<Shared>, stats: &Arc<Stats>) -> Self {
-        stats.fanout_member(true);
-        let task = tokio::spawn(watch(f.conn.clone(), shared.clone())).abort_handle();
-        Member {
-            f,
-            _watch: Watch {
-                task,
-                stats: stats.clone(),
-            },
+        for (p, who) in lock(&shared.inbox).drain(..) {
+            if let Joiner::Ws { conn, sub } = who {
+                conn.hand_back(stream, sub, p);
+            }
         }
     }
-
-    fn into_follower(self) -> Follower {
-        self.f
-    }
-}
-
-/// Waits for the peer to leave, then tells the group.
-async fn watch(conn: Arc<Conn>, shared: Arc<Shared>) {
-    peer_gone(&conn.tcp).await;
-    conn.closed.store(true, Ordering::Release);
-    shared.gone.notify_one();
 }
 
 /// Completes when the peer has closed (or sent anything: an event-stream client has
@@ -239,254 +215,8 @@ pub(super) async fn peer_gone(tcp: &TcpStream) {
     }
 }
 
-/// How much of a buffer a socket took without waiting.
-pub(super) enum Sent {
-    All,
-    /// Took this many bytes, then would have blocked.
-    Part(usize),
-    /// The socket failed: its peer is gone.
-    Gone,
-}
-
-/// Writes as much of `buf` as the socket takes now.
-pub(super) fn try_send(tcp: &TcpStream, buf: &[u8]) -> Sent {
-    let mut off = 0;
-    while off < buf.len() {
-        match tcp.try_write(&buf[off..]) {
-            Ok(0) => return Sent::Gone,
-            Ok(n) => off += n,
-            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => return Sent::Part(off),
-            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
-            Err(_) => return Sent::Gone,
-        }
-    }
-    Sent::All
-}
-
-/// One frame of a batch and the stream position after it.
-struct Frame {
-    after: u64,
-    bytes: Bytes,
-    /// A `reset`: the position moved without a seq.
-    reset: bool,
-}
-
-fn concat<'a>(parts: impl Iterator<Item = &'a Bytes> + Clone) -> Bytes {
-    let len = parts.clone().map(Bytes::len).sum();
-    let mut b = BytesMut::with_capacity(len);
-    for p in parts {
-        b.extend_from_slice(p);
-    }
-    b.freeze()
-}
-
-/// The state of one stream's group, owned by its task.
-struct Group {
-    fanout: Fanout,
-    shared: Arc<Shared>,
-    stream: StreamKey,
-    /// Level with the group: have written everything up to `pos`.
-    members: Vec<Member>,
-    /// Joined ahead of the group (their own cursor saw a seq first): each waits, with
-    /// the seq it wrote last, until the group passes it.
-    early: Vec<(u64, Member)>,
-    /// The seq the group's cursor handed out last.
-    pos: u64,
-    delivery: Delivery,
-    /// The earliest expiry of a member's credentials.
-    expiry: Option<DateTime<Utc>>,
-}
-
-impl Group {
-    fn is_empty(&self) -> bool {
-        self.members.is_empty() && self.early.is_empty()
-    }
-
-    fn all(&mut self) -> impl Iterator<Item = &mut Member> {
-        self.members
-            .iter_mut()
-            .chain(self.early.iter_mut().map(|(_, m)| m))
-    }
-
-    /// Takes a joining connection in (see the module's promise).
-    fn admit(&mut self, p: u64, f: Follower) {
-        if let Some(at) = f.principal.expires_at {
-            self.expiry = Some(self.expiry.map_or(at, |e| e.min(at)));
-        }
-        if p >= self.pos {
-            let m = Member::new(f, &self.shared, &self.delivery.stats);
-            if p == self.pos {
-                self.members.push(m);
-            } else {
-                self.early.push((p, m));
-            }
-            return;
-        }
-        let behind = self.pos - p;
-        let events = if behind <= CATCH_UP_MAX {
-            self.fanout.state().service.broker().local().recent(
-                &self.stream,
-                p + 1,
-                behind as usize,
-            )
-        } else {
-            Vec::new()
-        };
-        if events.len() as u64 != behind {
-            // Not all in the cache: it catches up from the log on its own.
-            self.fanout.resume(f, p, Bytes::new());
-            return;
-        }
-        let bytes = concat(events.iter().map(|e| &e.sse));
-        match try_send(&f.conn.tcp, &bytes) {
-            Sent::All => {
-                self.count_sent(events.len() as u64);
-                self.members
-                    .push(Member::new(f, &self.shared, &self.delivery.stats));
-            }
-            Sent::Part(n) => {
-                self.fanout.resume(f, self.pos, bytes.slice(n..));
-            }
-            Sent::Gone => self.delivery.stats.send_error(),
-        }
-    }
-
-    fn count_sent(&self, n: u64) {
-        self.delivery.stats.sent(Transport::Sse, n);
-    }
-
-    /// Writes a batch of frames (which took the group from `pos` to `after`) to every
-    /// member, and to every early member the part it has not written.
-    async fn fan_out(&mut self, frames: &[Frame], events: u64) {
-        let after = frames.last().map_or(self.pos, |f| f.after);
-        let joined = concat(frames.iter().map(|f| &f.bytes));
-        let mut written = 0u64;
-        let mut k = 0;
-        let mut tried = 0;
-        while k < self.members.len() {
-            match try_send(&self.members[k].f.conn.tcp, &joined) {
-                Sent::All => {
-                    written += 1;
-                    k += 1;
-                }
-                Sent::Part(n) => {
-                    let f = self.members.swap_remove(k).into_follower();
-                    self.fanout.resume(f, after, joined.slice(n..));
-                }
-                Sent::Gone => {
-                    self.members.swap_remove(k);
-                    self.delivery.stats.send_error();
-                }
-            }
-            tried += 1;
-            if tried % YIELD_EVERY == 0 {
-                tokio::task::yield_now().await;
-            }
-        }
-        self.count_sent(events * written);
-        // A reset moves the position without a seq: nobody ahead can be matched
-        // against it, so they catch up on their own.
-        let reset = frames.iter().any(|f| f.reset);
-        let mut j = 0;
-        while j < self.early.len() {
-            let p = self.early[j].0;
-            if p >= after && !reset {
-                j += 1;
-                continue;
-            }
-            let (_, m) = self.early.swap_remove(j);
-            let f = m.into_follower();
-            if reset {
-                self.fanout.resume(f, p, Bytes::new());
-                continue;
-            }
-            let rest = concat(frames.iter().filter(|fr| fr.after > p).map(|fr| &fr.bytes));
-            match try_send(&f.conn.tcp, &rest) {
-                Sent::All => {
-                    self.count_sent(after - p);
-                    self.members
-                        .push(Member::new(f, &self.shared, &self.delivery.stats));
-                }
-                Sent::Part(n) => {
-                    self.fanout.resume(f, after, rest.slice(n..));
-                }
-                Sent::Gone => self.delivery.stats.send_error(),
-            }
-        }
-        self.pos = after;
-        self.delivery.written();
-    }
-
-    /// Writes a heartbeat to everyone; a socket that cannot take it whole goes on on
-    /// its own with the rest.
-    async fn heartbeat(&mut self) {
-        let beat = render::heartbeat();
-        let pos = self.pos;
-        let mut k = 0;
-        let mut tried = 0;
-        while k < self.members.len() {
-            tried += 1;
-            if tried % YIELD_EVERY == 0 {
-                tokio::task::yield_now().await;
-            }
-            match try_send(&self.members[k].f.conn.tcp, &beat) {
-                Sent::All => k += 1,
-                Sent::Part(n) => {
-                    let f = self.members.swap_remove(k).into_follower();
-                    self.fanout.resume(f, pos, beat.slice(n..));
-                }
-                Sent::Gone => {
-                    self.members.swap_remove(k);
-                }
-            }
-        }
-        let mut j = 0;
-        while j < self.early.len() {
-            match try_send(&self.early[j].1.f.conn.tcp, &beat) {
-                Sent::All => j += 1,
-                Sent::Part(n) => {
-                    let (p, m) = self.early.swap_remove(j);
-                    let f = m.into_follower();
-                    self.fanout.resume(f, p, beat.slice(n..));
-                }
-                Sent::Gone => {
-                    self.early.swap_remove(j);
-                }
-            }
-        }
-    }
-
-    /// Drops the members whose peers have gone.
-    fn drop_closed(&mut self) {
-        let open = |m: &Member| !m.f.conn.closed.load(Ordering::Acquire);
-        self.members.retain(open);
-        self.early.retain(|(_, m)| open(m));
-    }
-
-    /// Ends (closes) the members `why` applies to.
-    fn end_where(&mut self, why: Ended, ends: impl Fn(&Principal) -> bool) {
-        let keep = |m: &Member| {
-            let end = ends(&m.f.principal);
-            if end {
-                tracing::info!(principal = %m.f.principal.name, reason = why.reason(),
-                    "ending SSE stream");
-            }
-            !end
-        };
-        self.members.retain(keep);
-        self.early.retain(|(_, m)| keep(m));
-    }
-
-    /// Ends the members whose credentials have expired; sets the next expiry.
-    fn end_expired(&mut self) {
-        let now = Utc::now();
-        self.end_where(Ended::Expired, |p| p.expires_at.is_some_and(|at| at <= now));
-        self.expiry = self.all().filter_map(|m| m.f.principal.expires_at).min();
-    }
-}
-
 /// When `at` comes, as a tokio instant.
-fn instant_of(at: DateTime<Utc>) -> Instant {
+pub(super) fn instant_of(at: DateTime<Utc>) -> Instant {
     Instant::now() + (at - Utc::now()).to_std().unwrap_or_default()
 }
 
@@ -501,7 +231,7 @@ async fn run(fanout: Fanout, shared: Arc<Shared>, stream: StreamKey, start: u64)
     let state = fanout.state().clone();
     let mut cursor = state.service.cursor(&stream);
     if let Err(e) = cursor.seek(Start::After(start)).await {
-        tracing::warn!(stream = %stream, error = %e, "cannot follow the stream; ending its SSE connections");
+        tracing::warn!(stream = %stream, error = %e, "cannot follow the stream; ending its connections");
         fanout.abandon(&stream, &shared);
         return;
     }
@@ -537,25 +267,19 @@ async fn run(fanout: Fanout, shared: Arc<Shared>, stream: StreamKey, start: u64)
                 g.end_where(Ended::Revoked, |p| state.auth.is_revoked(p));
             }
             _ = &mut expiry, if g.expiry.is_some() => g.end_expired(),
-            _ = shared.gone.notified() => g.drop_closed(),
+            _ = shared.gone.notified() => g.drop_gone(),
             _ = shared.joined.notified() => {
                 let joining = std::mem::take(&mut *lock(&shared.inbox));
-                for (p, f) in joining {
-                    g.admit(p, f);
+                for (p, who) in joining {
+                    g.admit(p, who);
                 }
             }
             taken = collect(&mut cursor, MAX_CHUNK, |_, item| {
                 g.delivery.delivered(item);
-                let (after, reset) = match item {
-                    Item::Event(ev) => {
-                        events += 1;
-                        (ev.seq, false)
-                    }
-                    Item::Reset(r) => (r.last_event_id, true),
-                };
-                let bytes = render::sse(item);
-                let n = bytes.len();
-                frames.push(Frame { after, bytes, reset });
+                let f = Frame::of(&stream, item);
+                events += u64::from(!f.reset);
+                let n = f.sse.len();
+                frames.push(f);
                 n
             }) => match taken {
                 Ok(_) => {
@@ -571,7 +295,8 @@ async fn run(fanout: Fanout, shared: Arc<Shared>, stream: StreamKey, start: u64)
                     }
                 }
                 Err(e) => {
-                    tracing::warn!(stream = %stream, error = %e, "ending the stream's SSE connections");
+                    tracing::warn!(stream = %stream, error = %e, "ending the stream's connections");
+                    g.release_ws();
                     fanout.abandon(&stream, &shared);
                     return;
                 }

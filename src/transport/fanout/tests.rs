@@ -10,15 +10,20 @@ use chrono::DateTime;
 use tokio::io::AsyncReadExt;
 use tokio::net::{TcpListener, TcpSocket};
 
+use super::group::{Frame, Group};
 use super::*;
 use crate::broker_memory::MemoryBroker;
 use crate::config::ServeArgs;
 use crate::credentials::Authenticator;
+use crate::cursor::Item;
 use crate::domain::{Event, EventKind};
 use crate::limits::{Limits, Rate, Rates};
+use crate::observe::Transport;
 use crate::server::Slots;
 use crate::service::Service;
 use crate::store::Store;
+use crate::transport::Delivery;
+use crate::transport::send::{Sent, try_send};
 
 /// What the group handed back, per test (each test names its stream's zone).
 static HANDED_BACK: StdMutex<Vec<(StreamKey, u64, Bytes)>> = StdMutex::new(Vec::new());
@@ -148,12 +153,12 @@ fn event(stream: &StreamKey, seq: u64) -> Event {
 }
 
 fn frames(stream: &StreamKey, seqs: impl Iterator<Item = u64>) -> Vec<Frame> {
-    seqs.map(|s| Frame {
-        after: s,
-        bytes: event(stream, s).sse,
-        reset: false,
-    })
-    .collect()
+    seqs.map(|s| Frame::of(stream, &Item::Event(Arc::new(event(stream, s)))))
+        .collect()
+}
+
+fn concat<'a>(parts: impl Iterator<Item = &'a Bytes>) -> Vec<u8> {
+    parts.flat_map(|b| b.iter().copied()).collect()
 }
 
 /// The ids of the SSE frames in `bytes`.
@@ -186,7 +191,7 @@ async fn a_connection_level_with_the_group_becomes_a_member_and_gets_each_batch(
     let stream = StreamKey::Zone(1);
     let mut g = rig.group(&stream, 10);
     let (f, mut client) = rig.follower(&stream, None).await;
-    g.admit(10, f);
+    g.admit(10, Joiner::Sse(f));
     assert_eq!((g.members.len(), g.early.len()), (1, 0));
     g.fan_out(&frames(&stream, 11..=13), 3).await;
     assert_eq!(read_ids(&mut client, 3).await, vec![11, 12, 13]);
@@ -199,7 +204,7 @@ async fn a_connection_ahead_of_the_group_waits_and_gets_only_what_follows_its_se
     let stream = StreamKey::Zone(2);
     let mut g = rig.group(&stream, 10);
     let (f, mut client) = rig.follower(&stream, None).await;
-    g.admit(12, f);
+    g.admit(12, Joiner::Sse(f));
     assert_eq!((g.members.len(), g.early.len()), (0, 1));
     // Not passed yet: it stays ahead and is written nothing.
     g.fan_out(&frames(&stream, 11..=12), 2).await;
@@ -209,7 +214,7 @@ async fn a_connection_ahead_of_the_group_waits_and_gets_only_what_follows_its_se
     assert_eq!(read_ids(&mut client, 2).await, vec![13, 14]);
     // Passed within a batch: only the part after its seq.
     let (f, mut client) = rig.follower(&stream, None).await;
-    g.admit(15, f);
+    g.admit(15, Joiner::Sse(f));
     g.fan_out(&frames(&stream, 15..=17), 3).await;
     assert_eq!(read_ids(&mut client, 2).await, vec![16, 17]);
     assert!(handed_back(&stream).is_empty());
@@ -222,7 +227,7 @@ async fn a_connection_behind_the_group_is_brought_level_from_the_cache() {
     rig.cached(&stream, 1..=20);
     let mut g = rig.group(&stream, 20);
     let (f, mut client) = rig.follower(&stream, None).await;
-    g.admit(17, f);
+    g.admit(17, Joiner::Sse(f));
     assert_eq!(g.members.len(), 1);
     g.fan_out(&frames(&stream, 21..=21), 1).await;
     assert_eq!(read_ids(&mut client, 4).await, vec![18, 19, 20, 21]);
@@ -236,7 +241,7 @@ async fn a_connection_behind_what_the_cache_holds_is_handed_back_where_it_stands
     rig.cached(&stream, 15..=20);
     let mut g = rig.group(&stream, 20);
     let (f, _client) = rig.follower(&stream, None).await;
-    g.admit(12, f);
+    g.admit(12, Joiner::Sse(f));
     assert!(g.is_empty());
     let back = handed_back(&stream);
     assert_eq!(back.len(), 1);
@@ -261,8 +266,8 @@ async fn a_socket_that_cannot_take_a_batch_is_handed_back_with_the_rest_of_it() 
         filled += 1;
         assert!(filled < 4096, "the socket never filled");
     }
-    g.admit(0, f);
-    g.admit(0, f2);
+    g.admit(0, Joiner::Sse(f));
+    g.admit(0, Joiner::Sse(f2));
     let batch = frames(&stream, 1..=3);
     g.fan_out(&batch, 3).await;
     assert_eq!(g.members.len(), 1, "the fast one stays");
@@ -272,8 +277,8 @@ async fn a_socket_that_cannot_take_a_batch_is_handed_back_with_the_rest_of_it() 
     let (after, pending) = &back[0];
     assert_eq!(*after, 3);
     // Its socket was full: none of the batch went out, all of it is pending.
-    let whole = concat(batch.iter().map(|f| &f.bytes));
-    assert_eq!(pending, &whole);
+    let whole = concat(batch.iter().map(|f| &f.sse));
+    assert_eq!(&pending[..], &whole[..]);
     drop(slow);
 }
 
@@ -283,10 +288,11 @@ async fn a_reset_sends_those_ahead_back_to_catch_up_on_their_own() {
     let stream = StreamKey::Zone(6);
     let mut g = rig.group(&stream, 10);
     let (f, _client) = rig.follower(&stream, None).await;
-    g.admit(11, f);
+    g.admit(11, Joiner::Sse(f));
     let reset = Frame {
         after: 50,
-        bytes: Bytes::from_static(b"event: reset\ndata: {}\n\n"),
+        sse: Bytes::from_static(b"event: reset\ndata: {}\n\n"),
+        ws: Bytes::new(),
         reset: true,
     };
     g.fan_out(&[reset], 0).await;
