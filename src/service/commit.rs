@@ -12,8 +12,9 @@
 //!
 //! Cancellation: a member whose request is dropped still counts itself out of the
 //! group (a `Member` guard), a savepoint it left open is rolled back by whoever uses
-//! the transaction next, and the commit itself runs in a task of its own, so a dropped
-//! request can neither stall the group nor commit half a change.
+//! the transaction next, and the savepoint statements and the commit run in tasks of
+//! their own, so a dropped request can neither stall the group, nor leave it counting
+//! on a savepoint that is gone, nor commit half a change.
 //!
 //! Not used on PostgreSQL: there several nodes write at once, and a group that takes
 //! the row locks of several zones in the order its members arrived could deadlock with
@@ -175,9 +176,12 @@ impl Service {
             finished: false,
         };
         let mut done = member.group.done.subscribe();
-        let mut open = member.group.open.clone().lock_owned().await;
-        let result = self.run_member(&member.groups, &mut open, body).await;
-        drop(open);
+        let open = member.group.open.clone().lock_owned().await;
+        let prepared = prepare(self.store.clone(), member.groups.turn.clone(), open);
+        let result = match detached(prepared).await {
+            Ok(open) => self.run_member(open, body).await,
+            Err(e) => Err(e),
+        };
         member.finish();
         let outcome = done
             .wait_for(Option::is_some)
@@ -191,73 +195,41 @@ impl Service {
         }
     }
 
-    /// One member's change, in its own savepoint. Its events join the group's; a
-    /// refusal (or a change that appends nothing) rolls back to the savepoint.
+    /// One member's change, in its own savepoint (taken by `prepare`). Its events join
+    /// the group's; a refusal (or a change that appends nothing) rolls back to the
+    /// savepoint (`undo_member`).
     async fn run_member<T, F>(
         &self,
-        groups: &Groups,
-        open: &mut Open,
+        mut open: OwnedMutexGuard<Open>,
         body: F,
     ) -> Result<T, ServiceError>
     where
         F: AsyncFnOnce(&DatabaseTransaction) -> Outcome<T>,
     {
-        if open.txn.is_none() && open.broken.is_none() {
-            // The turn is kept in `open` only together with the transaction it is for.
-            // A member dropped while BEGIN waits drops it here, unkept; stored before,
-            // it would stay held by the group, and the next member would wait for it
-            // for ever.
-            let turn = groups.turn.clone().lock_owned().await;
-            match self.store.begin_write().await {
-                Ok(t) => {
-                    open.txn = Some(t);
-                    open.turn = Some(turn);
-                }
-                Err(e) => open.broken = Some(broken(e)),
-            }
-        }
         if let Some(e) = &open.broken {
             return Err(StoreError::Commit(e.to_string()).into());
         }
         let Some(txn) = open.txn.as_ref() else {
             return Err(StoreError::Commit("no transaction".into()).into());
         };
-        if let Some(sp) = open.abandoned.take()
-            && let Err(e) = undo(txn, &sp).await
-        {
-            open.broken = Some(broken(&e));
-            return Err(e.into());
-        }
-        // One name for every member's savepoint: each is released before the next is
-        // taken (or rolled back to the innermost of that name), and the statements stay
-        // in the prepared-statement cache.
-        let sp = SAVEPOINT.to_owned();
-        let take = if open.kept { RELEASE_AND_TAKE } else { TAKE };
-        if let Err(e) = exec(txn, take, vec![]).await {
-            open.broken = Some(broken(&e));
-            return Err(e.into());
-        }
-        open.kept = false;
-        open.abandoned = Some(sp.clone());
         let result = body(txn).await;
-        let kept = match result {
+        let undone = match result {
             Ok((value, events)) if !events.is_empty() => {
+                // Recorded with no await in between: a drop cannot split it.
                 open.kept = true;
                 open.events.extend(events);
-                Ok(Ok(value))
+                open.abandoned = None;
+                return Ok(value);
             }
             // Nothing appended: the seq taken under the lock must not be kept.
-            Ok((value, _)) => undo(txn, &sp).await.map(|_| Ok(value)),
-            Err(e) => undo(txn, &sp).await.map(|_| Err(e)),
+            Ok((value, _)) => Ok(value),
+            Err(e) => Err(e),
         };
-        open.abandoned = None;
-        match kept {
-            Ok(r) => r,
-            Err(e) => {
-                open.broken = Some(broken(&e));
-                Err(e.into())
-            }
+        let open = detached(undo_member(open)).await?;
+        if let Some(e) = &open.broken {
+            return Err(StoreError::Commit(e.to_string()).into());
         }
+        undone
     }
 
     /// Commits the group (or rolls it back when nothing is left to keep, or it broke),
@@ -294,6 +266,81 @@ impl Service {
         }
         outcome
     }
+}
+
+/// Runs the group's bookkeeping (`prepare`, `undo_member`) in a task of its own and
+/// gives the transaction back. What these statements did must be recorded whatever
+/// happens to the member that asked for them: a member dropped while `RELEASE
+/// zc_change; SAVEPOINT zc_change` ran could otherwise leave the first done and the
+/// second not, with the group still counting on the savepoint it released (the next
+/// member then failed on "no such savepoint", and the whole group with it).
+async fn detached<Fut>(f: Fut) -> Result<OwnedMutexGuard<Open>, ServiceError>
+where
+    Fut: Future<Output = OwnedMutexGuard<Open>> + Send + 'static,
+{
+    tokio::spawn(f)
+        .await
+        .map_err(|e| StoreError::Commit(format!("group commit bookkeeping failed: {e}")).into())
+}
+
+/// Makes the group's transaction ready for the next member's change: `BEGIN` for the
+/// first, a savepoint left open by a dropped member rolled back, the last kept one
+/// released, and the member's own savepoint taken. Failures mark the group broken.
+async fn prepare(
+    store: Store,
+    turn: Arc<tokio::sync::Mutex<()>>,
+    mut open: OwnedMutexGuard<Open>,
+) -> OwnedMutexGuard<Open> {
+    if open.txn.is_none() && open.broken.is_none() {
+        // The turn is kept in `open` only together with the transaction it is for.
+        let turn = turn.lock_owned().await;
+        match store.begin_write().await {
+            Ok(t) => {
+                open.txn = Some(t);
+                open.turn = Some(turn);
+            }
+            Err(e) => open.broken = Some(broken(e)),
+        }
+    }
+    if open.broken.is_some() {
+        return open;
+    }
+    let o = &mut *open;
+    let Some(txn) = o.txn.as_ref() else {
+        o.broken = Some(broken("no transaction"));
+        return open;
+    };
+    if let Some(sp) = o.abandoned.clone() {
+        if let Err(e) = undo(txn, &sp).await {
+            o.broken = Some(broken(&e));
+            return open;
+        }
+        o.abandoned = None;
+    }
+    // One name for every member's savepoint: each is released before the next is
+    // taken (or rolled back to the innermost of that name), and the statements stay in
+    // the prepared-statement cache.
+    let take = if o.kept { RELEASE_AND_TAKE } else { TAKE };
+    if let Err(e) = exec(txn, take, vec![]).await {
+        o.broken = Some(broken(&e));
+        return open;
+    }
+    open.kept = false;
+    open.abandoned = Some(SAVEPOINT.to_owned());
+    open
+}
+
+/// Rolls the member's savepoint back (its change is refused, or changes nothing).
+async fn undo_member(mut open: OwnedMutexGuard<Open>) -> OwnedMutexGuard<Open> {
+    let undone = match open.txn.as_ref() {
+        Some(txn) => undo(txn, SAVEPOINT).await,
+        None => Ok(()),
+    };
+    match undone {
+        Ok(()) => open.abandoned = None,
+        Err(e) => open.broken = Some(broken(&e)),
+    }
+    open
 }
 
 /// Every member's savepoint, and the statements that take it.
