@@ -126,7 +126,15 @@ async fn fanout(subscribers: usize, changes: usize) {
         assert_eq!(resp.status().as_u16(), 200, "a subscriber was refused");
         tasks.push(tokio::spawn(subscriber(resp, changes)));
     }
-    while service.broker().subscribers(&stream) < subscribers + 1 {
+    // Every subscriber's cursor was opened before its response head came, so none
+    // misses a change; wait until all are written by the stream's fan-out, to measure
+    // that steady state (each joins once it has caught up).
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while (service.connections().snapshot(None).fanout_members as usize) < subscribers {
+        assert!(
+            Instant::now() < deadline,
+            "the subscribers did not all join the fan-out within 60 s"
+        );
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
 

@@ -35,9 +35,10 @@
 //!   body limits, the item wire shapes.
 //! - `api` (6): REST (OpenAPI), one `impl` per resource.
 //! - `transport` (6): `open` (every transport's one way to a cursor), the renderers,
-//!   the coalescing loop; SSE (`sse`, `sse_multi`; `sse_socket` and `fanout` for the
-//!   connections the server hands over) and WebSocket (`ws`, `ws_protocol`,
-//!   `ws_socket`).
+//!   the coalescing loop, non-blocking writes (`send`); SSE (`sse`, `sse_multi`,
+//!   `sse_socket` for the connections the server hands over), WebSocket (`ws`,
+//!   `ws_protocol`, `ws_socket`), and `fanout`: one task per stream writing to every
+//!   connection that has caught up with it.
 //! - `pages` (6): the dashboard, `zonecast.js` and the raw test pages (from `static/`).
 //! - `ops` (6): `/metrics`, `/readyz`, the per-request span.
 //! - `app` (7): wiring, binding, graceful shutdown.

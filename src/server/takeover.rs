@@ -8,16 +8,18 @@
 //! `101 Switching Protocols`), so the server reads the *first* request head of a plain
 //! connection itself:
 //!
-//! - a request the `Eligible` rule picks (a body-less `GET` of an event-stream path) is
-//!   answered here: the endpoint is called as hyper would call it, and a response that
-//!   carries a `Takeover` hands the socket, with its head still to write, to the
-//!   transport; its body is delimited by the connection's close (RFC 9112 §6.3). Any
-//!   other response to it is written here in full, and the connection is closed;
+//! - a request the `Eligible` rule picks (a body-less `GET` of an event-stream path, or
+//!   a WebSocket upgrade) is answered here: the endpoint is called as hyper would call
+//!   it (marked `Answered`), and a `200` or `101` that carries a `Takeover` hands the
+//!   socket, with its head still to write, to the transport; a `200`'s body is
+//!   delimited by the connection's close (RFC 9112 §6.3). Any other response to it is
+//!   written here in full, and the connection is closed;
 //! - every other request, and everything after it on the connection, goes to hyper,
 //!   with the bytes already read put back in front of the socket (`Prefixed`).
 //!
 //! Bytes a client pipelines behind a taken-over request are never read as requests: an
-//! event stream is the last response on its connection.
+//! event stream is the last response on its connection, and after a `101` the
+//! connection speaks WebSocket.
 //!
 //! Must not know which paths are streams (the rule comes from above) nor what a taken
 //! connection carries.
