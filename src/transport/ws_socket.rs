@@ -565,6 +565,69 @@ pub async fn finish(opened: Opened, frame: Option<CloseFrame>) {
 mod tests {
     use super::*;
 
+    fn queued(conn: &WsConn) -> Vec<Bytes> {
+        conn.out().queue.iter().cloned().collect()
+    }
+
+    /// A fan-out writes a stream only under the subscription it joined with, only
+    /// while the queue has room, and never after the stream's `unsubscribed`.
+    #[test]
+    fn deliveries_follow_the_subscription_and_the_queues_bound() {
+        let conn = WsConn::new(None, 10);
+        let z = StreamKey::Zone(1);
+        let sub = conn.subscribe(&z);
+        let batch = Bytes::from_static(b"12345678");
+        assert!(matches!(conn.deliver(&z, sub, &batch), Delivered::Yes));
+        // 8 queued: another 8 would pass the bound of 10.
+        assert!(matches!(conn.deliver(&z, sub, &batch), Delivered::Busy));
+        assert!(matches!(conn.deliver(&z, sub + 1, &batch), Delivered::Gone));
+        let again = conn.subscribe(&z);
+        assert!(
+            matches!(conn.deliver(&z, sub, &batch), Delivered::Gone),
+            "replaced"
+        );
+        conn.unsubscribe(&z, Bytes::from_static(b"bye"));
+        assert!(matches!(
+            conn.deliver(&z, again, &Bytes::new()),
+            Delivered::Gone
+        ));
+        assert_eq!(queued(&conn), vec![batch, Bytes::from_static(b"bye")]);
+        assert!(conn.streams().is_empty());
+    }
+
+    /// A hand-back for a subscription that has since gone is dropped.
+    #[test]
+    fn a_hand_back_counts_only_for_the_current_subscription() {
+        let conn = WsConn::new(None, 1024);
+        let z = StreamKey::Zone(2);
+        let old = conn.subscribe(&z);
+        let new = conn.subscribe(&z);
+        conn.hand_back(&z, old, 5);
+        conn.hand_back(&z, new, 7);
+        assert_eq!(conn.take_returned(), vec![(z, new, 7)]);
+    }
+
+    /// The close frame goes ahead of whole frames still queued, but never into the
+    /// middle of one already started.
+    #[test]
+    fn the_close_frame_overtakes_the_queue_but_not_a_started_frame() {
+        let conn = WsConn::new(None, 1024);
+        conn.send(text(b"first"));
+        conn.send(text(b"second"));
+        conn.queue_close(&close_frame(CloseCode::Away, "bye"));
+        let close_bytes = close(&close_frame(CloseCode::Away, "bye"));
+        assert_eq!(queued(&conn), vec![close_bytes.clone()]);
+        let conn = WsConn::new(None, 1024);
+        conn.send(text(b"first"));
+        conn.send(text(b"second"));
+        {
+            let mut out = conn.out();
+            out.started = true;
+        }
+        conn.queue_close(&close_frame(CloseCode::Away, "bye"));
+        assert_eq!(queued(&conn), vec![text(b"first"), close_bytes]);
+    }
+
     #[test]
     fn server_frames_carry_their_length_in_the_shortest_form() {
         assert_eq!(&text(b"hi")[..], b"\x81\x02hi");
