@@ -13,13 +13,15 @@ use crate::credentials::Ended;
 use crate::cursor::Item;
 use crate::domain::{Event, Principal, StreamKey};
 use crate::observe::{Stats, Transport};
+use crate::transport::batch::MAX_CHUNK;
 use crate::transport::send::{Sent, try_send};
 use crate::transport::ws_socket::{self, Delivered};
 use crate::transport::{Delivery, render};
 
-/// Sockets written between two yields to the runtime: a pass over ten thousand
-/// members must not hold a worker for its whole length.
-const YIELD_EVERY: usize = 256;
+/// Sockets written between two yields to the runtime (and two looks at the cursor for
+/// what arrived meanwhile): a pass over ten thousand members must not hold a worker
+/// for its whole length.
+pub(super) const YIELD_EVERY: usize = 256;
 
 /// Events a joining connection may be behind the group and still be brought level by
 /// the group itself (from the cache); further behind, it catches up on its own.
@@ -74,6 +76,11 @@ impl Batch {
         }
     }
 
+    /// The events (not resets) among the frames after seq `p`.
+    fn count_after(frames: &[Frame], p: u64) -> u64 {
+        frames.iter().filter(|f| f.after > p && !f.reset).count() as u64
+    }
+
     fn events(events: &[Arc<Event>]) -> Batch {
         Batch {
             sse: concat(events.iter().map(|e| &e.sse)),
@@ -107,6 +114,9 @@ impl Drop for Place {
 /// A connection in a group.
 pub(super) struct Member {
     who: Joiner,
+    /// The stream position it has been written up to (for an early member, the seq
+    /// its own cursor wrote last).
+    at: u64,
     _place: Place,
 }
 
@@ -119,7 +129,7 @@ enum Wrote {
 }
 
 impl Member {
-    fn new(who: Joiner, shared: &Arc<Shared>, stats: &Arc<Stats>) -> Self {
+    fn new(who: Joiner, at: u64, shared: &Arc<Shared>, stats: &Arc<Stats>) -> Self {
         stats.fanout_member(true);
         let watcher = match &who {
             Joiner::Sse(f) => {
@@ -131,6 +141,7 @@ impl Member {
         };
         Member {
             who,
+            at,
             _place: Place {
                 watcher,
                 stats: stats.clone(),
@@ -185,13 +196,24 @@ pub(super) struct Group {
     pub fanout: Fanout,
     pub shared: Arc<Shared>,
     pub stream: StreamKey,
-    /// Level with the group: have written everything up to `pos`.
+    /// Following the group: each has been written up to its `at`, at most `pos`
+    /// (behind it only if it was written before a pass took more).
     pub members: Vec<Member>,
     /// Joined ahead of the group (their own cursor saw a seq first): each waits, with
-    /// the seq it wrote last, until the group passes it.
-    pub early: Vec<(u64, Member)>,
+    /// the seq it wrote last as its `at`, until the group passes it.
+    pub early: Vec<Member>,
     /// The seq the group's cursor handed out last.
     pub pos: u64,
+    /// The frames after the furthest-behind member's position, oldest first: bounded
+    /// by what two passes take.
+    pub frames: Vec<Frame>,
+    /// No member is behind this position (as of the last pass's end).
+    pub low: u64,
+    /// A reset was taken since the last pass ended.
+    pub reset_seen: bool,
+    /// Sockets written between two looks at the cursor (`YIELD_EVERY`; tests lower
+    /// it).
+    pub look_every: usize,
     pub delivery: Delivery,
     /// The earliest expiry of a member's credentials.
     pub expiry: Option<DateTime<Utc>>,
@@ -202,8 +224,25 @@ impl Group {
         self.members.is_empty() && self.early.is_empty()
     }
 
-    fn member(&self, who: Joiner) -> Member {
-        Member::new(who, &self.shared, &self.delivery.stats)
+    fn member(&self, who: Joiner, at: u64) -> Member {
+        Member::new(who, at, &self.shared, &self.delivery.stats)
+    }
+
+    /// A member has not been written everything the group took.
+    pub fn lagging(&self) -> bool {
+        self.low < self.pos
+    }
+
+    /// Takes one item from the group's cursor, to be written by the pass under way or
+    /// the next one. Returns its size on the wire (SSE).
+    pub fn take(&mut self, item: &Item) -> usize {
+        self.delivery.delivered(item);
+        let f = Frame::of(&self.stream, item);
+        let n = f.sse.len();
+        self.reset_seen |= f.reset;
+        self.pos = f.after;
+        self.frames.push(f);
+        n
     }
 
     /// Hands `who` back to go on on its own: it has written the stream up to `after`,
@@ -222,11 +261,11 @@ impl Group {
             self.expiry = Some(self.expiry.map_or(at, |e| e.min(at)));
         }
         if p >= self.pos {
-            let m = self.member(who);
+            let m = self.member(who, p);
             if p == self.pos {
                 self.members.push(m);
             } else {
-                self.early.push((p, m));
+                self.early.push(m);
             }
             return;
         }
@@ -245,7 +284,7 @@ impl Group {
             self.back(who, p, Bytes::new());
             return;
         }
-        let m = self.member(who);
+        let m = self.member(who, self.pos);
         match m.write(&self.stream, &Batch::events(&events)) {
             Wrote::All => {
                 self.count_sent(&m, events.len() as u64);
@@ -266,29 +305,52 @@ impl Group {
         self.delivery.stats.sent(t, n);
     }
 
-    /// Writes a batch of frames (which took the group from `pos` to their last
-    /// position) to every member, and to every early member the part it has not
-    /// written.
-    pub async fn fan_out(&mut self, frames: &[Frame], events: u64) {
-        let before = self.pos;
-        let after = frames.last().map_or(before, |f| f.after);
-        let batch = Batch::after(frames, before);
+    /// One pass: writes every member what it has not been written yet, and every
+    /// early member the group has passed the part after its seq. Every `look_every`
+    /// sockets it takes what `more` has ready (up to `MAX_CHUNK` bytes a pass), so an
+    /// event that arrives mid-pass reaches the members not yet written in this pass
+    /// (and the others in the next, which follows at once): under a steady stream of
+    /// changes every member is written at most one pass after a commit, not two.
+    pub async fn fan_out(&mut self, mut more: impl FnMut() -> Option<Item>) {
+        // The batch from each position met in this pass, for the group's current `pos`.
+        let mut batches: Vec<(u64, Batch, u64)> = Vec::new();
+        let mut head = self.pos;
+        let mut taken = 0;
         let mut k = 0;
         let mut tried = 0;
-        // Members written, `[sse, ws]`: counted once per batch, not per member.
+        // Events written, `[sse, ws]`: counted once per batch, not per member.
         let mut written = [0u64; 2];
         while k < self.members.len() {
-            match self.members[k].write(&self.stream, &batch) {
+            let at = self.members[k].at;
+            if at >= self.pos {
+                k += 1;
+                continue;
+            }
+            if head != self.pos {
+                batches.clear();
+                head = self.pos;
+            }
+            let i = match batches.iter().position(|b| b.0 == at) {
+                Some(i) => i,
+                None => {
+                    let b = Batch::after(&self.frames, at);
+                    batches.push((at, b, Batch::count_after(&self.frames, at)));
+                    batches.len() - 1
+                }
+            };
+            let (_, batch, events) = &batches[i];
+            match self.members[k].write(&self.stream, batch) {
                 Wrote::All => {
-                    written[usize::from(!self.members[k].is_sse())] += 1;
+                    written[usize::from(!self.members[k].is_sse())] += *events;
+                    self.members[k].at = head;
                     k += 1;
                 }
                 Wrote::Back(rest) => {
                     let m = self.members.swap_remove(k);
                     // A socket that took part of the batch has the rest to write, and
                     // goes on after it; one that took none of it goes on from before.
-                    let at = if rest.is_empty() { before } else { after };
-                    self.back(m.who, at, rest);
+                    let to = if rest.is_empty() { at } else { head };
+                    self.back(m.who, to, rest);
                 }
                 Wrote::Gone => {
                     self.members.swap_remove(k);
@@ -296,40 +358,45 @@ impl Group {
                 }
             }
             tried += 1;
-            if tried % YIELD_EVERY == 0 {
+            if tried % self.look_every == 0 {
                 tokio::task::yield_now().await;
+                while taken < MAX_CHUNK {
+                    let Some(item) = more() else { break };
+                    taken += self.take(&item);
+                }
             }
         }
-        self.delivery
-            .stats
-            .sent(Transport::Sse, events * written[0]);
-        self.delivery.stats.sent(Transport::Ws, events * written[1]);
+        self.delivery.stats.sent(Transport::Sse, written[0]);
+        self.delivery.stats.sent(Transport::Ws, written[1]);
         // A reset moves the position without a seq: nobody ahead can be matched
         // against it, so they catch up on their own.
-        let reset = frames.iter().any(|f| f.reset);
+        let reset = std::mem::take(&mut self.reset_seen);
         let mut j = 0;
         while j < self.early.len() {
-            let p = self.early[j].0;
-            if p >= after && !reset {
+            let p = self.early[j].at;
+            if p >= self.pos && !reset {
                 j += 1;
                 continue;
             }
-            let (_, m) = self.early.swap_remove(j);
+            let mut m = self.early.swap_remove(j);
             if reset {
                 self.back(m.who, p, Bytes::new());
                 continue;
             }
-            match m.write(&self.stream, &Batch::after(frames, p)) {
+            match m.write(&self.stream, &Batch::after(&self.frames, p)) {
                 Wrote::All => {
-                    self.count_sent(&m, after - p);
+                    self.count_sent(&m, Batch::count_after(&self.frames, p));
+                    m.at = self.pos;
                     self.members.push(m);
                 }
                 Wrote::Back(rest) if rest.is_empty() => self.back(m.who, p, rest),
-                Wrote::Back(rest) => self.back(m.who, after, rest),
+                Wrote::Back(rest) => self.back(m.who, self.pos, rest),
                 Wrote::Gone => self.delivery.stats.send_error(),
             }
         }
-        self.pos = after;
+        self.low = self.members.iter().map(|m| m.at).min().unwrap_or(self.pos);
+        let low = self.low;
+        self.frames.retain(|f| f.after > low);
         self.delivery.written();
     }
 
@@ -340,7 +407,6 @@ impl Group {
             sse: render::heartbeat(),
             ws: Bytes::new(),
         };
-        let pos = self.pos;
         let mut tried = 0;
         let mut k = 0;
         while k < self.members.len() {
@@ -356,7 +422,7 @@ impl Group {
                 Wrote::All => k += 1,
                 Wrote::Back(rest) => {
                     let m = self.members.swap_remove(k);
-                    self.back(m.who, pos, rest);
+                    self.back(m.who, m.at, rest);
                 }
                 Wrote::Gone => {
                     self.members.swap_remove(k);
@@ -365,15 +431,15 @@ impl Group {
         }
         let mut j = 0;
         while j < self.early.len() {
-            if !self.early[j].1.is_sse() {
+            if !self.early[j].is_sse() {
                 j += 1;
                 continue;
             }
-            match self.early[j].1.write(&self.stream, &beat) {
+            match self.early[j].write(&self.stream, &beat) {
                 Wrote::All => j += 1,
                 Wrote::Back(rest) => {
-                    let (p, m) = self.early.swap_remove(j);
-                    self.back(m.who, p, rest);
+                    let m = self.early.swap_remove(j);
+                    self.back(m.who, m.at, rest);
                 }
                 Wrote::Gone => {
                     self.early.swap_remove(j);
@@ -387,10 +453,9 @@ impl Group {
     pub fn release_ws(&mut self) {
         let members = std::mem::take(&mut self.members);
         let early = std::mem::take(&mut self.early);
-        let all = members.into_iter().map(|m| (self.pos, m)).chain(early);
-        for (p, m) in all {
+        for m in members.into_iter().chain(early) {
             if let Joiner::Ws { conn, sub } = &m.who {
-                conn.hand_back(&self.stream, *sub, p);
+                conn.hand_back(&self.stream, *sub, m.at);
             }
         }
     }
@@ -399,7 +464,7 @@ impl Group {
     pub fn drop_gone(&mut self) {
         let stream = &self.stream;
         self.members.retain(|m| !m.gone(stream));
-        self.early.retain(|(_, m)| !m.gone(stream));
+        self.early.retain(|m| !m.gone(stream));
     }
 
     /// Ends (closes) the SSE members `why` applies to.
@@ -413,7 +478,7 @@ impl Group {
             !end
         };
         self.members.retain(keep);
-        self.early.retain(|(_, m)| keep(m));
+        self.early.retain(keep);
     }
 
     /// Ends the members whose credentials have expired; sets the next expiry.
@@ -423,7 +488,7 @@ impl Group {
         self.expiry = self
             .members
             .iter()
-            .chain(self.early.iter().map(|(_, m)| m))
+            .chain(self.early.iter())
             .filter_map(|m| m.principal()?.expires_at)
             .min();
     }

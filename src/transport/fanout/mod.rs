@@ -14,6 +14,10 @@
 //!   between that and the group's own position (from the recent-event cache), or holds
 //!   it until its cursor passes that seq (`early`), so every seq reaches it once, in
 //!   order, and no batch reaches it twice.
+//! - Each member keeps the position it has been written up to; a pass writes each
+//!   member the frames after it, and takes what arrives meanwhile for the members it
+//!   has not reached yet. The group keeps the frames after the furthest-behind
+//!   member's position, and the next pass goes at once while anyone is behind.
 //! - A socket that cannot take a whole batch at once goes back to a task of its own
 //!   (SSE: `sse_socket`, with the rest of that batch and a cursor after it; WebSocket:
 //!   its connection's task, once its queue is full, with a cursor after what it has)
@@ -47,7 +51,7 @@ use crate::state::AppState;
 
 mod group;
 
-use group::{Frame, Group};
+use group::{Group, YIELD_EVERY};
 
 /// Longest a busy stream's next batch gathers (see `run`).
 const MAX_GATHER: std::time::Duration = std::time::Duration::from_millis(5);
@@ -225,6 +229,16 @@ fn never() -> Instant {
     Instant::now() + std::time::Duration::from_secs(86_400 * 365)
 }
 
+/// After a pass that began at `pass`: if events arrived while it ran, the stream comes
+/// faster than passes go round. The next batch gathers for about as long as the pass
+/// took, so each write carries more (fewer writes, for the server and for every
+/// reader); an idle stream never waits.
+async fn gather(cursor: &mut crate::cursor::Cursor, lagging: bool, pass: Instant) {
+    if lagging || cursor.pending() {
+        tokio::time::sleep(pass.elapsed().min(MAX_GATHER)).await;
+    }
+}
+
 /// The group's task: its cursor starts after `start`, the position of the connection
 /// that started it.
 async fn run(fanout: Fanout, shared: Arc<Shared>, stream: StreamKey, start: u64) {
@@ -243,6 +257,10 @@ async fn run(fanout: Fanout, shared: Arc<Shared>, stream: StreamKey, start: u64)
         members: Vec::new(),
         early: Vec::new(),
         pos: cursor.position(),
+        frames: Vec::new(),
+        low: cursor.position(),
+        reset_seen: false,
+        look_every: YIELD_EVERY,
         delivery: Delivery::new(state.service.connections().clone()),
         expiry: None,
     };
@@ -254,9 +272,7 @@ async fn run(fanout: Fanout, shared: Arc<Shared>, stream: StreamKey, start: u64)
     let expiry = sleep_until(never());
     tokio::pin!(expiry);
     let mut armed: Option<DateTime<Utc>> = None;
-    let mut frames: Vec<Frame> = Vec::new();
     loop {
-        let mut events = 0u64;
         tokio::select! {
             biased;
             _ = &mut stop => {
@@ -274,25 +290,17 @@ async fn run(fanout: Fanout, shared: Arc<Shared>, stream: StreamKey, start: u64)
                     g.admit(p, who);
                 }
             }
-            taken = collect(&mut cursor, MAX_CHUNK, |_, item| {
-                g.delivery.delivered(item);
-                let f = Frame::of(&stream, item);
-                events += u64::from(!f.reset);
-                let n = f.sse.len();
-                frames.push(f);
-                n
-            }) => match taken {
+            // A pass left members behind what it took: the next pass goes at once.
+            () = std::future::ready(()), if g.lagging() => {
+                let pass = Instant::now();
+                g.fan_out(|| cursor.try_next()).await;
+                gather(&mut cursor, g.lagging(), pass).await;
+            }
+            taken = collect(&mut cursor, MAX_CHUNK, |_, item| g.take(item)) => match taken {
                 Ok(_) => {
                     let pass = Instant::now();
-                    g.fan_out(&frames, events).await;
-                    frames.clear();
-                    // Events arrived while this pass ran: the stream comes faster than
-                    // passes go round. Let the next batch gather for about as long as
-                    // the pass took, so each write carries more (fewer writes, for the
-                    // server and for every reader); an idle stream never waits.
-                    if cursor.pending() {
-                        tokio::time::sleep(pass.elapsed().min(MAX_GATHER)).await;
-                    }
+                    g.fan_out(|| cursor.try_next()).await;
+                    gather(&mut cursor, g.lagging(), pass).await;
                 }
                 Err(e) => {
                     tracing::warn!(stream = %stream, error = %e, "ending the stream's connections");

@@ -10,13 +10,13 @@ use chrono::DateTime;
 use tokio::io::AsyncReadExt;
 use tokio::net::{TcpListener, TcpSocket};
 
-use super::group::{Frame, Group};
+use super::group::{Frame, Group, YIELD_EVERY};
 use super::*;
 use crate::broker_memory::MemoryBroker;
 use crate::config::ServeArgs;
 use crate::credentials::Authenticator;
 use crate::cursor::Item;
-use crate::domain::{Event, EventKind};
+use crate::domain::{Event, EventKind, Reset, ResetReason};
 use crate::limits::{Limits, Rate, Rates};
 use crate::observe::Transport;
 use crate::server::Slots;
@@ -98,6 +98,10 @@ impl Rig {
             members: Vec::new(),
             early: Vec::new(),
             pos,
+            frames: Vec::new(),
+            low: pos,
+            reset_seen: false,
+            look_every: YIELD_EVERY,
             delivery: Delivery::new(self.fanout.state().service.connections().clone()),
             expiry: None,
         }
@@ -152,9 +156,25 @@ fn event(stream: &StreamKey, seq: u64) -> Event {
     )
 }
 
-fn frames(stream: &StreamKey, seqs: impl Iterator<Item = u64>) -> Vec<Frame> {
-    seqs.map(|s| Frame::of(stream, &Item::Event(Arc::new(event(stream, s)))))
+fn items(stream: &StreamKey, seqs: impl Iterator<Item = u64>) -> Vec<Item> {
+    seqs.map(|s| Item::Event(Arc::new(event(stream, s))))
         .collect()
+}
+
+fn frames(stream: &StreamKey, seqs: impl Iterator<Item = u64>) -> Vec<Frame> {
+    items(stream, seqs)
+        .iter()
+        .map(|i| Frame::of(stream, i))
+        .collect()
+}
+
+/// The group takes `items` from its cursor and makes one pass, with nothing more
+/// arriving during it.
+async fn pass(g: &mut Group, items: Vec<Item>) {
+    for i in &items {
+        g.take(i);
+    }
+    g.fan_out(|| None).await;
 }
 
 fn concat<'a>(parts: impl Iterator<Item = &'a Bytes>) -> Vec<u8> {
@@ -193,7 +213,7 @@ async fn a_connection_level_with_the_group_becomes_a_member_and_gets_each_batch(
     let (f, mut client) = rig.follower(&stream, None).await;
     g.admit(10, Joiner::Sse(f));
     assert_eq!((g.members.len(), g.early.len()), (1, 0));
-    g.fan_out(&frames(&stream, 11..=13), 3).await;
+    pass(&mut g, items(&stream, 11..=13)).await;
     assert_eq!(read_ids(&mut client, 3).await, vec![11, 12, 13]);
     assert_eq!(g.pos, 13);
 }
@@ -207,15 +227,15 @@ async fn a_connection_ahead_of_the_group_waits_and_gets_only_what_follows_its_se
     g.admit(12, Joiner::Sse(f));
     assert_eq!((g.members.len(), g.early.len()), (0, 1));
     // Not passed yet: it stays ahead and is written nothing.
-    g.fan_out(&frames(&stream, 11..=12), 2).await;
+    pass(&mut g, items(&stream, 11..=12)).await;
     assert_eq!((g.members.len(), g.early.len()), (0, 1));
-    g.fan_out(&frames(&stream, 13..=14), 2).await;
+    pass(&mut g, items(&stream, 13..=14)).await;
     assert_eq!((g.members.len(), g.early.len()), (1, 0));
     assert_eq!(read_ids(&mut client, 2).await, vec![13, 14]);
     // Passed within a batch: only the part after its seq.
     let (f, mut client) = rig.follower(&stream, None).await;
     g.admit(15, Joiner::Sse(f));
-    g.fan_out(&frames(&stream, 15..=17), 3).await;
+    pass(&mut g, items(&stream, 15..=17)).await;
     assert_eq!(read_ids(&mut client, 2).await, vec![16, 17]);
     assert!(handed_back(&stream).is_empty());
 }
@@ -229,7 +249,7 @@ async fn a_connection_behind_the_group_is_brought_level_from_the_cache() {
     let (f, mut client) = rig.follower(&stream, None).await;
     g.admit(17, Joiner::Sse(f));
     assert_eq!(g.members.len(), 1);
-    g.fan_out(&frames(&stream, 21..=21), 1).await;
+    pass(&mut g, items(&stream, 21..=21)).await;
     assert_eq!(read_ids(&mut client, 4).await, vec![18, 19, 20, 21]);
     assert!(handed_back(&stream).is_empty());
 }
@@ -269,7 +289,7 @@ async fn a_socket_that_cannot_take_a_batch_is_handed_back_with_the_rest_of_it() 
     g.admit(0, Joiner::Sse(f));
     g.admit(0, Joiner::Sse(f2));
     let batch = frames(&stream, 1..=3);
-    g.fan_out(&batch, 3).await;
+    pass(&mut g, items(&stream, 1..=3)).await;
     assert_eq!(g.members.len(), 1, "the fast one stays");
     assert_eq!(read_ids(&mut fast, 3).await, vec![1, 2, 3]);
     let back = handed_back(&stream);
@@ -289,13 +309,12 @@ async fn a_reset_sends_those_ahead_back_to_catch_up_on_their_own() {
     let mut g = rig.group(&stream, 10);
     let (f, _client) = rig.follower(&stream, None).await;
     g.admit(11, Joiner::Sse(f));
-    let reset = Frame {
-        after: 50,
-        sse: Bytes::from_static(b"event: reset\ndata: {}\n\n"),
-        ws: Bytes::new(),
-        reset: true,
-    };
-    g.fan_out(&[reset], 0).await;
+    let reset = Item::Reset(Reset {
+        reason: ResetReason::HistoryExpired,
+        earliest_id: 40,
+        last_event_id: 50,
+    });
+    pass(&mut g, vec![reset]).await;
     assert!(g.is_empty());
     assert_eq!(g.pos, 50);
     let back = handed_back(&stream);
@@ -304,4 +323,78 @@ async fn a_reset_sends_those_ahead_back_to_catch_up_on_their_own() {
         (1, 11),
         "it goes on from its own seq"
     );
+}
+
+#[tokio::test]
+async fn an_event_taken_mid_pass_reaches_the_rest_of_that_pass_and_the_others_in_the_next() {
+    let rig = rig().await;
+    let stream = StreamKey::Zone(7);
+    let mut g = rig.group(&stream, 10);
+    g.look_every = 1;
+    let mut clients = Vec::new();
+    for _ in 0..3 {
+        let (f, client) = rig.follower(&stream, None).await;
+        g.admit(10, Joiner::Sse(f));
+        clients.push(client);
+    }
+    // Ahead of the group: its own cursor wrote up to 11.
+    let (f, mut ahead) = rig.follower(&stream, None).await;
+    g.admit(11, Joiner::Sse(f));
+    // 11 is taken before the pass, 12 after the first socket was written.
+    g.take(&items(&stream, 11..=11)[0]);
+    let mut later = items(&stream, 12..=12);
+    g.fan_out(|| later.pop()).await;
+    assert_eq!(g.pos, 12);
+    assert!(g.lagging(), "the first member has only 11");
+    assert_eq!(g.low, 11);
+    assert_eq!(read_ids(&mut clients[1], 2).await, vec![11, 12]);
+    assert_eq!(read_ids(&mut clients[2], 2).await, vec![11, 12]);
+    assert_eq!(read_ids(&mut ahead, 1).await, vec![12]);
+    // The next pass brings the first level, and nobody else is written 12 again.
+    g.fan_out(|| None).await;
+    assert!(!g.lagging());
+    assert!(g.frames.is_empty(), "nothing kept that every member has");
+    pass(&mut g, items(&stream, 13..=13)).await;
+    assert_eq!(read_ids(&mut clients[0], 3).await, vec![11, 12, 13]);
+    // (What was read before is not read again: a second 12 would come first.)
+    assert_eq!(read_ids(&mut clients[1], 1).await, vec![13]);
+    assert_eq!(read_ids(&mut ahead, 1).await, vec![13]);
+    assert_eq!(g.members.len(), 4);
+    assert!(handed_back(&stream).is_empty());
+}
+
+#[tokio::test]
+async fn a_pass_takes_at_most_a_chunk_of_what_arrives_while_it_runs() {
+    let rig = rig().await;
+    let stream = StreamKey::Zone(8);
+    let mut g = rig.group(&stream, 0);
+    g.look_every = 1;
+    let mut clients = Vec::new();
+    for _ in 0..2 {
+        let (f, client) = rig.follower(&stream, None).await;
+        g.admit(0, Joiner::Sse(f));
+        clients.push(client);
+    }
+    g.take(&items(&stream, 1..=1)[0]);
+    // An endless stream: the pass must stop taking, and end.
+    let mut next = 1;
+    tokio::time::timeout(
+        Duration::from_secs(10),
+        g.fan_out(|| {
+            next += 1;
+            Some(items(&stream, next..=next).remove(0))
+        }),
+    )
+    .await
+    .expect("the pass ends");
+    let taken: usize = g.frames.iter().map(|f| f.sse.len()).sum();
+    assert!(
+        taken <= crate::transport::batch::MAX_CHUNK + 2 * g.frames[0].sse.len(),
+        "{taken} bytes kept"
+    );
+    assert!(g.lagging());
+    assert_eq!(read_ids(&mut clients[0], 1).await, vec![1]);
+    // The second was written everything taken: in order, each once.
+    let all: Vec<u64> = (1..=g.pos).collect();
+    assert_eq!(read_ids(&mut clients[1], all.len()).await, all);
 }
