@@ -399,6 +399,49 @@ async fn subscribers_joining_while_changes_pour_in_get_every_seq_once_in_order()
     }
 }
 
+/// More members than a pass writes between two looks at the cursor (256), changes
+/// back to back: a pass takes events that arrive while it runs for the members it has
+/// not reached, and the next brings the rest level. Every member gets every seq once,
+/// in order.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_large_group_under_back_to_back_changes_writes_every_seq_once_in_order() {
+    const CHANGES: u64 = 300;
+    const SUBSCRIBERS: u64 = 600;
+    for db in test_dbs().await {
+        let app = spawn_app(&db, &[]).await;
+        let zone = app.create_zone("Large").await;
+        let item = app.create_item(zone, "L", 0, 0).await as i32;
+        let path = format!("/sse/zones/{zone}/stock");
+        let start = app.snapshot(zone).await["last_event_id"]
+            .as_u64()
+            .expect("id");
+        let last = start + CHANGES;
+        let mut readers = Vec::new();
+        for _ in 0..SUBSCRIBERS {
+            let mut sse = RawSse::open(&app, &path, Some(start), None).await;
+            readers.push(tokio::spawn(async move {
+                sse.ids(CHANGES as usize, LOAD_WAIT).await
+            }));
+        }
+        fanout_until(&app, "every subscriber in the group", |(_, m, _)| {
+            m == SUBSCRIBERS
+        })
+        .await;
+        for _ in 0..CHANGES {
+            app.service
+                .update_item(item, patch(None), None, &Principal::system("test"))
+                .await
+                .expect("change");
+        }
+        let want: Vec<u64> = (start + 1..=last).collect();
+        for r in readers {
+            let ids = within_for(LOAD_WAIT, "a reader", r).await.expect("reader");
+            assert_eq!(ids, want);
+        }
+        app.stop().await;
+    }
+}
+
 /// Revoking the key ends the connections the fan-out writes, and only those.
 #[tokio::test]
 async fn a_revoked_keys_streams_end_in_the_fanout() {
