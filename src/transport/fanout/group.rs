@@ -284,13 +284,20 @@ impl Group {
             self.back(who, p, Bytes::new());
             return;
         }
-        let m = self.member(who, self.pos);
-        match m.write(&self.stream, &Batch::events(&events)) {
+        let m = self.member(who, p);
+        self.bring_level(m, &Batch::events(&events), behind);
+    }
+
+    /// Writes `m` the batch (of `events` events) that takes it from its `at` to the
+    /// group's position: a member from then on, or handed back where it stands.
+    fn bring_level(&mut self, mut m: Member, batch: &Batch, events: u64) {
+        match m.write(&self.stream, batch) {
             Wrote::All => {
-                self.count_sent(&m, events.len() as u64);
+                self.count_sent(&m, events);
+                m.at = self.pos;
                 self.members.push(m);
             }
-            Wrote::Back(rest) if rest.is_empty() => self.back(m.who, p, rest),
+            Wrote::Back(rest) if rest.is_empty() => self.back(m.who, m.at, rest),
             Wrote::Back(rest) => self.back(m.who, self.pos, rest),
             Wrote::Gone => self.delivery.stats.send_error(),
         }
@@ -378,21 +385,13 @@ impl Group {
                 j += 1;
                 continue;
             }
-            let mut m = self.early.swap_remove(j);
+            let m = self.early.swap_remove(j);
             if reset {
                 self.back(m.who, p, Bytes::new());
                 continue;
             }
-            match m.write(&self.stream, &Batch::after(&self.frames, p)) {
-                Wrote::All => {
-                    self.count_sent(&m, Batch::count_after(&self.frames, p));
-                    m.at = self.pos;
-                    self.members.push(m);
-                }
-                Wrote::Back(rest) if rest.is_empty() => self.back(m.who, p, rest),
-                Wrote::Back(rest) => self.back(m.who, self.pos, rest),
-                Wrote::Gone => self.delivery.stats.send_error(),
-            }
+            let batch = Batch::after(&self.frames, p);
+            self.bring_level(m, &batch, Batch::count_after(&self.frames, p));
         }
         self.low = self.members.iter().map(|m| m.at).min().unwrap_or(self.pos);
         let low = self.low;
@@ -408,43 +407,40 @@ impl Group {
             ws: Bytes::new(),
         };
         let mut tried = 0;
-        let mut k = 0;
-        while k < self.members.len() {
-            tried += 1;
-            if tried % YIELD_EVERY == 0 {
-                tokio::task::yield_now().await;
-            }
-            if !self.members[k].is_sse() {
-                k += 1;
-                continue;
-            }
-            match self.members[k].write(&self.stream, &beat) {
-                Wrote::All => k += 1,
-                Wrote::Back(rest) => {
-                    let m = self.members.swap_remove(k);
-                    self.back(m.who, m.at, rest);
+        for early in [false, true] {
+            // Taken out while written, so that hand-backs may borrow the group.
+            let list = if early {
+                &mut self.early
+            } else {
+                &mut self.members
+            };
+            let mut list = std::mem::take(list);
+            let mut k = 0;
+            while k < list.len() {
+                tried += 1;
+                if tried % YIELD_EVERY == 0 {
+                    tokio::task::yield_now().await;
                 }
-                Wrote::Gone => {
-                    self.members.swap_remove(k);
+                if !list[k].is_sse() {
+                    k += 1;
+                    continue;
                 }
-            }
-        }
-        let mut j = 0;
-        while j < self.early.len() {
-            if !self.early[j].is_sse() {
-                j += 1;
-                continue;
-            }
-            match self.early[j].write(&self.stream, &beat) {
-                Wrote::All => j += 1,
-                Wrote::Back(rest) => {
-                    let m = self.early.swap_remove(j);
-                    self.back(m.who, m.at, rest);
-                }
-                Wrote::Gone => {
-                    self.early.swap_remove(j);
+                match list[k].write(&self.stream, &beat) {
+                    Wrote::All => k += 1,
+                    Wrote::Back(rest) => {
+                        let m = list.swap_remove(k);
+                        self.back(m.who, m.at, rest);
+                    }
+                    Wrote::Gone => {
+                        list.swap_remove(k);
+                    }
                 }
             }
+            *(if early {
+                &mut self.early
+            } else {
+                &mut self.members
+            }) = list;
         }
     }
 
