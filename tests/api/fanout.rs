@@ -129,6 +129,13 @@ impl RawSse {
     }
 }
 
+/// The zone's stream position, from its snapshot.
+async fn last_event_id(app: &TestApp, zone: i64) -> u64 {
+    app.snapshot(zone).await["last_event_id"]
+        .as_u64()
+        .expect("id")
+}
+
 /// `/api/stats`' fan-out figures: `(groups, members, handed_back)`.
 async fn fanout(app: &TestApp) -> (u64, u64, u64) {
     let s = app.get("/api/stats").await.json();
@@ -207,9 +214,7 @@ async fn a_fresh_connections_stream_is_close_delimited_and_joins_the_fanout() {
         .await
         .expect("open");
     assert_eq!((beat.event.as_str(), beat.id), ("heartbeat", None));
-    let start = app.snapshot(zone).await["last_event_id"]
-        .as_u64()
-        .expect("id");
+    let start = last_event_id(&app, zone).await;
     for _ in 0..3 {
         app.delta(item, 1).await;
     }
@@ -290,9 +295,7 @@ async fn a_reader_that_stops_reading_falls_behind_alone_and_later_gets_everythin
     let mut slow = RawSse::open(&app, &path, None, Some(4096)).await;
     let mut fast = RawSse::open(&app, &path, None, None).await;
     fanout_until(&app, "both to join", |(_, m, _)| m == 2).await;
-    let start = app.snapshot(zone).await["last_event_id"]
-        .as_u64()
-        .expect("id");
+    let start = last_event_id(&app, zone).await;
     // The fast reader reads throughout, until it has seen the last change.
     let (last_tx, mut last_rx) = tokio::sync::watch::channel(u64::MAX);
     let fast_reader = tokio::spawn(async move {
@@ -347,9 +350,7 @@ async fn subscribers_joining_while_changes_pour_in_get_every_seq_once_in_order()
         let zone = app.create_zone("Joining").await;
         let item = app.create_item(zone, "J", 0, 0).await as i32;
         let path = format!("/sse/zones/{zone}/stock");
-        let start = app.snapshot(zone).await["last_event_id"]
-            .as_u64()
-            .expect("id");
+        let start = last_event_id(&app, zone).await;
         let last = start + CHANGES;
         // One live from the start keeps the stream's fan-out running throughout.
         let mut first = RawSse::open(&app, &path, None, None).await;
@@ -367,9 +368,7 @@ async fn subscribers_joining_while_changes_pour_in_get_every_seq_once_in_order()
         let mut readers = Vec::new();
         let mut rng = 0x1234_5678u64;
         for i in 0..SUBSCRIBERS {
-            let now = app.snapshot(zone).await["last_event_id"]
-                .as_u64()
-                .expect("id");
+            let now = last_event_id(&app, zone).await;
             rng = rng
                 .wrapping_mul(6364136223846793005)
                 .wrapping_add(1442695040888963407);
@@ -412,9 +411,7 @@ async fn a_large_group_under_back_to_back_changes_writes_every_seq_once_in_order
         let zone = app.create_zone("Large").await;
         let item = app.create_item(zone, "L", 0, 0).await as i32;
         let path = format!("/sse/zones/{zone}/stock");
-        let start = app.snapshot(zone).await["last_event_id"]
-            .as_u64()
-            .expect("id");
+        let start = last_event_id(&app, zone).await;
         let last = start + CHANGES;
         let mut readers = Vec::new();
         for _ in 0..SUBSCRIBERS {
@@ -496,9 +493,7 @@ async fn ws_and_sse_followers_of_one_stream_share_its_fanout() {
     let mut sse = RawSse::open(&app, &format!("/sse/zones/{zone}/stock"), None, None).await;
     let (mut ws, _) = app.ws_welcomed(&format!("/ws/zones/{zone}")).await;
     fanout_until(&app, "both to join one group", |(g, m, _)| g == 1 && m == 2).await;
-    let start = app.snapshot(zone).await["last_event_id"]
-        .as_u64()
-        .expect("id");
+    let start = last_event_id(&app, zone).await;
     for _ in 0..3 {
         app.delta(item, 1).await;
     }
@@ -581,9 +576,7 @@ async fn a_ws_subscription_whose_queue_fills_is_handed_back_and_made_whole() {
         "subscribed"
     );
     fanout_until(&app, "the subscription to join", |(_, m, _)| m == 1).await;
-    let start = app.snapshot(zone).await["last_event_id"]
-        .as_u64()
-        .expect("id");
+    let start = last_event_id(&app, zone).await;
     let changes = changes_until_handed_back(&app, item).await;
     let ids = within_for(LOAD_WAIT, "every event", async {
         let mut ids = Vec::new();

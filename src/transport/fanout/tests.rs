@@ -107,6 +107,25 @@ impl Rig {
         }
     }
 
+    /// A group at `pos` with `n` members level with it, which looks at its cursor
+    /// after every socket; and the members' client ends.
+    async fn looking_group(
+        &self,
+        stream: &StreamKey,
+        pos: u64,
+        n: usize,
+    ) -> (Group, Vec<TcpStream>) {
+        let mut g = self.group(stream, pos);
+        g.look_every = 1;
+        let mut clients = Vec::new();
+        for _ in 0..n {
+            let (f, client) = self.follower(stream, None).await;
+            g.admit(pos, Joiner::Sse(f));
+            clients.push(client);
+        }
+        (g, clients)
+    }
+
     /// A follower of `stream` on a fresh loopback connection, and the client's end
     /// (with a small receive buffer if `rcvbuf`).
     async fn follower(&self, stream: &StreamKey, rcvbuf: Option<u32>) -> (Follower, TcpStream) {
@@ -329,14 +348,7 @@ async fn a_reset_sends_those_ahead_back_to_catch_up_on_their_own() {
 async fn an_event_taken_mid_pass_reaches_the_rest_of_that_pass_and_the_others_in_the_next() {
     let rig = rig().await;
     let stream = StreamKey::Zone(7);
-    let mut g = rig.group(&stream, 10);
-    g.look_every = 1;
-    let mut clients = Vec::new();
-    for _ in 0..3 {
-        let (f, client) = rig.follower(&stream, None).await;
-        g.admit(10, Joiner::Sse(f));
-        clients.push(client);
-    }
+    let (mut g, mut clients) = rig.looking_group(&stream, 10, 3).await;
     // Ahead of the group: its own cursor wrote up to 11.
     let (f, mut ahead) = rig.follower(&stream, None).await;
     g.admit(11, Joiner::Sse(f));
@@ -367,14 +379,7 @@ async fn an_event_taken_mid_pass_reaches_the_rest_of_that_pass_and_the_others_in
 async fn a_pass_takes_at_most_a_chunk_of_what_arrives_while_it_runs() {
     let rig = rig().await;
     let stream = StreamKey::Zone(8);
-    let mut g = rig.group(&stream, 0);
-    g.look_every = 1;
-    let mut clients = Vec::new();
-    for _ in 0..2 {
-        let (f, client) = rig.follower(&stream, None).await;
-        g.admit(0, Joiner::Sse(f));
-        clients.push(client);
-    }
+    let (mut g, mut clients) = rig.looking_group(&stream, 0, 2).await;
     g.take(&items(&stream, 1..=1)[0]);
     // An endless stream: the pass must stop taking, and end.
     let mut next = 1;
