@@ -1,7 +1,9 @@
 //! `fanout`: subscribers on one stream (SSE or WebSocket, spread over one or more nodes
 //! and source addresses), changes published at a rate or back to back, over REST or
 //! WebSocket. Latency is from the publish leaving the tool to a subscriber holding the
-//! bytes of the event.
+//! bytes of the event ("receive": when the tool read them), and to the bytes reaching
+//! the subscriber's socket ("socket": the kernel's receive stamp, which the tool's own
+//! backlog does not delay).
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -209,7 +211,7 @@ pub async fn run(a: Args) -> anyhow::Result<()> {
     }
     let received = all
         .iter()
-        .flat_map(|a| a.iter().map(|(_, t)| *t))
+        .flat_map(|a| a.iter().map(|a| a.at.read))
         .max()
         .unwrap_or(began);
     let elapsed = received.duration_since(began);
@@ -217,14 +219,16 @@ pub async fn run(a: Args) -> anyhow::Result<()> {
     let sent = sent.lock().await;
     let (mut missing, mut dup, mut disorder) = (0u64, 0u64, 0u64);
     let mut lat = Vec::with_capacity(all.len() * a.changes);
+    let mut lat_kernel = Vec::with_capacity(all.len() * a.changes);
     for arrivals in &all {
         let (m, d, o) = check(arrivals, start, last);
         (missing, dup, disorder) = (missing + m, dup + d, disorder + o);
-        lat.extend(
-            arrivals
-                .iter()
-                .filter_map(|(seq, at)| sent.get(seq).map(|s| at.saturating_duration_since(*s))),
-        );
+        for arrival in arrivals {
+            if let Some(s) = sent.get(&arrival.seq) {
+                lat.push(arrival.at.read.saturating_duration_since(*s));
+                lat_kernel.push(arrival.at.kernel.saturating_duration_since(*s));
+            }
+        }
     }
     let deliveries = lat.len() as u64;
     println!(
@@ -239,6 +243,9 @@ pub async fn run(a: Args) -> anyhow::Result<()> {
         deliveries as f64 / elapsed.as_secs_f64().max(1e-9)
     );
     println!("publish → receive: {}", latency_line(&mut lat));
+    // The same deliveries, timed by when they reached the subscriber's socket: the
+    // server's part, without the tool's own queue (see `stamp`).
+    println!("publish → socket:  {}", latency_line(&mut lat_kernel));
     print_cpu(&cpu, a.threads, deliveries);
     if missing + dup + disorder > 0 {
         bail!("subscribers saw a wrong sequence");

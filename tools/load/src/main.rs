@@ -11,6 +11,7 @@ mod idle;
 mod report;
 mod server;
 mod sse;
+mod stamp;
 mod storm;
 mod subscribe;
 mod writes;

@@ -10,6 +10,8 @@ use anyhow::{Context, bail};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 
+use crate::stamp::At;
+
 /// Largest response head accepted.
 const MAX_HEAD: usize = 16 * 1024;
 
@@ -105,8 +107,9 @@ impl Chunked {
 pub struct Stream {
     tcp: TcpStream,
     framing: Framing,
-    /// Body bytes read with the head.
+    /// Body bytes read with the head, and when they were read.
     early: Vec<u8>,
+    early_at: At,
     buf: Vec<u8>,
 }
 
@@ -125,6 +128,7 @@ impl Stream {
             req.push_str(&format!("{k}: {v}\r\n"));
         }
         req.push_str("\r\n");
+        crate::stamp::enable(&tcp);
         tcp.write_all(req.as_bytes()).await?;
         let mut got = Vec::with_capacity(1024);
         let end = loop {
@@ -162,36 +166,38 @@ impl Stream {
             tcp,
             framing,
             early: got[end..].to_vec(),
+            early_at: At::now(),
             buf: vec![0; 64 * 1024],
         })
     }
 
-    /// Reads once and hands the body bytes to `body`; `false` once the body has ended.
-    pub async fn read(&mut self, body: &mut impl FnMut(&[u8])) -> anyhow::Result<bool> {
-        let n = if self.early.is_empty() {
-            let n = self.tcp.read(&mut self.buf).await?;
+    /// Reads once and hands the body bytes to `body`, with when they arrived; `false`
+    /// once the body has ended.
+    pub async fn read(&mut self, body: &mut impl FnMut(&[u8], At)) -> anyhow::Result<bool> {
+        let (n, at) = if self.early.is_empty() {
+            let (n, at) = crate::stamp::recv(&self.tcp, &mut self.buf).await?;
             if n == 0 {
                 return Ok(false);
             }
-            n
+            (n, at)
         } else {
             let early = std::mem::take(&mut self.early);
             self.buf[..early.len()].copy_from_slice(&early);
-            early.len()
+            (early.len(), self.early_at)
         };
         let input = &self.buf[..n];
         match &mut self.framing {
-            Framing::Close => body(input),
+            Framing::Close => body(input, at),
             Framing::Length(left) => {
                 let k = (*left).min(n as u64) as usize;
-                body(&input[..k]);
+                body(&input[..k], at);
                 *left -= k as u64;
                 if *left == 0 {
                     return Ok(false);
                 }
             }
             Framing::Chunked(c) => {
-                c.feed(input, body)?;
+                c.feed(input, &mut |b| body(b, at))?;
                 if *c == Chunked::Done {
                     return Ok(false);
                 }

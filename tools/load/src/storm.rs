@@ -73,8 +73,8 @@ pub async fn run(a: Args) -> anyhow::Result<()> {
             Some(arrivals) => {
                 let (m, d, o) = check(&arrivals, start, last);
                 (missing, dup, disorder) = (missing + m, dup + d, disorder + o);
-                if let Some((_, at)) = arrivals.last() {
-                    caught_up.push(at.duration_since(began));
+                if let Some(last) = arrivals.last() {
+                    caught_up.push(last.at.read.duration_since(began));
                 }
             }
             None => failed += 1,

@@ -12,9 +12,17 @@ use tokio::task::JoinHandle;
 use tokio_tungstenite::tungstenite::Message;
 
 use crate::server::{Kind, Topic, Transport, connect_from};
+use crate::stamp::{At, Stamped};
 
-/// When each seq arrived at one subscriber.
-pub type Arrivals = Vec<(u64, Instant)>;
+/// One event at one subscriber: its seq and when it arrived.
+#[derive(Clone, Copy, Debug)]
+pub struct Arrival {
+    pub seq: u64,
+    pub at: At,
+}
+
+/// Every event one subscriber received, in the order it did.
+pub type Arrivals = Vec<Arrival>;
 
 /// The `i`-th of `n` source addresses: 127.0.0.1, 127.0.0.2, …
 pub fn source(i: usize, n: usize) -> IpAddr {
@@ -85,11 +93,10 @@ pub async fn subscribe(
             opened();
             let mut out = Vec::new();
             let mut line = Vec::with_capacity(64);
-            while out.last().is_none_or(|(s, _)| *s < until) {
+            while out.last().is_none_or(|a: &Arrival| a.seq < until) {
                 // Whole lines straight from what was read; only a line cut by the
                 // read's end is copied.
-                let mut take = |chunk: &[u8]| {
-                    let now = Instant::now();
+                let mut take = |chunk: &[u8], at: At| {
                     let mut rest = chunk;
                     while let Some(nl) = memchr::memchr(b'\n', rest) {
                         let seq = if line.is_empty() {
@@ -101,7 +108,7 @@ pub async fn subscribe(
                             seq
                         };
                         if let Some(seq) = seq {
-                            out.push((seq, now));
+                            out.push(Arrival { seq, at });
                         }
                         rest = &rest[nl + 1..];
                     }
@@ -135,22 +142,24 @@ pub async fn subscribe(
                 .await
                 .map_err(first_failure)
                 .ok()?;
-            let (mut ws, _) = tokio_tungstenite::client_async(url, tcp)
+            let (mut ws, _) = tokio_tungstenite::client_async(url, Stamped::new(tcp))
                 .await
                 .map_err(first_failure)
                 .ok()?;
             opened();
             let mut out = Vec::new();
-            while out.last().is_none_or(|(s, _): &(u64, Instant)| *s < until) {
+            while out.last().is_none_or(|a: &Arrival| a.seq < until) {
                 let m = tokio::select! {
                     m = ws.next() => m,
                     _ = stop.wait_for(|s| *s) => break,
                 };
                 match m {
                     Some(Ok(Message::Text(t))) => {
-                        let now = Instant::now();
+                        // The read that completed this message (tungstenite reads only
+                        // when the message is not yet whole).
+                        let at = ws.get_ref().last.unwrap_or_else(At::now);
                         if let Some(seq) = ws_seq(topic.kind, t.as_str()) {
-                            out.push((seq, now));
+                            out.push(Arrival { seq, at });
                         }
                     }
                     Some(Ok(_)) => {}
@@ -240,14 +249,14 @@ pub fn check(arrivals: &Arrivals, start: u64, last: u64) -> (u64, u64, u64) {
     let mut seen = std::collections::HashSet::with_capacity(arrivals.len());
     let (mut dup, mut disorder) = (0, 0);
     let mut prev = start;
-    for (seq, _) in arrivals {
-        if !seen.insert(*seq) {
+    for &Arrival { seq, .. } in arrivals {
+        if !seen.insert(seq) {
             dup += 1;
         }
-        if *seq <= prev {
+        if seq <= prev {
             disorder += 1;
         }
-        prev = *seq;
+        prev = seq;
     }
     let missing = (start + 1..=last).filter(|s| !seen.contains(s)).count() as u64;
     (missing, dup, disorder)
@@ -273,8 +282,11 @@ mod tests {
 
     #[test]
     fn missing_duplicated_and_out_of_order_are_counted() {
-        let t = Instant::now();
-        let a: Arrivals = [1, 2, 2, 4, 3].iter().map(|s| (*s, t)).collect();
+        let at = At::now();
+        let a: Arrivals = [1, 2, 2, 4, 3]
+            .iter()
+            .map(|&seq| Arrival { seq, at })
+            .collect();
         assert_eq!(check(&a, 0, 5), (1, 1, 2));
         assert_eq!(source(0, 3), IpAddr::V4(Ipv4Addr::new(127, 0, 0, 1)));
         assert_eq!(source(4, 3), IpAddr::V4(Ipv4Addr::new(127, 0, 0, 2)));

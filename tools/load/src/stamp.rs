@@ -1,0 +1,243 @@
+//! When bytes reached a subscriber's socket, as the kernel stamped them
+//! (`SO_TIMESTAMPNS`), next to when the tool read them.
+//!
+//! Under a heavy fan-out the tool itself can fall behind (one core reading millions of
+//! deliveries a second): its read time then includes its own queue, which is not the
+//! server's latency. The kernel stamps a packet when the sender's write queues it to
+//! the receiving socket (on loopback, inside the server's `send`), so the stamp of
+//! what a read returned is when the server delivered it, whatever the tool was doing.
+//! For TCP the kernel reports the stamp of the last packet the read consumed, so an
+//! event earlier in the same read is given a time no earlier than its own: the
+//! figure can only err towards more latency.
+//!
+//! Linux only; elsewhere (or if the option is refused) every arrival is its read time.
+
+use std::io;
+use std::pin::Pin;
+use std::sync::OnceLock;
+use std::task::{Context, Poll, ready};
+use std::time::{Duration, Instant};
+
+use tokio::io::{AsyncRead, AsyncWrite, Interest, ReadBuf};
+use tokio::net::TcpStream;
+
+/// When one read's bytes arrived: `read` by the tool, `kernel` at the socket (the
+/// same as `read` when there is no stamp).
+#[derive(Clone, Copy, Debug)]
+pub struct At {
+    pub read: Instant,
+    pub kernel: Instant,
+}
+
+impl At {
+    /// Bytes in hand now, with no stamp.
+    pub fn now() -> At {
+        let now = Instant::now();
+        At {
+            read: now,
+            kernel: now,
+        }
+    }
+
+    /// A read at `read` with the kernel's stamp `stamp` (wall-clock nanoseconds), if
+    /// any. A stamp after the read (clock steps) is taken as the read.
+    fn new(read: Instant, stamp: Option<u128>) -> At {
+        let kernel = stamp.map_or(read, |ns| wall_to_instant(ns).min(read));
+        At { read, kernel }
+    }
+}
+
+/// A wall-clock time (nanoseconds since the epoch) on the monotonic clock, through
+/// one pair of readings taken once per process.
+fn wall_to_instant(ns: u128) -> Instant {
+    static ANCHOR: OnceLock<(Instant, u128)> = OnceLock::new();
+    let (i, w) = *ANCHOR.get_or_init(|| {
+        let w = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_nanos());
+        (Instant::now(), w)
+    });
+    let nanos = |d: u128| Duration::from_nanos(u64::try_from(d).unwrap_or(u64::MAX));
+    if ns >= w {
+        i + nanos(ns - w)
+    } else {
+        i.checked_sub(nanos(w - ns)).unwrap_or(i)
+    }
+}
+
+/// Asks the kernel to stamp what arrives on `tcp`. `false`: it will not (arrivals
+/// are then read times).
+pub fn enable(tcp: &TcpStream) -> bool {
+    #[cfg(target_os = "linux")]
+    {
+        use std::os::fd::AsRawFd;
+        let on: libc::c_int = 1;
+        // SAFETY: `tcp` is an open socket for the duration of the call, and the option
+        // value is a live c_int of the length given.
+        let rc = unsafe {
+            libc::setsockopt(
+                tcp.as_raw_fd(),
+                libc::SOL_SOCKET,
+                libc::SO_TIMESTAMPNS,
+                (&on as *const libc::c_int).cast(),
+                std::mem::size_of::<libc::c_int>() as libc::socklen_t,
+            )
+        };
+        rc == 0
+    }
+    #[cfg(not(target_os = "linux"))]
+    {
+        let _ = tcp;
+        false
+    }
+}
+
+/// One non-blocking read into `buf`, with the stamp of the last packet it consumed.
+fn try_recv(tcp: &TcpStream, buf: &mut [u8]) -> io::Result<(usize, Option<u128>)> {
+    #[cfg(target_os = "linux")]
+    {
+        use std::os::fd::AsRawFd;
+        let mut iov = libc::iovec {
+            iov_base: buf.as_mut_ptr().cast(),
+            iov_len: buf.len(),
+        };
+        // Room for one SCM_TIMESTAMPNS (a timespec), aligned for cmsghdr.
+        let mut control = [0u64; 8];
+        // SAFETY: an all-zero msghdr is valid (no name, no iov, no control yet).
+        let mut msg: libc::msghdr = unsafe { std::mem::zeroed() };
+        msg.msg_iov = &mut iov;
+        msg.msg_iovlen = 1;
+        msg.msg_control = control.as_mut_ptr().cast();
+        msg.msg_controllen = std::mem::size_of_val(&control);
+        // SAFETY: `msg` points at `iov` (over `buf`) and `control`, all live and of the
+        // lengths given, for the duration of the call.
+        let n = unsafe { libc::recvmsg(tcp.as_raw_fd(), &mut msg, libc::MSG_DONTWAIT) };
+        if n < 0 {
+            return Err(io::Error::last_os_error());
+        }
+        let mut stamp = None;
+        // SAFETY: the CMSG_* macros walk the control buffer the kernel filled in, within
+        // `msg.msg_controllen`; a SCM_TIMESTAMPNS payload is a timespec, read unaligned.
+        unsafe {
+            let mut c = libc::CMSG_FIRSTHDR(&msg);
+            while !c.is_null() {
+                if (*c).cmsg_level == libc::SOL_SOCKET && (*c).cmsg_type == libc::SCM_TIMESTAMPNS {
+                    let ts: libc::timespec =
+                        std::ptr::read_unaligned(libc::CMSG_DATA(c).cast::<libc::timespec>());
+                    if ts.tv_sec > 0 {
+                        stamp = Some(ts.tv_sec as u128 * 1_000_000_000 + ts.tv_nsec as u128);
+                    }
+                }
+                c = libc::CMSG_NXTHDR(&msg, c);
+            }
+        }
+        Ok((n as usize, stamp))
+    }
+    #[cfg(not(target_os = "linux"))]
+    {
+        tcp.try_read(buf).map(|n| (n, None))
+    }
+}
+
+/// Reads once (waiting until there is something) into `buf`: how many bytes, and when
+/// they arrived.
+pub async fn recv(tcp: &TcpStream, buf: &mut [u8]) -> io::Result<(usize, At)> {
+    let (n, stamp) = tcp
+        .async_io(Interest::READABLE, || try_recv(tcp, buf))
+        .await?;
+    Ok((n, At::new(Instant::now(), stamp)))
+}
+
+/// A TCP stream that keeps when its last read's bytes arrived, for a protocol reader
+/// (tungstenite) that reads through `AsyncRead`. A message it parses out of bytes it
+/// already holds gets that read's time: again never earlier than the message's own.
+pub struct Stamped {
+    tcp: TcpStream,
+    pub last: Option<At>,
+}
+
+impl Stamped {
+    pub fn new(tcp: TcpStream) -> Stamped {
+        enable(&tcp);
+        Stamped { tcp, last: None }
+    }
+}
+
+impl AsyncRead for Stamped {
+    fn poll_read(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        let this = self.get_mut();
+        loop {
+            ready!(this.tcp.poll_read_ready(cx))?;
+            let r = this.tcp.try_io(Interest::READABLE, || {
+                try_recv(&this.tcp, buf.initialize_unfilled())
+            });
+            match r {
+                Ok((n, stamp)) => {
+                    buf.advance(n);
+                    this.last = Some(At::new(Instant::now(), stamp));
+                    return Poll::Ready(Ok(()));
+                }
+                // The readiness was stale and is now cleared: wait again.
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => continue,
+                Err(e) => return Poll::Ready(Err(e)),
+            }
+        }
+    }
+}
+
+impl AsyncWrite for Stamped {
+    fn poll_write(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        Pin::new(&mut self.get_mut().tcp).poll_write(cx, buf)
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.get_mut().tcp).poll_flush(cx)
+    }
+
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.get_mut().tcp).poll_shutdown(cx)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tokio::io::AsyncWriteExt;
+
+    /// Bytes written while the reader is busy elsewhere are stamped when they
+    /// arrived, not when they were read.
+    #[tokio::test]
+    async fn a_late_read_reports_when_the_bytes_arrived() {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind");
+        let addr = listener.local_addr().expect("addr");
+        let reader = TcpStream::connect(addr).await.expect("connect");
+        let (mut writer, _) = listener.accept().await.expect("accept");
+        assert!(enable(&reader), "SO_TIMESTAMPNS refused");
+        let written = Instant::now();
+        writer.write_all(b"hello").await.expect("write");
+        std::thread::sleep(Duration::from_millis(50)); // the reader is "busy"
+        let mut buf = [0u8; 16];
+        let (n, at) = tokio::time::timeout(Duration::from_secs(5), recv(&reader, &mut buf))
+            .await
+            .expect("in time")
+            .expect("recv");
+        assert_eq!(&buf[..n], b"hello");
+        assert!(at.read.duration_since(written) >= Duration::from_millis(50));
+        let lag = at.kernel.saturating_duration_since(written);
+        assert!(
+            lag < Duration::from_millis(25),
+            "stamped {lag:?} after the write"
+        );
+        assert!(at.kernel <= at.read);
+    }
+}
