@@ -59,6 +59,11 @@ pub struct Args {
     /// Server processes whose CPU and RSS to report (repeatable).
     #[arg(long)]
     server_pid: Vec<u32>,
+    /// Nchan: pad each message to this many bytes. The default is about the size of
+    /// the event zonecast sends for each change here (its `stock_updated` JSON), so
+    /// that both servers deliver as many bytes; 0 sends a bare `{"seq":N}`.
+    #[arg(long, default_value_t = 260)]
+    nchan_message_bytes: usize,
     /// Worker threads of the tool itself.
     #[arg(long, default_value_t = 1)]
     pub threads: usize,
@@ -69,7 +74,8 @@ pub async fn run(a: Args) -> anyhow::Result<()> {
     if a.server == Kind::Zonecast && a.key.is_empty() {
         bail!("--key (or ZONECAST_KEY): an admin key of the zonecast server");
     }
-    let publisher = Server::new(a.server, &a.publish, &a.key)?;
+    let mut publisher = Server::new(a.server, &a.publish, &a.key)?;
+    publisher.message_bytes = a.nchan_message_bytes;
     let subscribe_at = if a.subscribe.is_empty() {
         vec![a.publish.clone()]
     } else {

@@ -47,6 +47,8 @@ pub struct Server {
     pub base: String,
     pub http: reqwest::Client,
     pub key: String,
+    /// Nchan: each message is padded to this many bytes (`nchan_message`).
+    pub message_bytes: usize,
 }
 
 impl Server {
@@ -68,6 +70,7 @@ impl Server {
             base: base.as_str().trim_end_matches('/').to_owned(),
             http,
             key: key.to_owned(),
+            message_bytes: 0,
         })
     }
 
@@ -123,7 +126,7 @@ impl Server {
             Kind::Nchan => self
                 .http
                 .post(format!("{}/pub/{}", self.base, topic.channel))
-                .body(format!("{{\"seq\":{n}}}")),
+                .body(nchan_message(n, self.message_bytes)),
         };
         let r = r.send().await?;
         let status = r.status();
@@ -176,6 +179,7 @@ pub struct WsPublisher {
     >,
     kind: Kind,
     item: i64,
+    message_bytes: usize,
 }
 
 impl WsPublisher {
@@ -194,6 +198,7 @@ impl WsPublisher {
             ws,
             kind: server.kind,
             item: topic.item,
+            message_bytes: server.message_bytes,
         })
     }
 
@@ -201,7 +206,7 @@ impl WsPublisher {
         match self.kind {
             Kind::Nchan => {
                 self.ws
-                    .send(Message::text(format!("{{\"seq\":{n}}}")))
+                    .send(Message::text(nchan_message(n, self.message_bytes)))
                     .await?;
                 Ok(n)
             }
@@ -224,6 +229,17 @@ impl WsPublisher {
                 }
             }
         }
+    }
+}
+
+/// A message to Nchan: `{"seq":N}`, padded (`{"seq":N,"pad":"…"}`) to `bytes` when
+/// that is longer, so that each delivery carries as many bytes as a zonecast event.
+pub fn nchan_message(n: u64, bytes: usize) -> String {
+    let bare = format!("{{\"seq\":{n}}}");
+    // `,"pad":""` adds 9 bytes before any padding.
+    match bytes.checked_sub(bare.len() + 9) {
+        Some(pad) => format!("{{\"seq\":{n},\"pad\":\"{}\"}}", "x".repeat(pad)),
+        None => bare,
     }
 }
 

@@ -278,6 +278,13 @@ mod tests {
         );
         assert_eq!(ws_seq(Kind::Zonecast, r#"{"type":"welcome"}"#), None);
         assert_eq!(ws_seq(Kind::Nchan, r#"{"seq":3}"#), Some(3));
+        // Padded to a zonecast event's size, the seq still leads.
+        let padded = crate::server::nchan_message(3, 240);
+        assert_eq!(padded.len(), 240);
+        assert_eq!(ws_seq(Kind::Nchan, &padded), Some(3));
+        let line = format!("data: {padded}");
+        assert_eq!(sse_seq(Kind::Nchan, line.as_bytes()), Some(3));
+        assert_eq!(crate::server::nchan_message(3, 0), r#"{"seq":3}"#);
     }
 
     #[test]
