@@ -15,6 +15,7 @@ mod stamp;
 mod storm;
 mod subscribe;
 mod writes;
+mod wsread;
 
 use std::time::Duration;
 

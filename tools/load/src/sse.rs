@@ -103,6 +103,39 @@ impl Chunked {
     }
 }
 
+/// Sends `GET path` with `headers` on `tcp` and reads the response head: the head
+/// (lower-cased) and the bytes read after it.
+pub async fn request(
+    tcp: &mut TcpStream,
+    addr: SocketAddr,
+    path: &str,
+    headers: &[(&str, String)],
+) -> anyhow::Result<(String, Vec<u8>)> {
+    let mut req = format!("GET {path} HTTP/1.1\r\nHost: {addr}\r\n");
+    for (k, v) in headers {
+        req.push_str(&format!("{k}: {v}\r\n"));
+    }
+    req.push_str("\r\n");
+    tcp.write_all(req.as_bytes()).await?;
+    let mut got = Vec::with_capacity(1024);
+    let end = loop {
+        let mut chunk = [0u8; 4096];
+        let n = tcp.read(&mut chunk).await?;
+        if n == 0 {
+            bail!("closed before the response head");
+        }
+        got.extend_from_slice(&chunk[..n]);
+        if let Some(i) = got.windows(4).position(|w| w == b"\r\n\r\n") {
+            break i + 4;
+        }
+        if got.len() > MAX_HEAD {
+            bail!("response head over {MAX_HEAD} bytes");
+        }
+    };
+    let head = String::from_utf8_lossy(&got[..end]).to_ascii_lowercase();
+    Ok((head, got[end..].to_vec()))
+}
+
 /// An open event stream.
 pub struct Stream {
     tcp: TcpStream,
@@ -122,30 +155,10 @@ impl Stream {
         path: &str,
         headers: &[(&str, String)],
     ) -> anyhow::Result<Stream> {
-        let mut req =
-            format!("GET {path} HTTP/1.1\r\nHost: {addr}\r\nAccept: text/event-stream\r\n");
-        for (k, v) in headers {
-            req.push_str(&format!("{k}: {v}\r\n"));
-        }
-        req.push_str("\r\n");
         crate::stamp::enable(&tcp);
-        tcp.write_all(req.as_bytes()).await?;
-        let mut got = Vec::with_capacity(1024);
-        let end = loop {
-            let mut chunk = [0u8; 4096];
-            let n = tcp.read(&mut chunk).await?;
-            if n == 0 {
-                bail!("closed before the response head");
-            }
-            got.extend_from_slice(&chunk[..n]);
-            if let Some(i) = got.windows(4).position(|w| w == b"\r\n\r\n") {
-                break i + 4;
-            }
-            if got.len() > MAX_HEAD {
-                bail!("response head over {MAX_HEAD} bytes");
-            }
-        };
-        let head = String::from_utf8_lossy(&got[..end]).to_ascii_lowercase();
+        let mut all = vec![("Accept", "text/event-stream".to_owned())];
+        all.extend(headers.iter().map(|(k, v)| (*k, v.clone())));
+        let (head, early) = request(&mut tcp, addr, path, &all).await?;
         let status = head.split(' ').nth(1).unwrap_or("");
         if !status.starts_with('2') {
             bail!("HTTP {status}");
@@ -165,7 +178,7 @@ impl Stream {
         Ok(Stream {
             tcp,
             framing,
-            early: got[end..].to_vec(),
+            early,
             early_at: At::now(),
             buf: vec![0; 64 * 1024],
         })

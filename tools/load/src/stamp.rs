@@ -13,12 +13,10 @@
 //! Linux only; elsewhere (or if the option is refused) every arrival is its read time.
 
 use std::io;
-use std::pin::Pin;
 use std::sync::OnceLock;
-use std::task::{Context, Poll, ready};
 use std::time::{Duration, Instant};
 
-use tokio::io::{AsyncRead, AsyncWrite, Interest, ReadBuf};
+use tokio::io::Interest;
 use tokio::net::TcpStream;
 
 /// When one read's bytes arrived: `read` by the tool, `kernel` at the socket (the
@@ -146,65 +144,6 @@ pub async fn recv(tcp: &TcpStream, buf: &mut [u8]) -> io::Result<(usize, At)> {
         .async_io(Interest::READABLE, || try_recv(tcp, buf))
         .await?;
     Ok((n, At::new(Instant::now(), stamp)))
-}
-
-/// A TCP stream that keeps when its last read's bytes arrived, for a protocol reader
-/// (tungstenite) that reads through `AsyncRead`. A message it parses out of bytes it
-/// already holds gets that read's time: again never earlier than the message's own.
-pub struct Stamped {
-    tcp: TcpStream,
-    pub last: Option<At>,
-}
-
-impl Stamped {
-    pub fn new(tcp: TcpStream) -> Stamped {
-        enable(&tcp);
-        Stamped { tcp, last: None }
-    }
-}
-
-impl AsyncRead for Stamped {
-    fn poll_read(
-        self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        buf: &mut ReadBuf<'_>,
-    ) -> Poll<io::Result<()>> {
-        let this = self.get_mut();
-        loop {
-            ready!(this.tcp.poll_read_ready(cx))?;
-            let r = this.tcp.try_io(Interest::READABLE, || {
-                try_recv(&this.tcp, buf.initialize_unfilled())
-            });
-            match r {
-                Ok((n, stamp)) => {
-                    buf.advance(n);
-                    this.last = Some(At::new(Instant::now(), stamp));
-                    return Poll::Ready(Ok(()));
-                }
-                // The readiness was stale and is now cleared: wait again.
-                Err(e) if e.kind() == io::ErrorKind::WouldBlock => continue,
-                Err(e) => return Poll::Ready(Err(e)),
-            }
-        }
-    }
-}
-
-impl AsyncWrite for Stamped {
-    fn poll_write(
-        self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        buf: &[u8],
-    ) -> Poll<io::Result<usize>> {
-        Pin::new(&mut self.get_mut().tcp).poll_write(cx, buf)
-    }
-
-    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        Pin::new(&mut self.get_mut().tcp).poll_flush(cx)
-    }
-
-    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        Pin::new(&mut self.get_mut().tcp).poll_shutdown(cx)
-    }
 }
 
 #[cfg(test)]

@@ -6,13 +6,11 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
-use futures_util::StreamExt;
 use tokio::sync::{Semaphore, watch};
 use tokio::task::JoinHandle;
-use tokio_tungstenite::tungstenite::Message;
 
 use crate::server::{Kind, Topic, Transport, connect_from};
-use crate::stamp::{At, Stamped};
+use crate::stamp::At;
 
 /// One event at one subscriber: its seq and when it arrived.
 #[derive(Clone, Copy, Debug)]
@@ -43,24 +41,26 @@ fn sse_seq(kind: Kind, line: &[u8]) -> Option<u64> {
         Kind::Zonecast => line.strip_prefix(b"id: ")?,
         Kind::Nchan => line.strip_prefix(b"data: {\"seq\":")?,
     };
+    digits(rest)
+}
+
+/// A seq in one WebSocket text message: zonecast's event JSON starts `{"id":N,`,
+/// Nchan's messages are `{"seq":N…`.
+fn ws_seq(kind: Kind, text: &[u8]) -> Option<u64> {
+    let rest = match kind {
+        Kind::Zonecast => text.strip_prefix(b"{\"id\":")?,
+        Kind::Nchan => text.strip_prefix(b"{\"seq\":")?,
+    };
+    digits(rest)
+}
+
+/// The number `rest` starts with.
+fn digits(rest: &[u8]) -> Option<u64> {
     let end = rest
         .iter()
         .position(|b| !b.is_ascii_digit())
         .unwrap_or(rest.len());
     std::str::from_utf8(&rest[..end]).ok()?.parse().ok()
-}
-
-/// A seq in one WebSocket text message: zonecast's event JSON starts `{"id":N,`,
-/// Nchan's messages are `{"seq":N}`.
-fn ws_seq(kind: Kind, text: &str) -> Option<u64> {
-    let rest = match kind {
-        Kind::Zonecast => text.strip_prefix("{\"id\":")?,
-        Kind::Nchan => text.strip_prefix("{\"seq\":")?,
-    };
-    let end = rest
-        .find(|c: char| !c.is_ascii_digit())
-        .unwrap_or(rest.len());
-    rest[..end].parse().ok()
 }
 
 /// Prints why a subscriber could not connect, for the first one only.
@@ -125,45 +125,40 @@ pub async fn subscribe(
             Some(out)
         }
         Transport::Ws => {
-            let base = sub.base.replacen("http", "ws", 1);
-            let url = match topic.kind {
+            let path = match topic.kind {
                 Kind::Zonecast => format!(
-                    "{base}/ws/zones/{}?last_event_id={}&access_token={}",
+                    "/ws/zones/{}?last_event_id={}&access_token={}",
                     topic.zone, topic.start, topic.key
                 ),
-                Kind::Nchan => format!("{base}/sub/{}", topic.channel),
+                Kind::Nchan => format!("/sub/{}", topic.channel),
             };
-            let parsed = url::Url::parse(&url).ok()?;
+            let base = url::Url::parse(&sub.base).ok()?;
             let addr = SocketAddr::new(
-                parsed.host_str()?.parse().ok()?,
-                parsed.port_or_known_default()?,
+                base.host_str()?.parse().ok()?,
+                base.port_or_known_default()?,
             );
             let tcp = connect_from(addr, sub.from)
                 .await
                 .map_err(first_failure)
                 .ok()?;
-            let (mut ws, _) = tokio_tungstenite::client_async(url, Stamped::new(tcp))
+            let mut ws = crate::wsread::Stream::open(tcp, addr, &path)
                 .await
                 .map_err(first_failure)
                 .ok()?;
             opened();
             let mut out = Vec::new();
             while out.last().is_none_or(|a: &Arrival| a.seq < until) {
-                let m = tokio::select! {
-                    m = ws.next() => m,
+                let mut take = |text: &[u8], at: At| {
+                    if let Some(seq) = ws_seq(topic.kind, text) {
+                        out.push(Arrival { seq, at });
+                    }
+                };
+                let more = tokio::select! {
+                    r = ws.read(&mut take) => r,
                     _ = stop.wait_for(|s| *s) => break,
                 };
-                match m {
-                    Some(Ok(Message::Text(t))) => {
-                        // The read that completed this message (tungstenite reads only
-                        // when the message is not yet whole).
-                        let at = ws.get_ref().last.unwrap_or_else(At::now);
-                        if let Some(seq) = ws_seq(topic.kind, t.as_str()) {
-                            out.push(Arrival { seq, at });
-                        }
-                    }
-                    Some(Ok(_)) => {}
-                    _ => break,
+                if !matches!(more, Ok(true)) {
+                    break;
                 }
             }
             Some(out)
@@ -273,15 +268,15 @@ mod tests {
         assert_eq!(sse_seq(Kind::Nchan, b"data: {\"seq\":7}"), Some(7));
         assert_eq!(sse_seq(Kind::Nchan, b"id: 1764000000:0"), None);
         assert_eq!(
-            ws_seq(Kind::Zonecast, r#"{"id":9,"stream":"zone:1"}"#),
+            ws_seq(Kind::Zonecast, br#"{"id":9,"stream":"zone:1"}"#),
             Some(9)
         );
-        assert_eq!(ws_seq(Kind::Zonecast, r#"{"type":"welcome"}"#), None);
-        assert_eq!(ws_seq(Kind::Nchan, r#"{"seq":3}"#), Some(3));
+        assert_eq!(ws_seq(Kind::Zonecast, br#"{"type":"welcome"}"#), None);
+        assert_eq!(ws_seq(Kind::Nchan, br#"{"seq":3}"#), Some(3));
         // Padded to a zonecast event's size, the seq still leads.
         let padded = crate::server::nchan_message(3, 240);
         assert_eq!(padded.len(), 240);
-        assert_eq!(ws_seq(Kind::Nchan, &padded), Some(3));
+        assert_eq!(ws_seq(Kind::Nchan, padded.as_bytes()), Some(3));
         let line = format!("data: {padded}");
         assert_eq!(sse_seq(Kind::Nchan, line.as_bytes()), Some(3));
         assert_eq!(crate::server::nchan_message(3, 0), r#"{"seq":3}"#);
