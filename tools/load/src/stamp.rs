@@ -10,6 +10,11 @@
 //! event earlier in the same read is given a time no earlier than its own: the
 //! figure can only err towards more latency.
 //!
+//! A read that comes without a stamp counts at its read time: also on Linux, for the
+//! first packets after the first socket on the host turns stamping on (the kernel
+//! flips it on from a work queue a moment later). The tool enables stamping as each
+//! subscriber connects, long before the first delivery.
+//!
 //! Linux only; elsewhere (or if the option is refused) every arrival is its read time.
 
 use std::io;
@@ -162,6 +167,27 @@ mod tests {
         let reader = TcpStream::connect(addr).await.expect("connect");
         let (mut writer, _) = listener.accept().await.expect("accept");
         assert!(enable(&reader), "SO_TIMESTAMPNS refused");
+        // When no socket on the host had stamping on, the kernel turns it on from a
+        // work queue, a moment after `enable`; packets queued before that come
+        // unstamped. That flip cannot be awaited, so probe until one comes stamped.
+        let mut stamped = false;
+        for _ in 0..500 {
+            writer.write_all(b"p").await.expect("probe write");
+            let mut probe = [0u8; 1];
+            let (_, stamp) = tokio::time::timeout(
+                Duration::from_secs(5),
+                reader.async_io(Interest::READABLE, || try_recv(&reader, &mut probe)),
+            )
+            .await
+            .expect("probe in time")
+            .expect("probe recv");
+            if stamp.is_some() {
+                stamped = true;
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(2)).await;
+        }
+        assert!(stamped, "the kernel never stamped a probe");
         let written = Instant::now();
         writer.write_all(b"hello").await.expect("write");
         std::thread::sleep(Duration::from_millis(50)); // the reader is "busy"
