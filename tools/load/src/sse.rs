@@ -138,12 +138,44 @@ pub async fn request(
 
 /// An open event stream.
 pub struct Stream {
-    tcp: TcpStream,
+    body: Body,
     framing: Framing,
-    /// Body bytes read with the head, and when they were read.
+}
+
+/// A response's socket once its head has been read: the bytes that came with the
+/// head first, then one stamped read at a time. SSE and WebSocket subscriptions
+/// both read through it.
+pub struct Body {
+    pub tcp: TcpStream,
+    /// Bytes read with the head, and when they were read.
     early: Vec<u8>,
     early_at: At,
     buf: Vec<u8>,
+}
+
+impl Body {
+    pub fn new(tcp: TcpStream, early: Vec<u8>) -> Body {
+        Body {
+            tcp,
+            early,
+            early_at: At::now(),
+            buf: vec![0; 64 * 1024],
+        }
+    }
+
+    /// Reads once: the bytes and when they arrived; `None` once the peer has closed.
+    pub async fn read(&mut self) -> std::io::Result<Option<(&[u8], At)>> {
+        if !self.early.is_empty() {
+            let early = std::mem::take(&mut self.early);
+            if self.buf.len() < early.len() {
+                self.buf.resize(early.len(), 0);
+            }
+            self.buf[..early.len()].copy_from_slice(&early);
+            return Ok(Some((&self.buf[..early.len()], self.early_at)));
+        }
+        let (n, at) = crate::stamp::recv(&self.tcp, &mut self.buf).await?;
+        Ok((n > 0).then(|| (&self.buf[..n], at)))
+    }
 }
 
 impl Stream {
@@ -176,29 +208,18 @@ impl Stream {
             Framing::Close
         };
         Ok(Stream {
-            tcp,
+            body: Body::new(tcp, early),
             framing,
-            early,
-            early_at: At::now(),
-            buf: vec![0; 64 * 1024],
         })
     }
 
     /// Reads once and hands the body bytes to `body`, with when they arrived; `false`
     /// once the body has ended.
     pub async fn read(&mut self, body: &mut impl FnMut(&[u8], At)) -> anyhow::Result<bool> {
-        let (n, at) = if self.early.is_empty() {
-            let (n, at) = crate::stamp::recv(&self.tcp, &mut self.buf).await?;
-            if n == 0 {
-                return Ok(false);
-            }
-            (n, at)
-        } else {
-            let early = std::mem::take(&mut self.early);
-            self.buf[..early.len()].copy_from_slice(&early);
-            (early.len(), self.early_at)
+        let Some((input, at)) = self.body.read().await? else {
+            return Ok(false);
         };
-        let input = &self.buf[..n];
+        let n = input.len();
         match &mut self.framing {
             Framing::Close => body(input, at),
             Framing::Length(left) => {

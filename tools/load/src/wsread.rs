@@ -156,11 +156,8 @@ impl Frames {
 
 /// An open WebSocket subscription.
 pub struct Stream {
-    tcp: TcpStream,
+    body: crate::sse::Body,
     frames: Frames,
-    /// Frame bytes read with the response head.
-    early: Vec<u8>,
-    buf: Vec<u8>,
 }
 
 impl Stream {
@@ -180,31 +177,21 @@ impl Stream {
             bail!("HTTP {status} (not an upgrade)");
         }
         Ok(Stream {
-            tcp,
+            body: crate::sse::Body::new(tcp, early),
             frames: Frames::default(),
-            early,
-            buf: vec![0; 64 * 1024],
         })
     }
 
     /// Reads once and hands each whole text message to `text`, with when its last
     /// bytes arrived; `false` once the connection has closed.
     pub async fn read(&mut self, text: &mut impl FnMut(&[u8], At)) -> anyhow::Result<bool> {
-        let (n, at) = if self.early.is_empty() {
-            let (n, at) = crate::stamp::recv(&self.tcp, &mut self.buf).await?;
-            if n == 0 {
-                return Ok(false);
-            }
-            (n, at)
-        } else {
-            let early = std::mem::take(&mut self.early);
-            self.buf[..early.len()].copy_from_slice(&early);
-            (early.len(), At::now())
+        let Some((bytes, at)) = self.body.read().await? else {
+            return Ok(false);
         };
-        let controls = self.frames.feed(&self.buf[..n], &mut |m| text(m, at))?;
+        let controls = self.frames.feed(bytes, &mut |m| text(m, at))?;
         for c in controls {
             match c {
-                Control::Pong(p) => self.tcp.write_all(&p).await?,
+                Control::Pong(p) => self.body.tcp.write_all(&p).await?,
                 Control::Close => return Ok(false),
             }
         }
