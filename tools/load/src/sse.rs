@@ -147,31 +147,31 @@ pub struct Stream {
 /// both read through it.
 pub struct Body {
     pub tcp: TcpStream,
-    /// Bytes read with the head, and when they were read.
-    early: Vec<u8>,
+    /// The bytes read with the head wait at the start of `buf`: this many, read at
+    /// `early_at`.
+    early: usize,
     early_at: At,
     buf: Vec<u8>,
 }
 
 impl Body {
     pub fn new(tcp: TcpStream, early: Vec<u8>) -> Body {
+        let mut buf = early;
+        let n = buf.len();
+        buf.resize(n.max(64 * 1024), 0);
         Body {
             tcp,
-            early,
+            early: n,
             early_at: At::now(),
-            buf: vec![0; 64 * 1024],
+            buf,
         }
     }
 
     /// Reads once: the bytes and when they arrived; `None` once the peer has closed.
     pub async fn read(&mut self) -> std::io::Result<Option<(&[u8], At)>> {
-        if !self.early.is_empty() {
-            let early = std::mem::take(&mut self.early);
-            if self.buf.len() < early.len() {
-                self.buf.resize(early.len(), 0);
-            }
-            self.buf[..early.len()].copy_from_slice(&early);
-            return Ok(Some((&self.buf[..early.len()], self.early_at)));
+        let early = std::mem::take(&mut self.early);
+        if early > 0 {
+            return Ok(Some((&self.buf[..early], self.early_at)));
         }
         let (n, at) = crate::stamp::recv(&self.tcp, &mut self.buf).await?;
         Ok((n > 0).then(|| (&self.buf[..n], at)))
