@@ -15,7 +15,7 @@ use tokio::sync::{Mutex, watch};
 
 use crate::report::{CpuWindow, latency_line, print_cpu};
 use crate::server::{Kind, Server, Transport, WsPublisher};
-use crate::subscribe::{Arrivals, Opening, Sub, check, source};
+use crate::subscribe::{Arrivals, LONGEST_RUN, MAX_DELIVERIES, Opening, Sub, source};
 
 #[derive(clap::Args)]
 pub struct Args {
@@ -70,6 +70,13 @@ pub struct Args {
 }
 
 pub async fn run(a: Args) -> anyhow::Result<()> {
+    if a.timeout > LONGEST_RUN {
+        bail!("--timeout: at most {} s", LONGEST_RUN.as_secs());
+    }
+    // Each subscriber keeps 8 bytes per change it expects (`Arrivals`).
+    if a.subscribers.saturating_mul(a.changes) > MAX_DELIVERIES {
+        bail!("--subscribers × --changes: at most {MAX_DELIVERIES} deliveries a run");
+    }
     let deadline = Instant::now() + a.timeout;
     if a.server == Kind::Zonecast && a.key.is_empty() {
         bail!("--key (or ZONECAST_KEY): an admin key of the zonecast server");
@@ -210,14 +217,17 @@ pub async fn run(a: Args) -> anyhow::Result<()> {
                     .context("a subscriber did not stop")?
             }
         };
-        all.push(r.context("subscriber task")?.unwrap_or_default());
+        all.push(
+            r.context("subscriber task")?
+                .unwrap_or_else(|| Arrivals::new(start, last)),
+        );
     }
     if timed_out {
         println!("--timeout reached: subscribers stopped; what had not arrived counts as missing");
     }
     let received = all
         .iter()
-        .flat_map(|a| a.iter().map(|a| a.at.read))
+        .filter_map(Arrivals::last_read)
         .max()
         .unwrap_or(began);
     let elapsed = received.duration_since(began);
@@ -227,12 +237,12 @@ pub async fn run(a: Args) -> anyhow::Result<()> {
     let mut lat = Vec::with_capacity(all.len() * a.changes);
     let mut lat_kernel = Vec::with_capacity(all.len() * a.changes);
     for arrivals in &all {
-        let (m, d, o) = check(arrivals, start, last);
+        let (m, d, o) = arrivals.check();
         (missing, dup, disorder) = (missing + m, dup + d, disorder + o);
-        for arrival in arrivals {
-            if let Some(s) = sent.get(&arrival.seq) {
-                lat.push(arrival.at.read.saturating_duration_since(*s));
-                lat_kernel.push(arrival.at.kernel.saturating_duration_since(*s));
+        for (seq, read, kernel) in arrivals.each() {
+            if let Some(s) = sent.get(&seq) {
+                lat.push(read.saturating_duration_since(*s));
+                lat_kernel.push(kernel.saturating_duration_since(*s));
             }
         }
     }
@@ -252,6 +262,12 @@ pub async fn run(a: Args) -> anyhow::Result<()> {
     // The same deliveries, timed by when they reached the subscriber's socket: the
     // server's part, without the tool's own queue (see `stamp`).
     println!("publish → socket:  {}", latency_line(&mut lat_kernel));
+    let (reads, unstamped) = crate::stamp::reads();
+    if unstamped > 0 {
+        println!(
+            "  {unstamped} of {reads} reads came without the kernel's stamp: counted at their read time"
+        );
+    }
     print_cpu(&cpu, a.threads, deliveries);
     if missing + dup + disorder > 0 {
         bail!("subscribers saw a wrong sequence");

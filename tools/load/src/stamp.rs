@@ -19,6 +19,7 @@
 
 use std::io;
 use std::sync::OnceLock;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use tokio::io::Interest;
@@ -148,7 +149,23 @@ pub async fn recv(tcp: &TcpStream, buf: &mut [u8]) -> io::Result<(usize, At)> {
     let (n, stamp) = tcp
         .async_io(Interest::READABLE, || try_recv(tcp, buf))
         .await?;
+    if n > 0 {
+        READS.fetch_add(1, Ordering::Relaxed);
+        UNSTAMPED.fetch_add(u64::from(stamp.is_none()), Ordering::Relaxed);
+    }
     Ok((n, At::new(Instant::now(), stamp)))
+}
+
+static READS: AtomicU64 = AtomicU64::new(0);
+static UNSTAMPED: AtomicU64 = AtomicU64::new(0);
+
+/// Reads that returned bytes so far, and how many of them came without a stamp (and so
+/// count at their read time), in this process.
+pub fn reads() -> (u64, u64) {
+    (
+        READS.load(Ordering::Relaxed),
+        UNSTAMPED.load(Ordering::Relaxed),
+    )
 }
 
 #[cfg(test)]
@@ -204,5 +221,29 @@ mod tests {
             "stamped {lag:?} after the write"
         );
         assert!(at.kernel <= at.read);
+    }
+
+    /// A read from a socket that does not ask for stamps is counted as unstamped.
+    #[tokio::test]
+    async fn an_unstamped_read_is_counted() {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind");
+        let reader = TcpStream::connect(listener.local_addr().expect("addr"))
+            .await
+            .expect("connect");
+        let (mut writer, _) = listener.accept().await.expect("accept");
+        let (reads_before, unstamped_before) = reads();
+        writer.write_all(b"x").await.expect("write");
+        let mut buf = [0u8; 4];
+        let (n, at) = tokio::time::timeout(Duration::from_secs(5), recv(&reader, &mut buf))
+            .await
+            .expect("in time")
+            .expect("recv");
+        assert_eq!(n, 1);
+        assert_eq!(at.kernel, at.read);
+        let (reads_after, unstamped_after) = reads();
+        assert!(reads_after > reads_before);
+        assert!(unstamped_after > unstamped_before);
     }
 }

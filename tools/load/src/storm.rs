@@ -11,7 +11,7 @@ use tokio::sync::watch;
 
 use crate::report::{CpuWindow, latency_line, print_cpu};
 use crate::server::{Kind, Server, Transport};
-use crate::subscribe::{Sub, check, source, subscribe};
+use crate::subscribe::{LONGEST_RUN, MAX_DELIVERIES, Sub, source, subscribe};
 
 #[derive(clap::Args)]
 pub struct Args {
@@ -35,13 +35,18 @@ pub struct Args {
 }
 
 pub async fn run(a: Args) -> anyhow::Result<()> {
+    if a.timeout > LONGEST_RUN {
+        bail!("--timeout: at most {} s", LONGEST_RUN.as_secs());
+    }
+    if a.clients.saturating_mul(a.behind) > MAX_DELIVERIES {
+        bail!("--clients × --behind: at most {MAX_DELIVERIES} deliveries a run");
+    }
     let server = Server::new(Kind::Zonecast, &a.url, &a.key)?;
     let topic = server.topic("zonecast-load storm").await?;
     for n in 0..a.behind {
         server.publish(&topic, n as u64).await?;
     }
     let last = topic.start + a.behind as u64;
-    let start = topic.start;
     let topic = Arc::new(topic);
     let reads_before = server.metric("zonecast_log_reads_total", "").await?;
     let (_stop_tx, stop) = watch::channel(false);
@@ -71,10 +76,10 @@ pub async fn run(a: Args) -> anyhow::Result<()> {
         };
         match r? {
             Some(arrivals) => {
-                let (m, d, o) = check(&arrivals, start, last);
+                let (m, d, o) = arrivals.check();
                 (missing, dup, disorder) = (missing + m, dup + d, disorder + o);
-                if let Some(last) = arrivals.last() {
-                    caught_up.push(last.at.read.duration_since(began));
+                if let Some(read) = arrivals.last_read() {
+                    caught_up.push(read.duration_since(began));
                 }
             }
             None => failed += 1,
