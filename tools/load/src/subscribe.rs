@@ -195,6 +195,9 @@ pub async fn subscribe(
             opened();
             let mut out = Arrivals::new(topic.start, until);
             let mut line = Vec::with_capacity(64);
+            // Made once: a new one per read registered with the channel every time.
+            let stopped = stop.wait_for(|s| *s);
+            tokio::pin!(stopped);
             while out.last_seq().is_none_or(|s| s < until) {
                 // Whole lines straight from what was read; only a line cut by the
                 // read's end is copied.
@@ -218,7 +221,7 @@ pub async fn subscribe(
                 };
                 let more = tokio::select! {
                     r = stream.read(&mut take) => r,
-                    _ = stop.wait_for(|s| *s) => break,
+                    _ = &mut stopped => break,
                 };
                 if !matches!(more, Ok(true)) {
                     break;
@@ -249,6 +252,9 @@ pub async fn subscribe(
                 .ok()?;
             opened();
             let mut out = Arrivals::new(topic.start, until);
+            // Made once: a new one per read registered with the channel every time.
+            let stopped = stop.wait_for(|s| *s);
+            tokio::pin!(stopped);
             while out.last_seq().is_none_or(|s| s < until) {
                 let mut take = |text: &[u8], at: At| {
                     if let Some(seq) = ws_seq(topic.kind, text) {
@@ -257,7 +263,7 @@ pub async fn subscribe(
                 };
                 let more = tokio::select! {
                     r = ws.read(&mut take) => r,
-                    _ = stop.wait_for(|s| *s) => break,
+                    _ = &mut stopped => break,
                 };
                 if !matches!(more, Ok(true)) {
                     break;
