@@ -13,8 +13,8 @@ use tokio::task::JoinHandle;
 use crate::server::{Kind, Topic, Transport, connect_from};
 use crate::stamp::At;
 
-/// Where stored arrival times count from: set when the first subscriber is made,
-/// before anything can arrive.
+/// Where stored arrival times count from: set when the first subscriber starts,
+/// before it connects, so before anything can arrive.
 fn epoch() -> Instant {
     static EPOCH: OnceLock<Instant> = OnceLock::new();
     *EPOCH.get_or_init(Instant::now)
@@ -58,10 +58,14 @@ pub struct Arrivals {
 }
 
 impl Arrivals {
-    /// Expecting `start+1..=last`.
+    /// Expecting `start+1..=last`. A range longer than `MAX_DELIVERIES` (an idle
+    /// connection's, up to `u64::MAX`) gets no table: what arrives is only counted, as
+    /// outside it.
     pub fn new(start: u64, last: u64) -> Arrivals {
-        let n = usize::try_from(last.saturating_sub(start)).unwrap_or(0);
-        epoch();
+        let n = usize::try_from(last.saturating_sub(start))
+            .ok()
+            .filter(|&n| n <= MAX_DELIVERIES)
+            .unwrap_or(0);
         Arrivals {
             first: start + 1,
             times: vec![[0; 2]; n],
@@ -182,6 +186,7 @@ pub async fn subscribe(
     opened: impl FnOnce() + Send,
     mut stop: watch::Receiver<bool>,
 ) -> Option<Arrivals> {
+    epoch();
     match sub.transport {
         Transport::Sse => {
             let path = match topic.kind {
@@ -384,6 +389,13 @@ mod tests {
         assert_eq!(a.last_seq(), Some(9));
         let seqs: Vec<u64> = a.each().map(|(s, ..)| s).collect();
         assert_eq!(seqs, [1, 2, 3, 4]);
+        // An idle connection expects nothing in particular, and holds no table for it.
+        let mut idle = Arrivals::new(7, u64::MAX);
+        assert!(idle.times.is_empty());
+        idle.record(8, at);
+        idle.record(8, at);
+        assert_eq!(idle.check(), (0, 1, 1));
+        assert_eq!(idle.each().count(), 0);
         assert_eq!(source(0, 3), IpAddr::V4(Ipv4Addr::new(127, 0, 0, 1)));
         assert_eq!(source(4, 3), IpAddr::V4(Ipv4Addr::new(127, 0, 0, 2)));
     }
