@@ -15,7 +15,7 @@ use tokio::sync::{Mutex, watch};
 
 use crate::report::{CpuWindow, latency_line, print_cpu};
 use crate::server::{Kind, Server, Transport, WsPublisher};
-use crate::subscribe::{Arrivals, LONGEST_RUN, MAX_DELIVERIES, Opening, Sub, source};
+use crate::subscribe::{Arrivals, Opening, Sub, source, within_bounds};
 
 #[derive(clap::Args)]
 pub struct Args {
@@ -70,13 +70,11 @@ pub struct Args {
 }
 
 pub async fn run(a: Args) -> anyhow::Result<()> {
-    if a.timeout > LONGEST_RUN {
-        bail!("--timeout: at most {} s", LONGEST_RUN.as_secs());
-    }
-    // Each subscriber keeps 8 bytes per change it expects (`Arrivals`).
-    if a.subscribers.saturating_mul(a.changes) > MAX_DELIVERIES {
-        bail!("--subscribers × --changes: at most {MAX_DELIVERIES} deliveries a run");
-    }
+    within_bounds(
+        a.timeout,
+        a.subscribers.saturating_mul(a.changes),
+        "--subscribers × --changes",
+    )?;
     let deadline = Instant::now() + a.timeout;
     if a.server == Kind::Zonecast && a.key.is_empty() {
         bail!("--key (or ZONECAST_KEY): an admin key of the zonecast server");

@@ -11,7 +11,7 @@ use tokio::sync::watch;
 
 use crate::report::{CpuWindow, latency_line, print_cpu};
 use crate::server::{Kind, Server, Transport};
-use crate::subscribe::{LONGEST_RUN, MAX_DELIVERIES, Sub, source, subscribe};
+use crate::subscribe::{Sub, source, subscribe, within_bounds};
 
 #[derive(clap::Args)]
 pub struct Args {
@@ -35,12 +35,11 @@ pub struct Args {
 }
 
 pub async fn run(a: Args) -> anyhow::Result<()> {
-    if a.timeout > LONGEST_RUN {
-        bail!("--timeout: at most {} s", LONGEST_RUN.as_secs());
-    }
-    if a.clients.saturating_mul(a.behind) > MAX_DELIVERIES {
-        bail!("--clients × --behind: at most {MAX_DELIVERIES} deliveries a run");
-    }
+    within_bounds(
+        a.timeout,
+        a.clients.saturating_mul(a.behind),
+        "--clients × --behind",
+    )?;
     let server = Server::new(Kind::Zonecast, &a.url, &a.key)?;
     let topic = server.topic("zonecast-load storm").await?;
     for n in 0..a.behind {

@@ -21,11 +21,24 @@ fn epoch() -> Instant {
 }
 
 /// The longest a run may last for its arrival times to fit (`micros`).
-pub const LONGEST_RUN: Duration = Duration::from_secs(3600);
+const LONGEST_RUN: Duration = Duration::from_secs(3600);
 
 /// The most deliveries one run may expect: the subscribers keep 8 bytes for each, and
 /// the report two `Duration`s.
-pub const MAX_DELIVERIES: usize = 100_000_000;
+const MAX_DELIVERIES: usize = 100_000_000;
+
+/// Refuses a run its subscribers could not record: one that may last longer than
+/// `LONGEST_RUN`, or expects more than `MAX_DELIVERIES` (`deliveries`, named `what`
+/// after the flags that make it).
+pub fn within_bounds(timeout: Duration, deliveries: usize, what: &str) -> anyhow::Result<()> {
+    if timeout > LONGEST_RUN {
+        anyhow::bail!("--timeout: at most {} s", LONGEST_RUN.as_secs());
+    }
+    if deliveries > MAX_DELIVERIES {
+        anyhow::bail!("{what}: at most {MAX_DELIVERIES} deliveries a run");
+    }
+    Ok(())
+}
 
 /// `t` in microseconds since `epoch`, in 4 bytes: enough for 71 minutes, and runs are
 /// bounded by `LONGEST_RUN`.
@@ -375,6 +388,15 @@ mod tests {
         let line = format!("data: {padded}");
         assert_eq!(sse_seq(Kind::Nchan, line.as_bytes()), Some(3));
         assert_eq!(crate::server::nchan_message(3, 0), r#"{"seq":3}"#);
+    }
+
+    #[test]
+    fn runs_the_arrival_tables_cannot_hold_are_refused() {
+        let hour = Duration::from_secs(3600);
+        assert!(within_bounds(hour, MAX_DELIVERIES, "n").is_ok());
+        assert!(within_bounds(hour + Duration::from_secs(1), 1, "n").is_err());
+        let too_many = within_bounds(hour, MAX_DELIVERIES + 1, "--clients × --behind");
+        assert!(too_many.is_err_and(|e| e.to_string().starts_with("--clients × --behind")));
     }
 
     #[test]
