@@ -220,6 +220,8 @@ pub async fn run(a: Args) -> anyhow::Result<()> {
                 .unwrap_or_else(|| Arrivals::new(start, last)),
         );
     }
+    // The measured phase is over: what follows is the tool's own bookkeeping.
+    let cpu = cpu.end();
     if timed_out {
         println!("--timeout reached: subscribers stopped; what had not arrived counts as missing");
     }
@@ -234,16 +236,31 @@ pub async fn run(a: Args) -> anyhow::Result<()> {
     let (mut missing, mut dup, mut disorder) = (0u64, 0u64, 0u64);
     let mut lat = Vec::with_capacity(all.len() * a.changes);
     let mut lat_kernel = Vec::with_capacity(all.len() * a.changes);
+    // Each change's first and last delivery (socket time), by seq: how long one
+    // change took to reach every subscriber.
+    let mut spread = vec![(Duration::MAX, Duration::ZERO); a.changes];
     for arrivals in &all {
         let (m, d, o) = arrivals.check();
         (missing, dup, disorder) = (missing + m, dup + d, disorder + o);
         for (seq, read, kernel) in arrivals.each() {
             if let Some(s) = sent.get(&seq) {
+                let k = kernel.saturating_duration_since(*s);
                 lat.push(read.saturating_duration_since(*s));
-                lat_kernel.push(kernel.saturating_duration_since(*s));
+                lat_kernel.push(k);
+                let slot = seq
+                    .checked_sub(start + 1)
+                    .and_then(|i| usize::try_from(i).ok())
+                    .and_then(|i| spread.get_mut(i));
+                if let Some((first, last)) = slot {
+                    (*first, *last) = ((*first).min(k), (*last).max(k));
+                }
             }
         }
     }
+    let (mut first, mut last): (Vec<Duration>, Vec<Duration>) = spread
+        .into_iter()
+        .filter(|(first, _)| *first != Duration::MAX)
+        .unzip();
     let deliveries = lat.len() as u64;
     println!(
         "published {} changes in {:.2} s ({:.0}/s); last delivery after {:.2} s",
@@ -260,6 +277,10 @@ pub async fn run(a: Args) -> anyhow::Result<()> {
     // The same deliveries, timed by when they reached the subscriber's socket: the
     // server's part, without the tool's own queue (see `stamp`).
     println!("publish → socket:  {}", latency_line(&mut lat_kernel));
+    // Nchan answers a publish once it has written it to every subscriber; zonecast
+    // answers first and fans out after. Per change, the two ends of that fan-out.
+    println!("per change, its first socket: {}", latency_line(&mut first));
+    println!("per change, its last socket:  {}", latency_line(&mut last));
     let (reads, unstamped) = crate::stamp::reads();
     if unstamped > 0 {
         println!(

@@ -142,8 +142,19 @@ struct Used {
     pid: String,
     /// Cores' worth of its own CPU time.
     cores: f64,
+    /// Its resident memory at the window's end, in KiB.
+    rss: Option<u64>,
     /// Its cores', if it is pinned apart from the tool.
     pinned: Option<Pinned>,
+}
+
+/// A window's figures, taken when it ended: the measured phase only, not the report
+/// that follows it (sorting tens of millions of latencies takes seconds, with the
+/// server idle, and would dilute its busy share).
+pub struct CpuUsed {
+    secs: f64,
+    /// The servers, then this process.
+    used: Vec<Used>,
 }
 
 /// The cores a process is pinned to, over a window: how busy they were, summed (1.0
@@ -173,24 +184,22 @@ impl CpuWindow {
         }
     }
 
-    /// What each process used since `start` (the last one is this process).
-    fn used(&self) -> Vec<Used> {
+    /// Ends the window: what each process used since `start`.
+    pub fn end(self) -> CpuUsed {
         let secs = self.start.elapsed().as_secs_f64().max(1e-9);
         let own = self.watched.last().and_then(|w| w.cores.as_ref());
-        self.watched
-            .iter()
-            .map(|w| {
-                let shares_with_tool = w.pid != "self"
-                    && own.is_some_and(|(mine, _)| {
-                        w.cores
-                            .as_ref()
-                            .is_some_and(|(c, _)| c.iter().any(|x| mine.contains(x)))
-                    });
-                let pinned =
-                    w.cores
-                        .as_ref()
-                        .filter(|_| !shares_with_tool)
-                        .and_then(|(cores, before)| {
+        let used =
+            self.watched
+                .iter()
+                .map(|w| {
+                    let shares_with_tool = w.pid != "self"
+                        && own.is_some_and(|(mine, _)| {
+                            w.cores
+                                .as_ref()
+                                .is_some_and(|(c, _)| c.iter().any(|x| mine.contains(x)))
+                        });
+                    let pinned = w.cores.as_ref().filter(|_| !shares_with_tool).and_then(
+                        |(cores, before)| {
                             let now = CoreTicks::now(cores)?;
                             let total = now.total.checked_sub(before.total)?.max(1) as f64;
                             let n = cores.len() as f64;
@@ -199,14 +208,17 @@ impl CpuWindow {
                                 busy: now.busy.checked_sub(before.busy)? as f64 / total * n,
                                 irq: now.irq.checked_sub(before.irq)? as f64 / total * n,
                             })
-                        });
-                Used {
-                    cores: (cpu_seconds(&w.pid).unwrap_or(w.cpu) - w.cpu) / secs,
-                    pid: w.pid.clone(),
-                    pinned,
-                }
-            })
-            .collect()
+                        },
+                    );
+                    Used {
+                        cores: (cpu_seconds(&w.pid).unwrap_or(w.cpu) - w.cpu) / secs,
+                        rss: rss_kib(&w.pid),
+                        pid: w.pid.clone(),
+                        pinned,
+                    }
+                })
+                .collect();
+        CpuUsed { secs, used }
     }
 }
 
@@ -225,8 +237,8 @@ fn core_names(cores: &[usize]) -> String {
 /// cores' busy share: everything that ran there, the kernel's work on its behalf that
 /// `/proc/PID/stat` leaves out included. For the tool, that is what says whether its
 /// core had anything left.
-pub fn print_cpu(window: &CpuWindow, threads: usize, deliveries: u64) {
-    let secs = window.start.elapsed().as_secs_f64();
+pub fn print_cpu(window: &CpuUsed, threads: usize, deliveries: u64) {
+    let secs = window.secs;
     // ", 1.23 µs CPU per delivery", `what` being "CPU" or the cores' time.
     let per = |cores: f64, what: &str| {
         if deliveries > 0 {
@@ -251,7 +263,7 @@ pub fn print_cpu(window: &CpuWindow, threads: usize, deliveries: u64) {
             }
         )
     };
-    for u in window.used() {
+    for u in &window.used {
         if u.pid == "self" {
             println!("load generator CPU: {:.2} cores", u.cores);
             let mut saturated = u.cores > 0.9 * threads as f64;
@@ -272,8 +284,9 @@ pub fn print_cpu(window: &CpuWindow, threads: usize, deliveries: u64) {
                 );
             }
         } else {
-            let rss =
-                rss_kib(&u.pid).map_or("?".into(), |k| format!("{:.1} MiB", k as f64 / 1024.0));
+            let rss = u
+                .rss
+                .map_or("?".into(), |k| format!("{:.1} MiB", k as f64 / 1024.0));
             let per_cpu = per(u.cores, "CPU");
             println!("server {}: {:.2} cores, RSS {rss}{per_cpu}", u.pid, u.cores);
             if let Some(p) = &u.pinned {
@@ -317,6 +330,28 @@ mod tests {
         assert_eq!(both.total, c0.total + 52);
         // "cpu" (all cores) is not core 0, and a core that is not there is no figure.
         assert_eq!(CoreTicks::of(stat, &[2]), None);
+    }
+
+    /// A window's figures are those of its measured phase: what the process does after
+    /// `end` (the report's own sorting) is not in them.
+    #[test]
+    fn a_window_counts_until_it_ends() {
+        let window = CpuWindow::start(&[]);
+        let spin = Instant::now();
+        let mut x = 0u64;
+        while spin.elapsed() < Duration::from_millis(300) {
+            x = std::hint::black_box(x.wrapping_add(1));
+        }
+        let ended = window.end();
+        let after = Instant::now();
+        while after.elapsed() < Duration::from_millis(300) {
+            x = std::hint::black_box(x.wrapping_add(1));
+        }
+        let own = ended.used.last().expect("this process");
+        assert_eq!(own.pid, "self");
+        assert!(ended.secs < 0.5, "window of {:.2} s", ended.secs);
+        // 10 ms ticks: a 300 ms spin reads as most of a core.
+        assert!(own.cores > 0.5, "{:.2} cores while spinning", own.cores);
     }
 
     /// A thread spinning on this process's core shows on that core's busy share, as

@@ -84,6 +84,7 @@ pub async fn run(a: Args) -> anyhow::Result<()> {
             None => failed += 1,
         }
     }
+    let cpu = cpu.end();
     let all = caught_up.iter().max().copied().unwrap_or_default();
     let reads = server.metric("zonecast_log_reads_total", "").await? - reads_before;
     println!(

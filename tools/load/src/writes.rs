@@ -73,6 +73,7 @@ pub async fn run(a: Args) -> anyhow::Result<()> {
         errors += t.await?;
     }
     let elapsed = began.elapsed();
+    let cpu = cpu.end();
     let mut lat = std::mem::take(&mut *latencies.lock().await);
     println!(
         "changes: {} in {:.2} s = {:.0}/s; errors {errors}",
