@@ -76,15 +76,25 @@ pub fn loopback(raw: &str) -> Result<url::Url, String> {
 
 fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
-    let rt = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(match &cli.mode {
-            Mode::Fanout(a) => a.threads,
-            Mode::Writes(a) => a.threads,
-            Mode::Idle(a) => a.threads,
-            Mode::Storm(a) => a.threads,
-        })
-        .enable_all()
-        .build()?;
+    let threads = match &cli.mode {
+        Mode::Fanout(a) => a.threads,
+        Mode::Writes(a) => a.threads,
+        Mode::Idle(a) => a.threads,
+        Mode::Storm(a) => a.threads,
+    };
+    // One thread: everything on the thread that runs `main`. A one-worker
+    // multi-threaded runtime adds a second thread (the one blocked in `block_on`) and
+    // its work-stealing queues, and the tool's core is what a fan-out run must spare.
+    let rt = if threads <= 1 {
+        tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()?
+    } else {
+        tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(threads)
+            .enable_all()
+            .build()?
+    };
     rt.block_on(async {
         match cli.mode {
             Mode::Fanout(a) => fanout::run(a).await,

@@ -171,6 +171,141 @@ impl Server {
     }
 }
 
+/// Publishes over one kept-alive HTTP/1.1 connection, its requests written by hand,
+/// and says when each request went out.
+///
+/// Why not the `reqwest` client: its requests are written by the connection's own
+/// task, which on a busy tool waits its turn behind thousands of subscribers' reads,
+/// so a publish time taken before `send` counted the tool's queue as the server's
+/// latency. Here the request is written in the publisher's own turn, right after the
+/// time is taken.
+pub struct RestPublisher {
+    tcp: tokio::net::TcpStream,
+    kind: Kind,
+    host: String,
+    /// zonecast: the item's path and the key; Nchan: the channel's path.
+    path: String,
+    key: String,
+    message_bytes: usize,
+    buf: Vec<u8>,
+}
+
+/// Largest publish response read.
+const MAX_RESPONSE: usize = 64 * 1024;
+
+impl RestPublisher {
+    pub async fn connect(server: &Server, topic: &Topic) -> anyhow::Result<RestPublisher> {
+        let base = url::Url::parse(&server.base)?;
+        let host = base.host_str().context("no host")?.to_owned();
+        let port = base.port_or_known_default().context("no port")?;
+        let tcp = tokio::net::TcpStream::connect((host.as_str(), port)).await?;
+        tcp.set_nodelay(true)?;
+        Ok(RestPublisher {
+            tcp,
+            kind: server.kind,
+            host: format!("{host}:{port}"),
+            path: match server.kind {
+                Kind::Zonecast => format!("/api/items/{}", topic.item),
+                Kind::Nchan => format!("/pub/{}", topic.channel),
+            },
+            key: server.key.clone(),
+            message_bytes: server.message_bytes,
+            buf: Vec::with_capacity(4096),
+        })
+    }
+
+    /// One change: its seq (`n` for Nchan), and when its request was written.
+    pub async fn publish(&mut self, n: u64) -> anyhow::Result<(u64, std::time::Instant)> {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let req = match self.kind {
+            Kind::Zonecast => {
+                let body = r#"{"delta":1}"#;
+                format!(
+                    "PATCH {} HTTP/1.1\r\nHost: {}\r\nAuthorization: Bearer {}\r\n\
+                     Content-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}",
+                    self.path,
+                    self.host,
+                    self.key,
+                    body.len()
+                )
+            }
+            Kind::Nchan => {
+                let body = nchan_message(n, self.message_bytes);
+                format!(
+                    "POST {} HTTP/1.1\r\nHost: {}\r\nContent-Length: {}\r\n\r\n{body}",
+                    self.path,
+                    self.host,
+                    body.len()
+                )
+            }
+        };
+        let at = std::time::Instant::now();
+        self.tcp.write_all(req.as_bytes()).await?;
+        // The head, then the body by its length or its chunks.
+        self.buf.clear();
+        let head_end = loop {
+            if let Some(i) = self.buf.windows(4).position(|w| w == b"\r\n\r\n") {
+                break i + 4;
+            }
+            if self.buf.len() > MAX_RESPONSE {
+                bail!("publish: response head over {MAX_RESPONSE} bytes");
+            }
+            if self.tcp.read_buf(&mut self.buf).await? == 0 {
+                bail!("publish: connection closed");
+            }
+        };
+        let head = String::from_utf8_lossy(&self.buf[..head_end]).to_ascii_lowercase();
+        let status = head.split(' ').nth(1).unwrap_or("").to_owned();
+        let header = |name: &str| {
+            head.lines()
+                .find_map(|l| l.strip_prefix(name)?.strip_prefix(':'))
+                .map(str::trim)
+        };
+        let mut body = Vec::new();
+        if header("transfer-encoding").is_some_and(|v| v.contains("chunked")) {
+            let mut c = crate::sse::Chunked::start();
+            let mut at_byte = head_end;
+            loop {
+                c.feed(&self.buf[at_byte..], &mut |b| body.extend_from_slice(b))?;
+                if c == crate::sse::Chunked::Done {
+                    break;
+                }
+                if body.len() > MAX_RESPONSE {
+                    bail!("publish: response over {MAX_RESPONSE} bytes");
+                }
+                at_byte = self.buf.len();
+                if self.tcp.read_buf(&mut self.buf).await? == 0 {
+                    bail!("publish: connection closed in the body");
+                }
+            }
+        } else {
+            let len: usize = header("content-length")
+                .context("publish: response without a length")?
+                .parse()
+                .context("publish: content-length")?;
+            if len > MAX_RESPONSE {
+                bail!("publish: response over {MAX_RESPONSE} bytes");
+            }
+            while self.buf.len() < head_end + len {
+                if self.tcp.read_buf(&mut self.buf).await? == 0 {
+                    bail!("publish: connection closed in the body");
+                }
+            }
+            body.extend_from_slice(&self.buf[head_end..head_end + len]);
+        }
+        if !status.starts_with('2') {
+            bail!("publish: HTTP {status}: {}", String::from_utf8_lossy(&body));
+        }
+        match self.kind {
+            Kind::Zonecast => {
+                let v: Value = serde_json::from_slice(&body)?;
+                Ok((v["event_id"].as_u64().context("event_id")?, at))
+            }
+            Kind::Nchan => Ok((n, at)),
+        }
+    }
+}
+
 /// Publishes over one WebSocket connection: zonecast `update_quantity` (the seq from
 /// its `ack`), Nchan `/pubsub/{channel}` text frames.
 pub struct WsPublisher {
@@ -277,5 +412,84 @@ fn bind_address_no_port(sock: &TcpSocket) -> std::io::Result<()> {
         Ok(())
     } else {
         Err(std::io::Error::last_os_error())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+    /// A peer that answers each request it reads (up to its blank line and the
+    /// `{"delta":1}` body) with the next of `answers`, on one connection.
+    async fn answering(
+        answers: Vec<&'static str>,
+    ) -> (url::Url, tokio::task::JoinHandle<Vec<String>>) {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind");
+        let url = url::Url::parse(&format!("http://{}", listener.local_addr().expect("addr")))
+            .expect("url");
+        let peer = tokio::spawn(async move {
+            let (mut tcp, _) = listener.accept().await.expect("accept");
+            let mut requests = Vec::new();
+            for a in answers {
+                let mut got = Vec::new();
+                while !got.ends_with(br#"{"delta":1}"#) {
+                    let mut b = [0u8; 1024];
+                    let n = tcp.read(&mut b).await.expect("read");
+                    assert!(n > 0, "closed");
+                    got.extend_from_slice(&b[..n]);
+                }
+                requests.push(String::from_utf8_lossy(&got).into_owned());
+                tcp.write_all(a.as_bytes()).await.expect("answer");
+            }
+            requests
+        });
+        (url, peer)
+    }
+
+    #[tokio::test]
+    async fn a_rest_publisher_reads_sized_and_chunked_answers_on_one_connection() {
+        let (url, peer) = answering(vec![
+            "HTTP/1.1 200 OK\r\nContent-Length: 15\r\n\r\n{\"event_id\":41}",
+            "HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n5\r\n{\"eve\r\nA\r\nnt_id\":42}\r\n0\r\n\r\n",
+            "HTTP/1.1 409 Conflict\r\nContent-Length: 7\r\n\r\nrefused",
+        ])
+        .await;
+        let server = Server::new(Kind::Zonecast, &url, "k").expect("server");
+        let topic = Topic {
+            kind: Kind::Zonecast,
+            zone: 1,
+            item: 7,
+            channel: String::new(),
+            start: 0,
+            key: "k".into(),
+        };
+        let mut p = RestPublisher::connect(&server, &topic)
+            .await
+            .expect("connect");
+        let before = std::time::Instant::now();
+        let (seq, at) = tokio::time::timeout(Duration::from_secs(5), p.publish(1))
+            .await
+            .expect("in time")
+            .expect("first");
+        assert_eq!(seq, 41);
+        assert!(at >= before);
+        let (seq, _) = tokio::time::timeout(Duration::from_secs(5), p.publish(2))
+            .await
+            .expect("in time")
+            .expect("second");
+        assert_eq!(seq, 42);
+        let refused = tokio::time::timeout(Duration::from_secs(5), p.publish(3))
+            .await
+            .expect("in time");
+        assert!(
+            refused.is_err_and(|e| e.to_string().contains("409")),
+            "a refusal is an error"
+        );
+        let requests = peer.await.expect("peer");
+        assert!(requests[0].starts_with("PATCH /api/items/7 HTTP/1.1\r\n"));
+        assert!(requests[0].contains("Authorization: Bearer k\r\n"));
     }
 }

@@ -26,7 +26,7 @@ enum Framing {
 
 /// Where a chunked body's decoder stands.
 #[derive(Debug, PartialEq)]
-enum Chunked {
+pub enum Chunked {
     /// Reading a chunk's size (hex digits so far); `ext` once past them (an extension
     /// or white space until the line ends).
     Size { size: u64, ext: bool },
@@ -41,7 +41,7 @@ enum Chunked {
 }
 
 impl Chunked {
-    fn start() -> Self {
+    pub fn start() -> Self {
         Chunked::Size {
             size: 0,
             ext: false,
@@ -49,7 +49,7 @@ impl Chunked {
     }
 
     /// Decodes `input`, handing each run of body bytes to `body`.
-    fn feed(&mut self, mut input: &[u8], body: &mut impl FnMut(&[u8])) -> anyhow::Result<()> {
+    pub fn feed(&mut self, mut input: &[u8], body: &mut impl FnMut(&[u8])) -> anyhow::Result<()> {
         while !input.is_empty() {
             match self {
                 Chunked::Size { size, ext } => {

@@ -27,7 +27,7 @@ use tokio::net::TcpStream;
 
 /// When one read's bytes arrived: `read` by the tool, `kernel` at the socket (the
 /// same as `read` when there is no stamp).
-#[derive(Clone, Copy, Debug)]
+#[derive(Clone, Copy, Debug, PartialEq)]
 pub struct At {
     pub read: Instant,
     pub kernel: Instant,
