@@ -452,7 +452,10 @@ mod tests {
                 Err(_) => late += 1,
             }
         }
-        assert_eq!(late, 0, "{late} of {burst} connections waited for a SYN retry");
+        assert_eq!(
+            late, 0,
+            "{late} of {burst} connections waited for a SYN retry"
+        );
         drop(listener);
     }
 }

@@ -247,17 +247,23 @@ mod tests {
         assert!(at.kernel <= at.read);
     }
 
-    /// A read that drains the socket leaves it waiting for the next bytes, which still
-    /// wake it; a read that fills the buffer leaves the rest to be read at once.
-    #[tokio::test]
-    async fn reads_drain_and_wake_again() {
+    /// A connected pair on loopback: the reader's end and the writer's.
+    async fn connected() -> (TcpStream, TcpStream) {
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
             .await
             .expect("bind");
         let reader = TcpStream::connect(listener.local_addr().expect("addr"))
             .await
             .expect("connect");
-        let (mut writer, _) = listener.accept().await.expect("accept");
+        let (writer, _) = listener.accept().await.expect("accept");
+        (reader, writer)
+    }
+
+    /// A read that drains the socket leaves it waiting for the next bytes, which still
+    /// wake it; a read that fills the buffer leaves the rest to be read at once.
+    #[tokio::test]
+    async fn reads_drain_and_wake_again() {
+        let (reader, mut writer) = connected().await;
         let mut buf = [0u8; 4];
         let read = async |buf: &mut [u8]| {
             let (n, _) = tokio::time::timeout(Duration::from_secs(5), recv(&reader, buf))
@@ -281,13 +287,7 @@ mod tests {
     /// A read from a socket that does not ask for stamps is counted as unstamped.
     #[tokio::test]
     async fn an_unstamped_read_is_counted() {
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
-            .await
-            .expect("bind");
-        let reader = TcpStream::connect(listener.local_addr().expect("addr"))
-            .await
-            .expect("connect");
-        let (mut writer, _) = listener.accept().await.expect("accept");
+        let (reader, mut writer) = connected().await;
         let (reads_before, unstamped_before) = reads();
         writer.write_all(b"x").await.expect("write");
         let mut buf = [0u8; 4];
