@@ -403,3 +403,31 @@ async fn a_pass_takes_at_most_a_chunk_of_what_arrives_while_it_runs() {
     let all: Vec<u64> = (1..=g.pos).collect();
     assert_eq!(read_ids(&mut clients[1], all.len()).await, all);
 }
+
+/// Departures in a burst are swept once at once, then at most once per
+/// `SWEEP_EVERY`, however many there are.
+#[test]
+fn a_burst_of_departures_is_swept_at_most_once_per_interval() {
+    let t0 = Instant::now();
+    let mut s = Sweeper::default();
+    assert!(s.gone(t0), "the first departure is swept at once");
+    let mut now_sweeps = 0;
+    for i in 1..1000u32 {
+        now_sweeps += u32::from(s.gone(t0 + Duration::from_micros(u64::from(i) * 50)));
+    }
+    assert_eq!(now_sweeps, 0, "no sweep per departure within the interval");
+    assert_eq!(
+        s.due,
+        Some(t0 + SWEEP_EVERY),
+        "one put off to the interval's end"
+    );
+    s.swept(t0 + SWEEP_EVERY);
+    assert_eq!(s.due, None);
+    // Still within an interval of that sweep: put off again, not swept.
+    assert!(!s.gone(t0 + SWEEP_EVERY + Duration::from_millis(10)));
+    assert_eq!(s.due, Some(t0 + 2 * SWEEP_EVERY));
+    s.swept(t0 + 2 * SWEEP_EVERY);
+    // After a quiet spell, at once again.
+    assert!(s.gone(t0 + 5 * SWEEP_EVERY));
+    assert_eq!(s.due, None);
+}
