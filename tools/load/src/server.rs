@@ -196,9 +196,11 @@ const MAX_RESPONSE: usize = 64 * 1024;
 impl RestPublisher {
     pub async fn connect(server: &Server, topic: &Topic) -> anyhow::Result<RestPublisher> {
         let base = url::Url::parse(&server.base)?;
+        // `[::1]` as the Host header writes it; the address from the URL itself.
         let host = base.host_str().context("no host")?.to_owned();
         let port = base.port_or_known_default().context("no port")?;
-        let tcp = tokio::net::TcpStream::connect((host.as_str(), port)).await?;
+        let addr = *base.socket_addrs(|| None)?.first().context("no address")?;
+        let tcp = tokio::net::TcpStream::connect(addr).await?;
         tcp.set_nodelay(true)?;
         Ok(RestPublisher {
             tcp,

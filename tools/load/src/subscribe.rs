@@ -64,8 +64,8 @@ pub struct Arrivals {
     /// Seqs outside `first..=last` (never expected; kept to count repeats).
     outside: HashSet<u64>,
     prev: u64,
-    /// The last `At` recorded, as stored: the events of one read share it, and the
-    /// conversion per event was a twentieth of the tool's core at 2 M deliveries/s.
+    /// The last `At` recorded, as stored: the events of one read share it, so it is
+    /// converted once per read rather than twice per event.
     stored: Option<(At, [u32; 2])>,
     last_seq: Option<u64>,
     last_read: Option<Instant>,
