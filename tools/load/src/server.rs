@@ -187,7 +187,6 @@ pub struct RestPublisher {
     path: String,
     key: String,
     message_bytes: usize,
-    buf: Vec<u8>,
 }
 
 /// Largest publish response read.
@@ -195,30 +194,25 @@ const MAX_RESPONSE: usize = 64 * 1024;
 
 impl RestPublisher {
     pub async fn connect(server: &Server, topic: &Topic) -> anyhow::Result<RestPublisher> {
-        let base = url::Url::parse(&server.base)?;
-        // `[::1]` as the Host header writes it; the address from the URL itself.
-        let host = base.host_str().context("no host")?.to_owned();
-        let port = base.port_or_known_default().context("no port")?;
-        let addr = *base.socket_addrs(|| None)?.first().context("no address")?;
+        let addr = address(&server.base)?;
         let tcp = tokio::net::TcpStream::connect(addr).await?;
         tcp.set_nodelay(true)?;
         Ok(RestPublisher {
             tcp,
             kind: server.kind,
-            host: format!("{host}:{port}"),
+            host: addr.to_string(),
             path: match server.kind {
                 Kind::Zonecast => format!("/api/items/{}", topic.item),
                 Kind::Nchan => format!("/pub/{}", topic.channel),
             },
             key: server.key.clone(),
             message_bytes: server.message_bytes,
-            buf: Vec::with_capacity(4096),
         })
     }
 
     /// One change: its seq (`n` for Nchan), and when its request was written.
     pub async fn publish(&mut self, n: u64) -> anyhow::Result<(u64, std::time::Instant)> {
-        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        use tokio::io::AsyncReadExt;
         let req = match self.kind {
             Kind::Zonecast => {
                 let body = r#"{"delta":1}"#;
@@ -242,58 +236,24 @@ impl RestPublisher {
             }
         };
         let at = std::time::Instant::now();
-        self.tcp.write_all(req.as_bytes()).await?;
-        // The head, then the body by its length or its chunks.
-        self.buf.clear();
-        let head_end = loop {
-            if let Some(i) = self.buf.windows(4).position(|w| w == b"\r\n\r\n") {
-                break i + 4;
-            }
-            if self.buf.len() > MAX_RESPONSE {
-                bail!("publish: response head over {MAX_RESPONSE} bytes");
-            }
-            if self.tcp.read_buf(&mut self.buf).await? == 0 {
-                bail!("publish: connection closed");
-            }
-        };
-        let head = String::from_utf8_lossy(&self.buf[..head_end]).to_ascii_lowercase();
-        let status = head.split(' ').nth(1).unwrap_or("").to_owned();
-        let header = |name: &str| {
-            head.lines()
-                .find_map(|l| l.strip_prefix(name)?.strip_prefix(':'))
-                .map(str::trim)
-        };
+        let (head, early) = crate::sse::exchange(&mut self.tcp, req.as_bytes()).await?;
+        let status = crate::sse::status(&head).to_owned();
+        let mut framing = crate::sse::Framing::of(&head)?;
+        if matches!(framing, crate::sse::Framing::Close) {
+            bail!("publish: response without a length");
+        }
         let mut body = Vec::new();
-        if header("transfer-encoding").is_some_and(|v| v.contains("chunked")) {
-            let mut c = crate::sse::Chunked::start();
-            let mut at_byte = head_end;
-            loop {
-                c.feed(&self.buf[at_byte..], &mut |b| body.extend_from_slice(b))?;
-                if c == crate::sse::Chunked::Done {
-                    break;
-                }
-                if body.len() > MAX_RESPONSE {
-                    bail!("publish: response over {MAX_RESPONSE} bytes");
-                }
-                at_byte = self.buf.len();
-                if self.tcp.read_buf(&mut self.buf).await? == 0 {
-                    bail!("publish: connection closed in the body");
-                }
-            }
-        } else {
-            let len: usize = header("content-length")
-                .context("publish: response without a length")?
-                .parse()
-                .context("publish: content-length")?;
-            if len > MAX_RESPONSE {
+        let mut more = framing.feed(&early, &mut |b| body.extend_from_slice(b))?;
+        while more {
+            if body.len() > MAX_RESPONSE {
                 bail!("publish: response over {MAX_RESPONSE} bytes");
             }
-            while self.buf.len() < head_end + len {
-                if self.tcp.read_buf(&mut self.buf).await? == 0 {
-                    bail!("publish: connection closed in the body");
-                }
+            let mut chunk = [0u8; 4096];
+            let n = self.tcp.read(&mut chunk).await?;
+            if n == 0 {
+                bail!("publish: connection closed in the body");
             }
-            body.extend_from_slice(&self.buf[head_end..head_end + len]);
+            more = framing.feed(&chunk[..n], &mut |b| body.extend_from_slice(b))?;
         }
         if !status.starts_with('2') {
             bail!("publish: HTTP {status}: {}", String::from_utf8_lossy(&body));
@@ -380,6 +340,16 @@ pub fn nchan_message(n: u64, bytes: usize) -> String {
     }
 }
 
+/// The IPv4 address `url` names (`localhost` resolved): subscribers connect from a
+/// 127.0.0.x source address, so every connection of the tool goes to IPv4.
+pub fn address(url: &str) -> anyhow::Result<std::net::SocketAddr> {
+    url::Url::parse(url)?
+        .socket_addrs(|| None)?
+        .into_iter()
+        .find(std::net::SocketAddr::is_ipv4)
+        .with_context(|| format!("{url}: no IPv4 address"))
+}
+
 /// Connects a TCP socket to `addr` from the loopback address `from`.
 pub async fn connect_from(
     addr: std::net::SocketAddr,
@@ -449,6 +419,24 @@ mod tests {
             requests
         });
         (url, peer)
+    }
+
+    /// `localhost`, which `loopback` accepts, is an address the subscribers can use.
+    #[test]
+    fn urls_name_ipv4_addresses() {
+        assert_eq!(
+            address("http://localhost:8091")
+                .expect("localhost")
+                .to_string(),
+            "127.0.0.1:8091"
+        );
+        assert_eq!(
+            address("http://127.0.0.2")
+                .expect("default port")
+                .to_string(),
+            "127.0.0.2:80"
+        );
+        assert!(address("not a url").is_err());
     }
 
     #[tokio::test]

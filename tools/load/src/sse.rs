@@ -15,8 +15,8 @@ use crate::stamp::At;
 /// Largest response head accepted.
 const MAX_HEAD: usize = 16 * 1024;
 
-/// How the body ends.
-enum Framing {
+/// How a response's body ends.
+pub enum Framing {
     /// With the connection.
     Close,
     /// `Content-Length` bytes.
@@ -41,7 +41,7 @@ pub enum Chunked {
 }
 
 impl Chunked {
-    pub fn start() -> Self {
+    fn start() -> Self {
         Chunked::Size {
             size: 0,
             ext: false,
@@ -49,7 +49,7 @@ impl Chunked {
     }
 
     /// Decodes `input`, handing each run of body bytes to `body`.
-    pub fn feed(&mut self, mut input: &[u8], body: &mut impl FnMut(&[u8])) -> anyhow::Result<()> {
+    fn feed(&mut self, mut input: &[u8], body: &mut impl FnMut(&[u8])) -> anyhow::Result<()> {
         while !input.is_empty() {
             match self {
                 Chunked::Size { size, ext } => {
@@ -116,7 +116,13 @@ pub async fn request(
         req.push_str(&format!("{k}: {v}\r\n"));
     }
     req.push_str("\r\n");
-    tcp.write_all(req.as_bytes()).await?;
+    exchange(tcp, req.as_bytes()).await
+}
+
+/// Writes the request `req` on `tcp` and reads the response head: the head
+/// (lower-cased) and the bytes read after it.
+pub async fn exchange(tcp: &mut TcpStream, req: &[u8]) -> anyhow::Result<(String, Vec<u8>)> {
+    tcp.write_all(req).await?;
     let mut got = Vec::with_capacity(1024);
     let end = loop {
         let mut chunk = [0u8; 4096];
@@ -134,6 +140,51 @@ pub async fn request(
     };
     let head = String::from_utf8_lossy(&got[..end]).to_ascii_lowercase();
     Ok((head, got[end..].to_vec()))
+}
+
+/// The status code of a (lower-cased) response head.
+pub fn status(head: &str) -> &str {
+    head.split(' ').nth(1).unwrap_or("")
+}
+
+/// A header's value in a lower-cased response head.
+fn header<'h>(head: &'h str, name: &str) -> Option<&'h str> {
+    head.lines()
+        .find_map(|l| l.strip_prefix(name)?.strip_prefix(':'))
+        .map(str::trim)
+}
+
+impl Framing {
+    /// How the body of the response with (lower-cased) head `head` ends.
+    pub fn of(head: &str) -> anyhow::Result<Framing> {
+        Ok(
+            if header(head, "transfer-encoding").is_some_and(|v| v.contains("chunked")) {
+                Framing::Chunked(Chunked::start())
+            } else if let Some(n) = header(head, "content-length") {
+                Framing::Length(n.parse().context("content-length")?)
+            } else {
+                Framing::Close
+            },
+        )
+    }
+
+    /// Hands the body bytes in `input` to `body`; `false` once the body has ended.
+    pub fn feed(&mut self, input: &[u8], body: &mut impl FnMut(&[u8])) -> anyhow::Result<bool> {
+        match self {
+            Framing::Close => body(input),
+            Framing::Length(left) => {
+                let k = (*left).min(input.len() as u64) as usize;
+                body(&input[..k]);
+                *left -= k as u64;
+                return Ok(*left > 0);
+            }
+            Framing::Chunked(c) => {
+                c.feed(input, body)?;
+                return Ok(*c != Chunked::Done);
+            }
+        }
+        Ok(true)
+    }
 }
 
 /// An open event stream.
@@ -191,22 +242,11 @@ impl Stream {
         let mut all = vec![("Accept", "text/event-stream".to_owned())];
         all.extend(headers.iter().map(|(k, v)| (*k, v.clone())));
         let (head, early) = request(&mut tcp, addr, path, &all).await?;
-        let status = head.split(' ').nth(1).unwrap_or("");
+        let status = status(&head);
         if !status.starts_with('2') {
             bail!("HTTP {status}");
         }
-        let header = |name: &str| {
-            head.lines()
-                .find_map(|l| l.strip_prefix(name)?.strip_prefix(':'))
-                .map(str::trim)
-        };
-        let framing = if header("transfer-encoding").is_some_and(|v| v.contains("chunked")) {
-            Framing::Chunked(Chunked::start())
-        } else if let Some(n) = header("content-length") {
-            Framing::Length(n.parse().context("content-length")?)
-        } else {
-            Framing::Close
-        };
+        let framing = Framing::of(&head)?;
         Ok(Stream {
             body: Body::new(tcp, early),
             framing,
@@ -219,25 +259,7 @@ impl Stream {
         let Some((input, at)) = self.body.read().await? else {
             return Ok(false);
         };
-        let n = input.len();
-        match &mut self.framing {
-            Framing::Close => body(input, at),
-            Framing::Length(left) => {
-                let k = (*left).min(n as u64) as usize;
-                body(&input[..k], at);
-                *left -= k as u64;
-                if *left == 0 {
-                    return Ok(false);
-                }
-            }
-            Framing::Chunked(c) => {
-                c.feed(input, &mut |b| body(b, at))?;
-                if *c == Chunked::Done {
-                    return Ok(false);
-                }
-            }
-        }
-        Ok(true)
+        self.framing.feed(input, &mut |b| body(b, at))
     }
 }
 

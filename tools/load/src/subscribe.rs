@@ -2,7 +2,7 @@
 //! of several loopback source addresses; each records when every seq arrived.
 
 use std::collections::HashSet;
-use std::net::{IpAddr, Ipv4Addr, SocketAddr};
+use std::net::{IpAddr, Ipv4Addr};
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, OnceLock};
 use std::time::{Duration, Instant};
@@ -10,7 +10,7 @@ use std::time::{Duration, Instant};
 use tokio::sync::{Semaphore, watch};
 use tokio::task::JoinHandle;
 
-use crate::server::{Kind, Topic, Transport, connect_from};
+use crate::server::{Kind, Topic, Transport, address, connect_from};
 use crate::stamp::At;
 
 /// Where stored arrival times count from: set when the first subscriber starts,
@@ -280,11 +280,7 @@ pub async fn subscribe(
                 ),
                 Kind::Nchan => format!("/sub/{}", topic.channel),
             };
-            let base = url::Url::parse(&sub.base).ok()?;
-            let addr = SocketAddr::new(
-                base.host_str()?.parse().ok()?,
-                base.port_or_known_default()?,
-            );
+            let addr = address(&sub.base).map_err(first_failure).ok()?;
             let tcp = connect_from(addr, sub.from)
                 .await
                 .map_err(first_failure)
@@ -322,9 +318,7 @@ pub async fn subscribe(
 
 /// Opens an event stream over a connection of its own from `sub.from`.
 async fn sse_open(sub: &Sub, topic: &Topic, path: &str) -> anyhow::Result<crate::sse::Stream> {
-    let base = url::Url::parse(&sub.base)?;
-    let host = base.host_str().unwrap_or("127.0.0.1");
-    let addr = SocketAddr::new(host.parse()?, base.port_or_known_default().unwrap_or(80));
+    let addr = address(&sub.base)?;
     let tcp = connect_from(addr, sub.from).await?;
     let mut headers = Vec::new();
     if topic.kind == Kind::Zonecast {
