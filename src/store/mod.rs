@@ -50,6 +50,28 @@ impl From<DbErr> for StoreError {
     }
 }
 
+/// Pool options for `url`, with at most `max` connections.
+fn connect_options(url: &str, max: u32) -> ConnectOptions {
+    let mut opts = ConnectOptions::new(url.to_owned());
+    opts.sqlx_logging(false)
+        .connect_timeout(Duration::from_secs(5))
+        .acquire_timeout(Duration::from_secs(10))
+        .max_connections(max)
+        .min_connections(1);
+    if url.starts_with("sqlite:") {
+        // WAL lets readers (snapshots, replays) run beside the one writer; writers
+        // queue on the busy timeout instead of failing with "database is locked".
+        opts.map_sqlx_sqlite_opts(|o| {
+            o.journal_mode(SqliteJournalMode::Wal)
+                .synchronous(SqliteSynchronous::Normal)
+                .busy_timeout(Duration::from_secs(10))
+                .foreign_keys(true)
+                .create_if_missing(true)
+        });
+    }
+    opts
+}
+
 /// sea-orm's message, without the wrapper texts it repeats from its own causes
 /// (`Connection Error: error returned from database: …`).
 fn db_message(e: &DbErr) -> String {
@@ -67,31 +89,16 @@ fn db_message(e: &DbErr) -> String {
 #[derive(Clone, Debug)]
 pub struct Store {
     db: DatabaseConnection,
+    /// Where write transactions run: on SQLite one connection of its own (see `open`);
+    /// on PostgreSQL the same pool as `db`.
+    writer: DatabaseConnection,
 }
 
 impl Store {
     /// Connects and applies pending migrations.
     pub async fn open(url: &str) -> Result<Self, StoreError> {
-        let mut opts = ConnectOptions::new(url.to_owned());
-        opts.sqlx_logging(false)
-            .connect_timeout(Duration::from_secs(5))
-            .acquire_timeout(Duration::from_secs(10));
-        if url.starts_with("sqlite:") {
-            // WAL lets readers (snapshots, replays) run beside the one writer; writers
-            // queue on the busy timeout instead of failing with "database is locked".
-            opts.max_connections(8)
-                .min_connections(1)
-                .map_sqlx_sqlite_opts(|o| {
-                    o.journal_mode(SqliteJournalMode::Wal)
-                        .synchronous(SqliteSynchronous::Normal)
-                        .busy_timeout(Duration::from_secs(10))
-                        .foreign_keys(true)
-                        .create_if_missing(true)
-                });
-        } else {
-            opts.max_connections(16).min_connections(1);
-        }
-        let db = Database::connect(opts).await?;
+        let sqlite = url.starts_with("sqlite:");
+        let db = Database::connect(connect_options(url, if sqlite { 8 } else { 16 })).await?;
         let pending = if db.get_database_backend() == DbBackend::Postgres {
             // Several nodes may start at once on one database: the first to take the
             // lock migrates, in one transaction; the others then find nothing pending.
@@ -115,7 +122,16 @@ impl Store {
         } else {
             tracing::info!(applied = %pending.join(", "), "migrated the database");
         }
-        let store = Store { db };
+        let writer = if sqlite {
+            // SQLite takes one writer at a time anyway (group commit queues them). On a
+            // connection of its own, the writer's page cache stays valid from one write to
+            // the next: a pooled connection's is dropped whenever another connection has
+            // written since it last ran, and every change then read its pages again.
+            Database::connect(connect_options(url, 1)).await?
+        } else {
+            db.clone()
+        };
+        let store = Store { db, writer };
         store
             .ensure_stream(&crate::domain::StreamKey::Alerts)
             .await?;
@@ -145,7 +161,7 @@ impl Store {
     /// lock taken by `next_seq` orders writers.
     pub async fn begin_write(&self) -> Result<DatabaseTransaction, StoreError> {
         Ok(self
-            .db
+            .writer
             .begin_with_options(TransactionOptions {
                 sqlite_transaction_mode: Some(SqliteTransactionMode::Immediate),
                 ..Default::default()
