@@ -6,7 +6,9 @@
 //!
 //! What a member sees is exactly what a transaction of its own would give it: its
 //! change is rolled back to its savepoint when refused (or when it changes nothing), so
-//! it never touches the others; its answer is returned only once the group has
+//! it never touches the others (the first member takes no savepoint, one round trip
+//! less for a change that comes alone: the transaction holds nothing else, so its
+//! refusal rolls the transaction back, and a member behind it begins a new one); its answer is returned only once the group has
 //! committed, and if the commit fails every member gets the error and nothing of the
 //! group is applied. Events are published after the commit, all together, in order.
 //!
@@ -72,13 +74,26 @@ struct Open {
     turn: Option<OwnedMutexGuard<()>>,
     /// The transaction cannot be used: `BEGIN` or a savepoint statement failed.
     broken: Option<Arc<str>>,
-    /// A savepoint left open by a member that was dropped in the middle of its change.
-    abandoned: Option<String>,
+    /// What undoes the change of the member using the transaction now (or dropped in the
+    /// middle of it): set when its turn is prepared, cleared when its change is kept or
+    /// undone.
+    abandoned: Option<Undo>,
     /// The last member's change was kept and its savepoint not yet released: the next
     /// member releases it in the same round trip as it takes its own (and `COMMIT`
     /// releases whatever is left).
     kept: bool,
     events: Vec<Event>,
+}
+
+/// How one member's change is undone.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Undo {
+    /// Roll back to the member's savepoint.
+    Savepoint,
+    /// Roll the transaction back: the member is the first in it, so the transaction
+    /// holds nothing else, and it took no savepoint (one round trip less for a change
+    /// that comes alone).
+    Transaction,
 }
 
 /// One change's place in a group; counts itself out when dropped.
@@ -215,8 +230,9 @@ impl Service {
         let result = body(txn).await;
         let undone = match result {
             Ok((value, events)) if !events.is_empty() => {
-                // Recorded with no await in between: a drop cannot split it.
-                open.kept = true;
+                // Recorded with no await in between: a drop cannot split it. Only a
+                // savepoint is released later; the first member has none.
+                open.kept = open.abandoned == Some(Undo::Savepoint);
                 open.events.extend(events);
                 open.abandoned = None;
                 return Ok(value);
@@ -247,8 +263,18 @@ impl Service {
                 txn.rollback().await.map_err(broken)?;
                 return Err(e);
             }
-            if let Some(sp) = open.abandoned.take() {
-                undo(&txn, &sp).await.map_err(broken)?;
+            match open.abandoned.take() {
+                Some(Undo::Transaction) => {
+                    // The first member was dropped in the middle of its change: nothing
+                    // else is in the transaction (kept changes clear `abandoned`).
+                    txn.rollback().await.map_err(broken)?;
+                    return match events.is_empty() {
+                        true => Ok(()),
+                        false => Err(broken("a kept change was in a transaction rolled back")),
+                    };
+                }
+                Some(Undo::Savepoint) => undo(&txn, SAVEPOINT).await.map_err(broken)?,
+                None => {}
             }
             if events.is_empty() {
                 return txn.rollback().await.map_err(broken);
@@ -284,25 +310,40 @@ where
 }
 
 /// Makes the group's transaction ready for the next member's change: `BEGIN` for the
-/// first, a savepoint left open by a dropped member rolled back, the last kept one
+/// first (which takes no savepoint: undoing its change is rolling the transaction
+/// back), a change left half done by a dropped member undone, the last kept savepoint
 /// released, and the member's own savepoint taken. Failures mark the group broken.
 async fn prepare(
     store: Store,
     turn: Arc<tokio::sync::Mutex<()>>,
     mut open: OwnedMutexGuard<Open>,
 ) -> OwnedMutexGuard<Open> {
-    if open.txn.is_none() && open.broken.is_none() {
+    if open.broken.is_some() {
+        return open;
+    }
+    if open.abandoned == Some(Undo::Transaction) {
+        // The first member was dropped in the middle of its change: the transaction
+        // holds nothing else. This member begins a new one, in the same turn.
+        if let Err(e) = roll_back(&mut open).await {
+            open.broken = Some(broken(&e));
+            return open;
+        }
+    }
+    if open.txn.is_none() {
         // The turn is kept in `open` only together with the transaction it is for.
-        let turn = turn.lock_owned().await;
+        let turn = match open.turn.take() {
+            Some(t) => t,
+            None => turn.lock_owned().await,
+        };
         match store.begin_write().await {
             Ok(t) => {
                 open.txn = Some(t);
                 open.turn = Some(turn);
+                open.kept = false;
+                open.abandoned = Some(Undo::Transaction);
             }
             Err(e) => open.broken = Some(broken(e)),
         }
-    }
-    if open.broken.is_some() {
         return open;
     }
     let o = &mut *open;
@@ -310,8 +351,8 @@ async fn prepare(
         o.broken = Some(broken("no transaction"));
         return open;
     };
-    if let Some(sp) = o.abandoned.clone() {
-        if let Err(e) = undo(txn, &sp).await {
+    if o.abandoned == Some(Undo::Savepoint) {
+        if let Err(e) = undo(txn, SAVEPOINT).await {
             o.broken = Some(broken(&e));
             return open;
         }
@@ -326,15 +367,22 @@ async fn prepare(
         return open;
     }
     open.kept = false;
-    open.abandoned = Some(SAVEPOINT.to_owned());
+    open.abandoned = Some(Undo::Savepoint);
     open
 }
 
-/// Rolls the member's savepoint back (its change is refused, or changes nothing).
+/// Undoes the member's change (it is refused, or changes nothing): back to its
+/// savepoint, or, for the first member, the whole transaction, which a member joining
+/// later begins again.
 async fn undo_member(mut open: OwnedMutexGuard<Open>) -> OwnedMutexGuard<Open> {
-    let undone = match open.txn.as_ref() {
-        Some(txn) => undo(txn, SAVEPOINT).await,
-        None => Ok(()),
+    let undone = match (open.abandoned, open.txn.as_ref()) {
+        (Some(Undo::Transaction), _) => {
+            let r = roll_back(&mut open).await;
+            open.turn = None;
+            r
+        }
+        (_, Some(txn)) => undo(txn, SAVEPOINT).await,
+        (_, None) => Ok(()),
     };
     match undone {
         Ok(()) => open.abandoned = None,
@@ -347,6 +395,16 @@ async fn undo_member(mut open: OwnedMutexGuard<Open>) -> OwnedMutexGuard<Open> {
 const SAVEPOINT: &str = "zc_change";
 const TAKE: &str = "SAVEPOINT zc_change";
 const RELEASE_AND_TAKE: &str = "RELEASE zc_change; SAVEPOINT zc_change";
+
+/// Rolls the group's transaction back; the turn stays where it is.
+async fn roll_back(open: &mut Open) -> Result<(), StoreError> {
+    open.abandoned = None;
+    open.kept = false;
+    match open.txn.take() {
+        Some(txn) => Ok(txn.rollback().await?),
+        None => Ok(()),
+    }
+}
 
 /// Rolls a savepoint back and releases it.
 async fn undo(txn: &DatabaseTransaction, sp: &str) -> Result<(), StoreError> {

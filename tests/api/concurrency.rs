@@ -205,63 +205,72 @@ async fn grouped_changes(app: &TestApp) -> f64 {
 
 /// Concurrent changes to one zone, half of them refused: on SQLite they share
 /// transactions (group commit), yet each refusal rolls back only itself, every applied
-/// change is in the log once, and the seqs stay gapless.
+/// change is in the log once, and the seqs stay gapless. Run twice: with the odd ones
+/// refused, then the even ones, so that the first change of a group (which takes no
+/// savepoint: its refusal rolls back the whole transaction, and the next member begins
+/// it again) is refused too.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn concurrent_changes_are_applied_or_refused_each_on_its_own() {
     const N: usize = 64;
     for db in test_dbs().await {
         let app = spawn_app(&db, &[]).await;
-        let zone = app.create_zone("Group").await as i32;
-        let up = app.create_item(zone as i64, "UP", 0, 0).await as i32;
-        let empty = app.create_item(zone as i64, "EMPTY", 0, 0).await as i32;
-        let admin = Principal::system("test");
-        let start = app.service.snapshot(&admin, zone).await.expect("snapshot");
-        let grouped_before = grouped_changes(&app).await;
-        let tasks: Vec<_> = (0..N)
-            .map(|i| {
-                let (service, admin) = (app.service.clone(), admin.clone());
-                tokio::spawn(async move {
-                    // Odd ones would take EMPTY below zero: refused.
-                    let (item, delta) = if i % 2 == 0 { (up, 1) } else { (empty, -1) };
-                    let p =
-                        ItemPatch::parse(None, Some(delta), None, None, None, None).expect("patch");
-                    (i, service.update_item(item, p, None, &admin).await)
+        for refused in [1, 0] {
+            let zone = app.create_zone(&format!("Group {refused}")).await as i32;
+            let up = app.create_item(zone as i64, "UP", 0, 0).await as i32;
+            let empty = app.create_item(zone as i64, "EMPTY", 0, 0).await as i32;
+            let admin = Principal::system("test");
+            let start = app.service.snapshot(&admin, zone).await.expect("snapshot");
+            let grouped_before = grouped_changes(&app).await;
+            let tasks: Vec<_> = (0..N)
+                .map(|i| {
+                    let (service, admin) = (app.service.clone(), admin.clone());
+                    tokio::spawn(async move {
+                        // The refused ones would take EMPTY below zero.
+                        let (item, delta) = if i % 2 == refused {
+                            (empty, -1)
+                        } else {
+                            (up, 1)
+                        };
+                        let p = ItemPatch::parse(None, Some(delta), None, None, None, None)
+                            .expect("patch");
+                        (i, service.update_item(item, p, None, &admin).await)
+                    })
                 })
-            })
-            .collect();
-        for t in tasks {
-            let (i, r) = within_for(LOAD_WAIT, "a change", t).await.expect("task");
-            match (i % 2, r) {
-                (0, Ok(c)) => assert!(c.changed, "change {i}"),
-                (1, Err(zonecast::service::ServiceError::Domain(_))) => {}
-                (_, other) => panic!("change {i}: {other:?}"),
+                .collect();
+            for t in tasks {
+                let (i, r) = within_for(LOAD_WAIT, "a change", t).await.expect("task");
+                match (i % 2 == refused, r) {
+                    (false, Ok(c)) => assert!(c.changed, "change {i}"),
+                    (true, Err(zonecast::service::ServiceError::Domain(_))) => {}
+                    (_, other) => panic!("change {i}: {other:?}"),
+                }
             }
-        }
-        let end = app.service.snapshot(&admin, zone).await.expect("snapshot");
-        let qty = |s: &zonecast::domain::Snapshot, id| {
-            s.items.iter().find(|it| it.id == id).map(|it| it.quantity)
-        };
-        assert_eq!(qty(&end, up), Some(N as i64 / 2));
-        assert_eq!(qty(&end, empty), Some(0));
-        assert_eq!(end.last_event_id, start.last_event_id + N as u64 / 2);
-        let events = app
-            .service
-            .events(&admin, zone, start.last_event_id, 1000)
-            .await
-            .expect("log");
-        let seqs: Vec<u64> = events.iter().map(|e| e.seq).collect();
-        let want: Vec<u64> = (start.last_event_id + 1..=end.last_event_id).collect();
-        assert_eq!(seqs, want, "gapless, once each");
-        for (n, e) in events.iter().enumerate() {
-            let data: serde_json::Value = serde_json::from_str(&e.data).expect("json");
-            assert_eq!(data["item_id"], up);
-            assert_eq!(data["quantity"], n as i64 + 1, "event {}", e.seq);
-        }
-        if db.postgres_admin().is_none() {
-            assert!(
-                grouped_changes(&app).await > grouped_before,
-                "on SQLite concurrent changes share a transaction"
-            );
+            let end = app.service.snapshot(&admin, zone).await.expect("snapshot");
+            let qty = |s: &zonecast::domain::Snapshot, id| {
+                s.items.iter().find(|it| it.id == id).map(|it| it.quantity)
+            };
+            assert_eq!(qty(&end, up), Some(N as i64 / 2));
+            assert_eq!(qty(&end, empty), Some(0));
+            assert_eq!(end.last_event_id, start.last_event_id + N as u64 / 2);
+            let events = app
+                .service
+                .events(&admin, zone, start.last_event_id, 1000)
+                .await
+                .expect("log");
+            let seqs: Vec<u64> = events.iter().map(|e| e.seq).collect();
+            let want: Vec<u64> = (start.last_event_id + 1..=end.last_event_id).collect();
+            assert_eq!(seqs, want, "gapless, once each");
+            for (n, e) in events.iter().enumerate() {
+                let data: serde_json::Value = serde_json::from_str(&e.data).expect("json");
+                assert_eq!(data["item_id"], up);
+                assert_eq!(data["quantity"], n as i64 + 1, "event {}", e.seq);
+            }
+            if db.postgres_admin().is_none() {
+                assert!(
+                    grouped_changes(&app).await > grouped_before,
+                    "on SQLite concurrent changes share a transaction"
+                );
+            }
         }
         app.stop().await;
     }
@@ -410,6 +419,90 @@ async fn a_change_dropped_while_it_waits_for_the_database_does_not_stall_the_nex
             .find(|it| it.id == item)
             .map(|it| it.quantity);
         assert_eq!(qty, Some(2), "the dropped change applied nothing");
+        app.stop().await;
+    }
+}
+
+/// The first change of a group takes no savepoint; when it is refused, the whole
+/// transaction is rolled back and the change behind it, in the same group, begins a
+/// new one: nothing of the refused change (not even the seq it took) is left.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_refused_first_change_of_a_group_leaves_nothing_behind_for_the_next() {
+    use futures_util::FutureExt;
+    use sea_orm::{ConnectionTrait, TransactionTrait};
+    for db in test_dbs().await {
+        let app = spawn_app(&db, &[]).await;
+        let zone = app.create_zone("Refused first").await as i32;
+        let item = app.create_item(zone as i64, "R", 0, 0).await as i32;
+        let admin = Principal::system("test");
+        let patch = |delta| ItemPatch::parse(None, Some(delta), None, None, None, None);
+        // Settles the item's zone in memory, so that the first poll of a change below
+        // goes straight into its write.
+        within(
+            "a first change",
+            app.service
+                .update_item(item, patch(1).expect("patch"), None, &admin),
+        )
+        .await
+        .expect("applies");
+        let start = app.service.snapshot(&admin, zone).await.expect("snapshot");
+        let outside = sea_orm::Database::connect(db.url.as_str())
+            .await
+            .expect("a connection of its own");
+        let holder = match db.postgres_admin() {
+            Some(_) => {
+                let txn = outside.begin().await.expect("begin");
+                let sql =
+                    format!("SELECT last_seq FROM streams WHERE key = 'zone:{zone}' FOR UPDATE");
+                txn.execute_unprepared(&sql).await.expect("row lock");
+                txn
+            }
+            None => outside
+                .begin_with_options(sea_orm::TransactionOptions {
+                    sqlite_transaction_mode: Some(sea_orm::SqliteTransactionMode::Immediate),
+                    ..Default::default()
+                })
+                .await
+                .expect("write lock"),
+        };
+        // The first opens a group (on SQLite) and waits for BEGIN; it would take the
+        // quantity below zero, so it is refused once it runs.
+        let (service, by) = (app.service.clone(), admin.clone());
+        let mut first = Box::pin(async move {
+            let p = patch(-5).expect("patch");
+            service.update_item(item, p, None, &by).await
+        });
+        assert!((&mut first).now_or_never().is_none(), "waits for the lock");
+        // The second joins that group and waits behind the first.
+        let (service, by) = (app.service.clone(), admin.clone());
+        let mut second = Box::pin(async move {
+            let p = patch(1).expect("patch");
+            service.update_item(item, p, None, &by).await
+        });
+        assert!(
+            (&mut second).now_or_never().is_none(),
+            "waits behind the first"
+        );
+        let (first, second) = (tokio::spawn(first), tokio::spawn(second));
+        holder.rollback().await.expect("release the lock");
+        let refused = within("the refused change", first).await.expect("task");
+        assert!(
+            matches!(refused, Err(zonecast::service::ServiceError::Domain(_))),
+            "{refused:?}"
+        );
+        let applied = within("the change behind it", second)
+            .await
+            .expect("task")
+            .expect("applies");
+        assert_eq!(applied.event_id, start.last_event_id + 1, "no seq skipped");
+        let end = app.service.snapshot(&admin, zone).await.expect("snapshot");
+        assert_eq!(end.last_event_id, start.last_event_id + 1);
+        let qty = end
+            .items
+            .iter()
+            .find(|it| it.id == item)
+            .map(|it| it.quantity);
+        assert_eq!(qty, Some(2), "the refused change applied nothing");
         app.stop().await;
     }
 }
