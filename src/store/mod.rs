@@ -61,7 +61,9 @@ fn connect_options(url: &str, max: u32) -> ConnectOptions {
     if url.starts_with("sqlite:") {
         // WAL lets readers (snapshots, replays) run beside the one writer; writers
         // queue on the busy timeout instead of failing with "database is locked".
-        opts.map_sqlx_sqlite_opts(|o| {
+        // A connection to a file does not drop away as a network one can: the ping
+        // before each checkout is a round trip to the connection's thread for nothing.
+        opts.test_before_acquire(false).map_sqlx_sqlite_opts(|o| {
             o.journal_mode(SqliteJournalMode::Wal)
                 .synchronous(SqliteSynchronous::Normal)
                 .busy_timeout(Duration::from_secs(10))
