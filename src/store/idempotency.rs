@@ -11,7 +11,7 @@ use chrono::{DateTime, Utc};
 use entity::idempotency_key;
 use sea_orm::{DatabaseTransaction, EntityTrait};
 
-use super::{Store, StoreError, exec};
+use super::{Store, StoreError, exec, unique};
 use crate::domain::StreamKey;
 
 /// What a claim found.
@@ -46,10 +46,12 @@ impl Store {
         if inserted == 1 {
             return Ok(KeyClaim::New);
         }
-        let row = idempotency_key::Entity::find_by_id((principal.to_owned(), key.to_owned()))
-            .one(txn)
-            .await?
-            .ok_or_else(|| StoreError::Corrupt(format!("idempotency key {key:?} vanished")))?;
+        let row = unique(
+            idempotency_key::Entity::find_by_id((principal.to_owned(), key.to_owned())),
+            txn,
+        )
+        .await?
+        .ok_or_else(|| StoreError::Corrupt(format!("idempotency key {key:?} vanished")))?;
         let stream = StreamKey::parse(&row.stream)
             .map_err(|e| StoreError::Corrupt(format!("idempotency key {key:?}: {e}")))?;
         Ok(KeyClaim::Used {

@@ -6,7 +6,7 @@ use sea_orm::{
     ActiveModelTrait, ColumnTrait, EntityTrait, PaginatorTrait, QueryFilter, QueryOrder, Set,
 };
 
-use super::{Store, StoreError};
+use super::{Store, StoreError, unique};
 use crate::domain::{Role, ZoneScope};
 
 /// A stored key, without its secret.
@@ -87,21 +87,23 @@ impl Store {
     }
 
     pub async fn api_key_by_name(&self, name: &str) -> Result<Option<ApiKey>, StoreError> {
-        api_key::Entity::find()
-            .filter(api_key::Column::Name.eq(name))
-            .one(&self.db)
-            .await?
-            .map(to_key)
-            .transpose()
+        unique(
+            api_key::Entity::find().filter(api_key::Column::Name.eq(name)),
+            &self.db,
+        )
+        .await?
+        .map(to_key)
+        .transpose()
     }
 
     pub async fn api_key_by_hash(&self, hash: &str) -> Result<Option<ApiKey>, StoreError> {
-        api_key::Entity::find()
-            .filter(api_key::Column::Hash.eq(hash))
-            .one(&self.db)
-            .await?
-            .map(to_key)
-            .transpose()
+        unique(
+            api_key::Entity::find().filter(api_key::Column::Hash.eq(hash)),
+            &self.db,
+        )
+        .await?
+        .map(to_key)
+        .transpose()
     }
 
     /// Revokes the named key; `None` if there is no such key.
@@ -110,10 +112,11 @@ impl Store {
         name: &str,
         at: DateTime<Utc>,
     ) -> Result<Option<ApiKey>, StoreError> {
-        let Some(m) = api_key::Entity::find()
-            .filter(api_key::Column::Name.eq(name))
-            .one(&self.db)
-            .await?
+        let Some(m) = unique(
+            api_key::Entity::find().filter(api_key::Column::Name.eq(name)),
+            &self.db,
+        )
+        .await?
         else {
             return Ok(None);
         };

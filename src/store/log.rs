@@ -9,7 +9,7 @@ use sea_orm::{
     QuerySelect, Set,
 };
 
-use super::{Store, StoreError, exec, stmt};
+use super::{Store, StoreError, exec, stmt, unique};
 use crate::domain::{Event, EventKind, LogBounds, StreamKey};
 
 pub(super) fn to_u64(v: i64, what: &str) -> Result<u64, StoreError> {
@@ -94,8 +94,7 @@ impl Store {
         seq: u64,
     ) -> Result<Option<Event>, StoreError> {
         let seq = i64::try_from(seq).unwrap_or(i64::MAX);
-        event::Entity::find_by_id((stream.to_string(), seq))
-            .one(txn)
+        unique(event::Entity::find_by_id((stream.to_string(), seq)), txn)
             .await?
             .map(to_event)
             .transpose()

@@ -20,8 +20,8 @@ use migration::{Migrator, MigratorTrait};
 use sea_orm::sqlx::sqlite::{SqliteJournalMode, SqliteSynchronous};
 use sea_orm::{
     AccessMode, ConnectOptions, ConnectionTrait, Database, DatabaseConnection, DatabaseTransaction,
-    DbBackend, DbErr, IsolationLevel, SqliteTransactionMode, Statement, TransactionOptions,
-    TransactionTrait, Value,
+    DbBackend, DbErr, EntityTrait, IsolationLevel, Select, SqliteTransactionMode, Statement,
+    TransactionOptions, TransactionTrait, Value,
 };
 
 pub use bus::{Listener, MAX_PAYLOAD};
@@ -225,6 +225,19 @@ async fn pending_names<C: ConnectionTrait>(c: &C) -> Result<Vec<String>, DbErr> 
         .iter()
         .map(|m| m.name().to_owned())
         .collect())
+}
+
+/// The row a lookup by a unique key finds, if any: `select.one()` without its
+/// `LIMIT ?`. SQLite plans a statement with the value bound to its LIMIT and so marks
+/// it to be prepared again whenever that parameter is bound: a lookup through `one()`
+/// was parsed and planned anew at every execution (the API key lookup of every
+/// request among them). Only for a select that can find at most one row.
+pub(crate) async fn unique<E, C>(select: Select<E>, c: &C) -> Result<Option<E::Model>, DbErr>
+where
+    E: EntityTrait,
+    C: ConnectionTrait,
+{
+    Ok(select.all(c).await?.into_iter().next())
 }
 
 /// A statement written with `$1, $2, …` placeholders, each used once and in order, for

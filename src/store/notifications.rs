@@ -9,7 +9,7 @@ use sea_orm::{
     QueryOrder, QuerySelect, Set,
 };
 
-use super::{Store, StoreError};
+use super::{Store, StoreError, unique};
 use crate::domain::{NewNotification, Notification};
 
 fn to_notification(m: notification::Model) -> Result<Notification, StoreError> {
@@ -54,26 +54,25 @@ impl Store {
     }
 
     pub async fn notification(&self, id: i32) -> Result<Option<Notification>, StoreError> {
-        notification::Entity::find_by_id(id)
-            .one(&self.db)
+        unique(notification::Entity::find_by_id(id), &self.db)
             .await?
             .map(to_notification)
             .transpose()
     }
 
     pub async fn watching(&self, user: &str, zone: i32) -> Result<bool, StoreError> {
-        Ok(watch::Entity::find_by_id((user.to_owned(), zone))
-            .one(&self.db)
-            .await?
-            .is_some())
+        Ok(
+            unique(watch::Entity::find_by_id((user.to_owned(), zone)), &self.db)
+                .await?
+                .is_some(),
+        )
     }
 
     pub async fn notification_in(
         txn: &DatabaseTransaction,
         id: i32,
     ) -> Result<Option<Notification>, StoreError> {
-        notification::Entity::find_by_id(id)
-            .one(txn)
+        unique(notification::Entity::find_by_id(id), txn)
             .await?
             .map(to_notification)
             .transpose()

@@ -8,7 +8,7 @@ use sea_orm::{
     QueryOrder, Set, TransactionTrait,
 };
 
-use super::{Store, StoreError};
+use super::{Store, StoreError, unique};
 use crate::domain::{Item, NewItem, Snapshot, StreamKey, Zone};
 
 fn to_zone(m: zone::Model) -> Zone {
@@ -59,8 +59,7 @@ impl Store {
     }
 
     pub async fn zone(&self, id: i32) -> Result<Option<Zone>, StoreError> {
-        Ok(zone::Entity::find_by_id(id)
-            .one(&self.db)
+        Ok(unique(zone::Entity::find_by_id(id), &self.db)
             .await?
             .map(to_zone))
     }
@@ -70,8 +69,7 @@ impl Store {
     }
 
     pub async fn item_zone(&self, item_id: i32) -> Result<Option<i32>, StoreError> {
-        Ok(item::Entity::find_by_id(item_id)
-            .one(&self.db)
+        Ok(unique(item::Entity::find_by_id(item_id), &self.db)
             .await?
             .map(|m| m.zone_id))
     }
@@ -80,8 +78,7 @@ impl Store {
         txn: &DatabaseTransaction,
         item_id: i32,
     ) -> Result<Option<Item>, StoreError> {
-        Ok(item::Entity::find_by_id(item_id)
-            .one(txn)
+        Ok(unique(item::Entity::find_by_id(item_id), txn)
             .await?
             .map(to_item))
     }
@@ -90,7 +87,9 @@ impl Store {
         txn: &DatabaseTransaction,
         zone_id: i32,
     ) -> Result<bool, StoreError> {
-        Ok(zone::Entity::find_by_id(zone_id).one(txn).await?.is_some())
+        Ok(unique(zone::Entity::find_by_id(zone_id), txn)
+            .await?
+            .is_some())
     }
 
     pub async fn sku_taken(
@@ -163,12 +162,14 @@ impl Store {
     /// in time. `None` for an unknown zone.
     pub async fn snapshot(&self, zone_id: i32) -> Result<Option<Snapshot>, StoreError> {
         let txn = self.begin_read().await?;
-        if zone::Entity::find_by_id(zone_id).one(&txn).await?.is_none() {
+        if unique(zone::Entity::find_by_id(zone_id), &txn)
+            .await?
+            .is_none()
+        {
             return Ok(None);
         }
         let key = StreamKey::Zone(zone_id).to_string();
-        let last = stream::Entity::find_by_id(key)
-            .one(&txn)
+        let last = unique(stream::Entity::find_by_id(key), &txn)
             .await?
             .map_or(0, |s| s.last_seq);
         let items = item::Entity::find()
