@@ -357,7 +357,6 @@ async fn changes_dropped_midway_neither_stall_nor_half_apply() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_change_dropped_while_it_waits_for_the_database_does_not_stall_the_next() {
     use futures_util::FutureExt;
-    use sea_orm::{ConnectionTrait, TransactionTrait};
     for db in test_dbs().await {
         let app = spawn_app(&db, &[]).await;
         let zone = app.create_zone("Blocked").await as i32;
@@ -372,27 +371,7 @@ async fn a_change_dropped_while_it_waits_for_the_database_does_not_stall_the_nex
         )
         .await
         .expect("applies");
-        let outside = sea_orm::Database::connect(db.url.as_str())
-            .await
-            .expect("a connection of its own");
-        let holder = match db.postgres_admin() {
-            // The zone's stream row, which every change to the zone locks first.
-            Some(_) => {
-                let txn = outside.begin().await.expect("begin");
-                let sql =
-                    format!("SELECT last_seq FROM streams WHERE key = 'zone:{zone}' FOR UPDATE");
-                txn.execute_unprepared(&sql).await.expect("row lock");
-                txn
-            }
-            // SQLite's write lock, which BEGIN IMMEDIATE waits for.
-            None => outside
-                .begin_with_options(sea_orm::TransactionOptions {
-                    sqlite_transaction_mode: Some(sea_orm::SqliteTransactionMode::Immediate),
-                    ..Default::default()
-                })
-                .await
-                .expect("write lock"),
-        };
+        let holder = hold_writes(&db, zone).await;
         // One poll takes the first change as far as it goes without the database: on
         // SQLite it opens a group and takes the group's turn, then waits for BEGIN.
         let mut first = Box::pin(app.service.update_item(item, patch(), None, &admin));
@@ -429,7 +408,6 @@ async fn a_change_dropped_while_it_waits_for_the_database_does_not_stall_the_nex
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_refused_first_change_of_a_group_leaves_nothing_behind_for_the_next() {
     use futures_util::FutureExt;
-    use sea_orm::{ConnectionTrait, TransactionTrait};
     for db in test_dbs().await {
         let app = spawn_app(&db, &[]).await;
         let zone = app.create_zone("Refused first").await as i32;
@@ -446,25 +424,7 @@ async fn a_refused_first_change_of_a_group_leaves_nothing_behind_for_the_next() 
         .await
         .expect("applies");
         let start = app.service.snapshot(&admin, zone).await.expect("snapshot");
-        let outside = sea_orm::Database::connect(db.url.as_str())
-            .await
-            .expect("a connection of its own");
-        let holder = match db.postgres_admin() {
-            Some(_) => {
-                let txn = outside.begin().await.expect("begin");
-                let sql =
-                    format!("SELECT last_seq FROM streams WHERE key = 'zone:{zone}' FOR UPDATE");
-                txn.execute_unprepared(&sql).await.expect("row lock");
-                txn
-            }
-            None => outside
-                .begin_with_options(sea_orm::TransactionOptions {
-                    sqlite_transaction_mode: Some(sea_orm::SqliteTransactionMode::Immediate),
-                    ..Default::default()
-                })
-                .await
-                .expect("write lock"),
-        };
+        let holder = hold_writes(&db, zone).await;
         // The first opens a group (on SQLite) and waits for BEGIN; it would take the
         // quantity below zero, so it is refused once it runs.
         let (service, by) = (app.service.clone(), admin.clone());
@@ -504,5 +464,30 @@ async fn a_refused_first_change_of_a_group_leaves_nothing_behind_for_the_next() 
             .map(|it| it.quantity);
         assert_eq!(qty, Some(2), "the refused change applied nothing");
         app.stop().await;
+    }
+}
+
+/// A transaction on a connection of its own that every change to `zone` waits for
+/// until it ends: on PostgreSQL it holds the zone's stream row, which every change
+/// locks first; on SQLite the write lock, which BEGIN IMMEDIATE waits for.
+async fn hold_writes(db: &TestDb, zone: i32) -> sea_orm::DatabaseTransaction {
+    use sea_orm::{ConnectionTrait, TransactionTrait};
+    let outside = sea_orm::Database::connect(db.url.as_str())
+        .await
+        .expect("a connection of its own");
+    match db.postgres_admin() {
+        Some(_) => {
+            let txn = outside.begin().await.expect("begin");
+            let sql = format!("SELECT last_seq FROM streams WHERE key = 'zone:{zone}' FOR UPDATE");
+            txn.execute_unprepared(&sql).await.expect("row lock");
+            txn
+        }
+        None => outside
+            .begin_with_options(sea_orm::TransactionOptions {
+                sqlite_transaction_mode: Some(sea_orm::SqliteTransactionMode::Immediate),
+                ..Default::default()
+            })
+            .await
+            .expect("write lock"),
     }
 }
