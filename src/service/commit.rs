@@ -6,11 +6,12 @@
 //!
 //! What a member sees is exactly what a transaction of its own would give it: its
 //! change is rolled back to its savepoint when refused (or when it changes nothing), so
-//! it never touches the others (the first member takes no savepoint, one round trip
-//! less for a change that comes alone: the transaction holds nothing else, so its
-//! refusal rolls the transaction back, and a member behind it begins a new one); its answer is returned only once the group has
+//! it never touches the others; its answer is returned only once the group has
 //! committed, and if the commit fails every member gets the error and nothing of the
 //! group is applied. Events are published after the commit, all together, in order.
+//! The first member takes no savepoint (one round trip less for a change that comes
+//! alone): the transaction holds nothing else, so its refusal rolls the transaction
+//! back, and a member behind it begins a new one.
 //!
 //! Cancellation: a member whose request is dropped still counts itself out of the
 //! group (a `Member` guard), a savepoint it left open is rolled back by whoever uses
