@@ -86,24 +86,28 @@ impl Store {
         Ok(api_key::Entity::find().count(&self.db).await?)
     }
 
+    /// The key row whose `column` (unique: name or hash) is `value`.
+    async fn key_row(
+        &self,
+        column: api_key::Column,
+        value: &str,
+    ) -> Result<Option<api_key::Model>, StoreError> {
+        let select = api_key::Entity::find().filter(column.eq(value));
+        Ok(unique(select, &self.db).await?)
+    }
+
     pub async fn api_key_by_name(&self, name: &str) -> Result<Option<ApiKey>, StoreError> {
-        unique(
-            api_key::Entity::find().filter(api_key::Column::Name.eq(name)),
-            &self.db,
-        )
-        .await?
-        .map(to_key)
-        .transpose()
+        self.key_row(api_key::Column::Name, name)
+            .await?
+            .map(to_key)
+            .transpose()
     }
 
     pub async fn api_key_by_hash(&self, hash: &str) -> Result<Option<ApiKey>, StoreError> {
-        unique(
-            api_key::Entity::find().filter(api_key::Column::Hash.eq(hash)),
-            &self.db,
-        )
-        .await?
-        .map(to_key)
-        .transpose()
+        self.key_row(api_key::Column::Hash, hash)
+            .await?
+            .map(to_key)
+            .transpose()
     }
 
     /// Revokes the named key; `None` if there is no such key.
@@ -112,12 +116,7 @@ impl Store {
         name: &str,
         at: DateTime<Utc>,
     ) -> Result<Option<ApiKey>, StoreError> {
-        let Some(m) = unique(
-            api_key::Entity::find().filter(api_key::Column::Name.eq(name)),
-            &self.db,
-        )
-        .await?
-        else {
+        let Some(m) = self.key_row(api_key::Column::Name, name).await? else {
             return Ok(None);
         };
         if m.revoked_at.is_some() {
