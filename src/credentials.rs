@@ -74,7 +74,14 @@ pub struct Authenticator {
     revoked: Arc<RwLock<HashSet<i32>>>,
     revocations: watch::Sender<u64>,
     lookups: Arc<Lookups<Result<Option<ApiKey>, StoreError>>>,
+    /// Keys found valid, by hash, for `authenticate_write`. A key's grants never
+    /// change; only its revocation, which the change's transaction checks.
+    remembered: Arc<RwLock<HashMap<String, Principal>>>,
 }
+
+/// Keys remembered at most; the map is emptied when full (each key then costs one
+/// query again). A few hundred bytes each.
+const REMEMBERED_MAX: usize = 10_000;
 
 impl Authenticator {
     pub fn new(store: Store, jwt_secret: Option<&str>, public_read: bool) -> Self {
@@ -85,7 +92,39 @@ impl Authenticator {
             revoked: Arc::default(),
             revocations: watch::channel(0).0,
             lookups: Arc::default(),
+            remembered: Arc::default(),
         }
+    }
+
+    /// The principal for a request that changes nothing but through `Service::write`
+    /// (an item change over REST): a key found valid before is taken from memory,
+    /// without a query, and marked `key_remembered`, so that the change's own
+    /// transaction checks it has not been revoked since (by the CLI, another node, or
+    /// an admin). Other credentials are authenticated as `authenticate` does.
+    ///
+    /// Saves the key lookup, a quarter of a lone change's CPU, while a revocation
+    /// committed before the request still refuses it.
+    pub async fn authenticate_write(&self, token: Option<&str>) -> Result<Principal, AuthError> {
+        if let Some(token) = token.map(str::trim).filter(|t| t.starts_with("zk_")) {
+            let known = self.remembered_map().get(&hash_key(token)).cloned();
+            if let Some(mut p) = known.filter(|p| !self.is_revoked(p)) {
+                p.key_remembered = true;
+                return Ok(p);
+            }
+        }
+        self.authenticate(token).await
+    }
+
+    fn remembered_map(&self) -> std::sync::RwLockReadGuard<'_, HashMap<String, Principal>> {
+        self.remembered.read().unwrap_or_else(|e| e.into_inner())
+    }
+
+    fn remember(&self, hash: String, principal: &Principal) {
+        let mut map = self.remembered.write().unwrap_or_else(|e| e.into_inner());
+        if map.len() >= REMEMBERED_MAX {
+            map.clear();
+        }
+        map.insert(hash, principal.clone());
     }
 
     /// The principal for a credential (`None`: none was given).
@@ -108,7 +147,9 @@ impl Authenticator {
                 .await?
                 .filter(|k| k.revoked_at.is_none())
                 .ok_or(AuthError::Invalid)?;
-            return Ok(principal_of(&key));
+            let principal = principal_of(&key);
+            self.remember(hash, &principal);
+            return Ok(principal);
         }
         let Some(secret) = &self.jwt else {
             return Err(AuthError::Invalid);
@@ -164,6 +205,7 @@ impl Authenticator {
             key_id: None,
             anonymous: false,
             expires_at,
+            key_remembered: false,
         })
     }
 
@@ -175,6 +217,12 @@ impl Authenticator {
             let mut set = self.revoked.write().unwrap_or_else(|e| e.into_inner());
             let before = set.len();
             set.extend(ids);
+            if set.len() > before {
+                // Not needed for safety (each change checks its key), but a revoked
+                // key's writes are then refused before they reach the database.
+                let mut map = self.remembered.write().unwrap_or_else(|e| e.into_inner());
+                map.retain(|_, p| p.key_id.is_none_or(|id| !set.contains(&id)));
+            }
             set.len() > before
         };
         if grew {
@@ -370,6 +418,7 @@ pub fn principal_of(key: &ApiKey) -> Principal {
         key_id: Some(key.id),
         anonymous: false,
         expires_at: None,
+        key_remembered: false,
     }
 }
 

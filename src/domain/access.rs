@@ -144,6 +144,11 @@ pub struct Principal {
     /// When the credentials stop being valid (a JWT's `exp`): from then on every
     /// request is refused and open connections are ended.
     pub expires_at: Option<DateTime<Utc>>,
+    /// The key was not looked up for this request but remembered from an earlier one
+    /// (`credentials::Authenticator::authenticate_write`): whether it has been revoked
+    /// since is checked in the change's own transaction (`Service::write`), so only a
+    /// request that changes nothing but through that may carry such a principal.
+    pub key_remembered: bool,
 }
 
 impl Principal {
@@ -157,6 +162,7 @@ impl Principal {
             key_id: None,
             anonymous: true,
             expires_at: None,
+            key_remembered: false,
         }
     }
 
@@ -170,6 +176,7 @@ impl Principal {
             key_id: None,
             anonymous: false,
             expires_at: None,
+            key_remembered: false,
         }
     }
 

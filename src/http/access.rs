@@ -44,6 +44,23 @@ fn guarded(path: &str) -> bool {
         || path.starts_with("/ws/")
 }
 
+/// The routes whose handlers change nothing but through `Service::write` (item
+/// changes), which checks a remembered key in the change's own transaction: only
+/// these may authenticate with `Authenticator::authenticate_write`. A route added here
+/// must keep to that.
+fn item_change(method: &poem::http::Method, path: &str) -> bool {
+    use poem::http::Method;
+    let id = |s: &str| !s.is_empty() && s.bytes().all(|b| b.is_ascii_digit());
+    match *method {
+        Method::PATCH | Method::DELETE => path.strip_prefix("/api/items/").is_some_and(id),
+        Method::POST => path
+            .strip_prefix("/api/zones/")
+            .and_then(|rest| rest.strip_suffix("/items"))
+            .is_some_and(id),
+        _ => false,
+    }
+}
+
 /// Every request that writes (any method but GET, HEAD and OPTIONS under `/api/`)
 /// counts against the caller's write limit, whatever its role, before its body is
 /// read. WebSocket messages that write are counted by the WS transport.
@@ -72,7 +89,13 @@ pub async fn authenticate<E: Endpoint>(next: E, mut req: Request) -> poem::Resul
         .remote_addr()
         .as_socket_addr()
         .map_or_else(|| "unknown".to_owned(), |a| a.ip().to_string());
-    let principal = match state.auth.authenticate(credential(&req).as_deref()).await {
+    let token = credential(&req);
+    let found = if item_change(req.method(), req.uri().path()) {
+        state.auth.authenticate_write(token.as_deref()).await
+    } else {
+        state.auth.authenticate(token.as_deref()).await
+    };
+    let principal = match found {
         Ok(p) => p,
         Err(e @ (AuthError::Invalid | AuthError::Rejected(_))) => {
             // Guessing costs the guesser: past the limit, 429 instead of 401.
@@ -94,4 +117,36 @@ pub async fn authenticate<E: Endpoint>(next: E, mut req: Request) -> poem::Resul
     req.extensions_mut().insert(RateKey(rate_key));
     req.extensions_mut().insert(principal);
     next.call(req).await.map(IntoResponse::into_response)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::item_change;
+    use poem::http::Method;
+
+    #[test]
+    fn only_item_changes_may_use_a_remembered_key() {
+        for (method, path) in [
+            (Method::PATCH, "/api/items/12"),
+            (Method::DELETE, "/api/items/3"),
+            (Method::POST, "/api/zones/7/items"),
+        ] {
+            assert!(item_change(&method, path), "{method} {path}");
+        }
+        for (method, path) in [
+            (Method::GET, "/api/items/12"),
+            (Method::GET, "/api/zones/7/items"),
+            (Method::PATCH, "/api/items/"),
+            (Method::PATCH, "/api/items/12/x"),
+            (Method::PATCH, "/api/items/1a"),
+            (Method::POST, "/api/zones/7/items/"),
+            (Method::POST, "/api/zones//items"),
+            (Method::POST, "/api/zones/7/watch"),
+            (Method::POST, "/api/keys"),
+            (Method::DELETE, "/api/keys/k"),
+            (Method::POST, "/api/notifications/1/read"),
+        ] {
+            assert!(!item_change(&method, path), "{method} {path}");
+        }
+    }
 }

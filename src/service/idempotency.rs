@@ -38,6 +38,11 @@ impl<'a> Requested<'a> {
         Requested { id, keyed }
     }
 
+    /// Whether the request carries an idempotency key (`claim` has something to do).
+    pub(crate) fn keyed(&self) -> bool {
+        self.keyed.is_some()
+    }
+
     /// Claims the key for this transaction; for a key already used, the event the
     /// original request appended (same request) or `idempotency_key_reused` (another).
     pub(crate) async fn claim(

@@ -76,7 +76,7 @@ impl Service {
             request_id.as_deref(),
             json!(["create_item", zone_id, new.canonical()]),
         );
-        self.write(async |txn| {
+        self.write(by, async |txn| {
             if let Some(done) = req.claim(txn).await? {
                 return Ok((ItemChange::from_event(&done)?, vec![]));
             }
@@ -118,14 +118,21 @@ impl Service {
             request_id.as_deref(),
             json!(["update_item", item_id, patch.canonical()]),
         );
-        self.write(async |txn| {
-            if let Some(done) = req.claim(txn).await? {
-                return Ok((ItemChange::from_event(&done)?, vec![]));
+        self.write_checking(by, async |txn, check| {
+            if req.keyed() {
+                // A revoked key's replay must be refused, not answered.
+                check.run(txn).await?;
+                if let Some(done) = req.claim(txn).await? {
+                    return Ok((ItemChange::from_event(&done)?, vec![]));
+                }
             }
             // The stream row lock is taken before the item is read: it serialises every
-            // change to the zone, so the item read cannot go stale.
-            let (seq, found) = Store::next_seq_and_item(txn, &stream, item_id).await?;
-            let before = in_zone(found, item_id, &stream)?;
+            // change to the zone, so the item read cannot go stale. The key check, if
+            // still to make, is folded in first.
+            let read = Store::next_seq_and_item(txn, &stream, item_id, check.pending()).await?;
+            check.settle(read.key_valid)?;
+            let seq = read.seq;
+            let before = in_zone(read.item, item_id, &stream)?;
             let at = now();
             let after = patch.apply(&before, at)?;
             let same = after.quantity == before.quantity
@@ -177,7 +184,7 @@ impl Service {
         let actor = by.name.as_str();
         let req = Requested::new(by, request_id.as_deref(), json!(["delete_item", item_id]));
         let deleted = self
-            .write(async |txn| {
+            .write(by, async |txn| {
                 if let Some(done) = req.claim(txn).await? {
                     return Ok((ItemChange::from_event(&done)?, vec![]));
                 }

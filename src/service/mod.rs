@@ -89,6 +89,39 @@ pub struct Service {
     item_zones: Arc<facts::Facts<i32, i32>>,
 }
 
+/// A remembered key (`Principal::key_remembered`) that a change must find valid in its
+/// own transaction before it reads or writes anything.
+pub(crate) struct KeyCheck(Option<i32>);
+
+impl KeyCheck {
+    /// The key still to check.
+    pub(crate) fn pending(&self) -> Option<i32> {
+        self.0
+    }
+
+    /// Checks the key now, in a statement of its own.
+    pub(crate) async fn run(&mut self, txn: &DatabaseTransaction) -> Result<(), ServiceError> {
+        let valid = match self.0 {
+            Some(id) => Store::key_valid_in(txn, id).await?,
+            None => true,
+        };
+        self.settle(Some(valid))
+    }
+
+    /// Takes the answer of a statement the check was folded into (`None`: it was not).
+    pub(crate) fn settle(&mut self, valid: Option<bool>) -> Result<(), ServiceError> {
+        if self.0.is_some() {
+            if valid != Some(true) {
+                return Err(
+                    DomainError::Unauthenticated("invalid or revoked credentials".into()).into(),
+                );
+            }
+            self.0 = None;
+        }
+        Ok(())
+    }
+}
+
 /// Events of one transaction, published together after it commits.
 type Outcome<T> = Result<(T, Vec<Event>), ServiceError>;
 
@@ -119,13 +152,43 @@ impl Service {
         &self.stats
     }
 
-    /// Runs `body` in a write transaction: commit and publish on success, roll back on
-    /// error, so a refused change applies nothing. On SQLite the transaction may be
-    /// shared with other changes, each in its own savepoint (`commit`).
-    pub(crate) async fn write<T, F>(&self, body: F) -> Result<T, ServiceError>
+    /// Runs `body` for `by` in a write transaction: commit and publish on success, roll
+    /// back on error, so a refused change applies nothing. On SQLite the transaction
+    /// may be shared with other changes, each in its own savepoint (`commit`).
+    ///
+    /// A key remembered rather than looked up for this request (`key_remembered`) is
+    /// checked first, in the transaction: a revocation committed before it refuses the
+    /// change (401), before an idempotency key can replay an earlier answer.
+    pub(crate) async fn write<T, F>(&self, by: &Principal, body: F) -> Result<T, ServiceError>
     where
         F: AsyncFnOnce(&DatabaseTransaction) -> Outcome<T>,
     {
+        self.write_checking(by, async |txn, check| {
+            check.run(txn).await?;
+            body(txn).await
+        })
+        .await
+    }
+
+    /// `write`, with the key check handed to `body`, which makes it before it reads or
+    /// writes anything, in its own statement (`KeyCheck::run`) or folded into its first
+    /// (`KeyCheck::settle`). A body that returns without making it is refused.
+    pub(crate) async fn write_checking<T, F>(
+        &self,
+        by: &Principal,
+        body: F,
+    ) -> Result<T, ServiceError>
+    where
+        F: AsyncFnOnce(&DatabaseTransaction, &mut KeyCheck) -> Outcome<T>,
+    {
+        let mut check = KeyCheck(by.key_id.filter(|_| by.key_remembered));
+        let body = async move |txn: &DatabaseTransaction| {
+            let outcome = body(txn, &mut check).await?;
+            if check.pending().is_some() {
+                return Err(StoreError::Corrupt("a change did not check its key".into()).into());
+            }
+            Ok(outcome)
+        };
         let started = std::time::Instant::now();
         let result = match &self.groups {
             Some(groups) => self.write_grouped(groups, body).await,

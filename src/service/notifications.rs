@@ -97,7 +97,7 @@ impl Service {
             request_id.as_deref(),
             json!(["notify", user, new.canonical()]),
         );
-        self.write(async |txn| {
+        self.write(by, async |txn| {
             if let Some(done) = req.claim(txn).await? {
                 let n: Notification = serde_json::from_slice(&done.json)
                     .ok()
@@ -137,7 +137,7 @@ impl Service {
                 unread,
             });
         }
-        self.write(async |txn| {
+        self.write(by, async |txn| {
             let seq = Store::next_seq(txn, &stream).await?;
             if let Some(id) = only {
                 let mine = Store::notification_in(txn, id)
@@ -224,7 +224,7 @@ impl Service {
             request_id.as_deref(),
             json!(["announce", new.subject(), new.message(), new.priority()]),
         );
-        self.write(async |txn| {
+        self.write(by, async |txn| {
             if let Some(done) = req.claim(txn).await? {
                 return Ok((done.seq, vec![]));
             }

@@ -20,11 +20,21 @@ use super::stock::to_item;
 use super::{Store, StoreError, stmt};
 use crate::domain::{Event, EventKind, Item, StreamKey};
 
-/// The seq row is told from the item row by its first column.
-const NEXT_SEQ_AND_ITEM: &str = "\
-    UPDATE streams SET last_seq = last_seq + 1 WHERE key = $1 RETURNING 'seq' AS part, last_seq; \
-    SELECT 'item' AS part, id, zone_id, sku, name, quantity, low_stock_threshold, version, \
-    updated_at FROM items WHERE id = $2";
+/// The seq row is told from the item row (and the key row) by its first column.
+macro_rules! next_seq_and_item {
+    () => {
+        "UPDATE streams SET last_seq = last_seq + 1 WHERE key = $1 RETURNING 'seq' AS part, last_seq; \
+        SELECT 'item' AS part, id, zone_id, sku, name, quantity, low_stock_threshold, version, \
+        updated_at FROM items WHERE id = $2"
+    };
+}
+const NEXT_SEQ_AND_ITEM: &str = next_seq_and_item!();
+/// The same, after whether a key is still valid. SQLite's `?` are positional: the key's
+/// id is bound first.
+const KEY_NEXT_SEQ_AND_ITEM: &str = concat!(
+    "SELECT 'key' AS part, revoked_at IS NULL AS valid FROM api_keys WHERE id = $1; ",
+    next_seq_and_item!()
+);
 
 const SAVE_AND_APPEND: &str = "\
     UPDATE items SET sku = $1, name = $2, quantity = $3, low_stock_threshold = $4, version = $5, \
@@ -32,27 +42,55 @@ const SAVE_AND_APPEND: &str = "\
     INSERT INTO events (stream, seq, type, data, request_id, created_at) \
     VALUES ($8, $9, $10, $11, $12, $13)";
 
+/// What `next_seq_and_item` read.
+pub struct SeqAndItem {
+    /// Whether the key asked about is still valid; `None` when none was.
+    pub key_valid: Option<bool>,
+    pub seq: u64,
+    pub item: Option<Item>,
+}
+
 impl Store {
     /// The stream's next seq (its row locked) and then the item, as `next_seq` and
-    /// `item_in` give them.
+    /// `item_in` give them; first, when `key` is given, whether that API key is still
+    /// valid, as `key_valid_in` says.
     pub async fn next_seq_and_item(
         txn: &DatabaseTransaction,
         stream: &StreamKey,
         item_id: i32,
-    ) -> Result<(u64, Option<Item>), StoreError> {
+        key: Option<i32>,
+    ) -> Result<SeqAndItem, StoreError> {
         if txn.get_database_backend() != DbBackend::Sqlite {
+            let key_valid = match key {
+                Some(id) => Some(Self::key_valid_in(txn, id).await?),
+                None => None,
+            };
             let seq = Self::next_seq(txn, stream).await?;
-            return Ok((seq, Self::item_in(txn, item_id).await?));
+            let item = Self::item_in(txn, item_id).await?;
+            return Ok(SeqAndItem {
+                key_valid,
+                seq,
+                item,
+            });
         }
-        let values = vec![stream.to_string().into(), item_id.into()];
+        let mut values = vec![stream.to_string().into(), item_id.into()];
+        let sql = match key {
+            Some(id) => {
+                values.insert(0, id.into());
+                KEY_NEXT_SEQ_AND_ITEM
+            }
+            None => NEXT_SEQ_AND_ITEM,
+        };
         let rows = txn
-            .query_all_raw(stmt(DbBackend::Sqlite, NEXT_SEQ_AND_ITEM, values))
+            .query_all_raw(stmt(DbBackend::Sqlite, sql, values))
             .await?;
-        let (mut seq, mut found) = (None, None);
+        // No key row: the key is gone, so not valid.
+        let (mut key_valid, mut seq, mut item) = (key.map(|_| false), None, None);
         for row in rows {
             match row.try_get::<String>("", "part")?.as_str() {
+                "key" => key_valid = Some(row.try_get::<bool>("", "valid")?),
                 "seq" => seq = Some(to_u64(row.try_get("", "last_seq")?, "last_seq")?),
-                _ => found = Some(to_item(item::Model::from_query_result(&row, "")?)),
+                _ => item = Some(to_item(item::Model::from_query_result(&row, "")?)),
             }
         }
         let seq = match seq {
@@ -61,7 +99,11 @@ impl Store {
             // the whole transaction, so the item read above is still current.)
             None => Self::next_seq(txn, stream).await?,
         };
-        Ok((seq, found))
+        Ok(SeqAndItem {
+            key_valid,
+            seq,
+            item,
+        })
     }
 
     /// Saves the item and appends its event, as `save_item` and `append` do.

@@ -3,7 +3,8 @@
 use chrono::{DateTime, Utc};
 use entity::api_key;
 use sea_orm::{
-    ActiveModelTrait, ColumnTrait, EntityTrait, PaginatorTrait, QueryFilter, QueryOrder, Set,
+    ActiveModelTrait, ColumnTrait, DatabaseTransaction, EntityTrait, PaginatorTrait, QueryFilter,
+    QueryOrder, Set,
 };
 
 use super::{Store, StoreError, unique};
@@ -125,6 +126,12 @@ impl Store {
         let mut am: api_key::ActiveModel = m.into();
         am.revoked_at = Set(Some(at));
         to_key(am.update(&self.db).await?).map(Some)
+    }
+
+    /// Whether the key exists and is not revoked, as `txn` sees it.
+    pub async fn key_valid_in(txn: &DatabaseTransaction, id: i32) -> Result<bool, StoreError> {
+        let row = unique(api_key::Entity::find_by_id(id), txn).await?;
+        Ok(row.is_some_and(|k| k.revoked_at.is_none()))
     }
 
     pub async fn revoked_key_ids(&self) -> Result<Vec<i32>, StoreError> {

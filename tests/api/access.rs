@@ -427,6 +427,87 @@ async fn a_revocation_refuses_every_later_request_during_a_burst_with_the_key() 
     app.stop().await;
 }
 
+/// Item changes take a key found valid before from memory, without a query; the
+/// change's own transaction then checks the key. A revocation committed before the
+/// request (by `zonecast keys revoke` in another process, or another node) refuses
+/// every kind of item change with 401 and applies nothing, a replayed idempotency key
+/// included. Without the check in the transaction, each of these changes applies.
+#[tokio::test]
+async fn an_item_change_after_a_revocation_elsewhere_is_refused_and_applies_nothing() {
+    for db in test_dbs().await {
+        let app = spawn_app(&db, &["--revocation-check", "1h"]).await;
+        let zone = app.create_zone("A").await;
+        let item = app.create_item(zone, "S1", 10, 0).await;
+        let (name, key) = app.make_named_key(Role::Writer, ZoneScope::All, None).await;
+        let patch = format!("/api/items/{item}");
+        let items = format!("/api/zones/{zone}/items");
+        // The key is remembered from its first request; this one's id is replayed below.
+        let replay = async || {
+            let sent = client_with(Some(&key))
+                .patch(format!("{}{patch}", app.base))
+                .header("Idempotency-Key", "once")
+                .json(&json!({ "delta": 1 }))
+                .send();
+            Reply::read(within("a keyed patch", sent).await.expect("patch")).await
+        };
+        assert_eq!(replay().await.status, 200);
+        let created = app
+            .request_as(
+                Some(&key),
+                Method::POST,
+                &items,
+                Some(json!({"sku": "S2", "name": "two", "quantity": 1})),
+            )
+            .await;
+        assert_eq!(created.status, 201, "{}", created.text);
+        let doomed = created.json()["item"]["id"].as_i64().expect("item id");
+        let before = app.get(&format!("/api/zones/{zone}/events")).await.json();
+
+        app.revoke_in_database(&name).await;
+
+        replay().await.assert_problem(401, "unauthorized");
+        app.request_as(
+            Some(&key),
+            Method::PATCH,
+            &patch,
+            Some(json!({ "delta": 5 })),
+        )
+        .await
+        .assert_problem(401, "unauthorized");
+        app.request_as(
+            Some(&key),
+            Method::POST,
+            &items,
+            Some(json!({"sku": "S3", "name": "three", "quantity": 1})),
+        )
+        .await
+        .assert_problem(401, "unauthorized");
+        app.request_as(
+            Some(&key),
+            Method::DELETE,
+            &format!("/api/items/{doomed}"),
+            None,
+        )
+        .await
+        .assert_problem(401, "unauthorized");
+
+        let after = app.get(&format!("/api/zones/{zone}/events")).await.json();
+        assert_eq!(after, before, "no event was appended ({})", db.url);
+        let snapshot = app.snapshot(zone).await;
+        let quantities: Vec<_> = snapshot["items"]
+            .as_array()
+            .expect("items")
+            .iter()
+            .map(|i| (i["sku"].clone(), i["quantity"].clone()))
+            .collect();
+        assert_eq!(
+            quantities,
+            vec![(json!("S1"), json!(11)), (json!("S2"), json!(1))]
+        );
+        app.stop().await;
+    }
+}
+
 #[tokio::test]
 async fn bursts_past_the_write_limit_get_429_per_principal() {
     let db = TestDb::sqlite().await;
