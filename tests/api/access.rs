@@ -427,8 +427,9 @@ async fn a_revocation_refuses_every_later_request_during_a_burst_with_the_key() 
     app.stop().await;
 }
 
-/// Item changes take a key found valid before from memory, without a query; the
-/// change's own transaction then checks the key. A revocation committed before the
+/// On SQLite, item changes take a key found valid before from memory, without a query;
+/// the change's own transaction then checks the key (PostgreSQL looks it up, and the
+/// same must hold). A revocation committed before the
 /// request (by `zonecast keys revoke` in another process, or another node) refuses
 /// every kind of item change with 401 and applies nothing, a replayed idempotency key
 /// included. Without the check in the transaction, each of these changes applies.
