@@ -131,7 +131,8 @@ impl Authenticator {
     }
 
     fn remember(&self, hash: String, principal: &Principal) {
-        if !self.remembering {
+        // Most requests come with a key already remembered: a read lock says so.
+        if !self.remembering || self.remembered_map().contains_key(&hash) {
             return;
         }
         let mut map = self.remembered.write().unwrap_or_else(|e| e.into_inner());
