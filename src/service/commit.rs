@@ -11,13 +11,18 @@
 //! group is applied. Events are published after the commit, all together, in order.
 //! The first member takes no savepoint (one round trip less for a change that comes
 //! alone): the transaction holds nothing else, so its refusal rolls the transaction
-//! back, and a member behind it begins a new one.
+//! back, and a member behind it begins a new one. A member may give its first
+//! statement (a quantity change: the key check, the stream's next seq and the item);
+//! it runs in the same call as the member's savepoint, one hand-off to SQLite's
+//! thread less per change.
 //!
 //! Cancellation: a member whose request is dropped still counts itself out of the
 //! group (a `Member` guard), a savepoint it left open is rolled back by whoever uses
 //! the transaction next, and the savepoint statements and the commit run in tasks of
 //! their own, so a dropped request can neither stall the group, nor leave it counting
-//! on a savepoint that is gone, nor commit half a change.
+//! on a savepoint that is gone, nor commit half a change. A member's first statement
+//! runs in that task as well: a dropped request cannot leave the group unsure whether
+//! its savepoint was taken, and what the statement did is undone with its change.
 //!
 //! Not used on PostgreSQL: there several nodes write at once, and a group that takes
 //! the row locks of several zones in the order its members arrived could deadlock with
@@ -26,10 +31,10 @@
 
 use std::sync::{Arc, Mutex};
 
-use sea_orm::DatabaseTransaction;
+use sea_orm::{ConnectionTrait, DatabaseTransaction, Statement};
 use tokio::sync::{OwnedMutexGuard, watch};
 
-use super::{Outcome, Service, ServiceError};
+use super::{FirstRows, Outcome, Service, ServiceError};
 use crate::domain::Event;
 use crate::store::{Store, StoreError, exec};
 
@@ -180,10 +185,11 @@ impl Service {
     pub(super) async fn write_grouped<T, F>(
         &self,
         groups: &Arc<Groups>,
+        first: Option<Statement>,
         body: F,
     ) -> Result<T, ServiceError>
     where
-        F: AsyncFnOnce(&DatabaseTransaction) -> Outcome<T>,
+        F: AsyncFnOnce(&DatabaseTransaction, FirstRows) -> Outcome<T>,
     {
         let mut member = Member {
             service: self,
@@ -193,9 +199,9 @@ impl Service {
         };
         let mut done = member.group.done.subscribe();
         let open = member.group.open.clone().lock_owned().await;
-        let prepared = prepare(self.store.clone(), member.groups.turn.clone(), open);
+        let prepared = prepare(self.store.clone(), member.groups.turn.clone(), open, first);
         let result = match detached(prepared).await {
-            Ok(open) => self.run_member(open, body).await,
+            Ok((open, rows)) => self.run_member(open, rows, body).await,
             Err(e) => Err(e),
         };
         member.finish();
@@ -217,10 +223,11 @@ impl Service {
     async fn run_member<T, F>(
         &self,
         mut open: OwnedMutexGuard<Open>,
+        rows: FirstRows,
         body: F,
     ) -> Result<T, ServiceError>
     where
-        F: AsyncFnOnce(&DatabaseTransaction) -> Outcome<T>,
+        F: AsyncFnOnce(&DatabaseTransaction, FirstRows) -> Outcome<T>,
     {
         if let Some(e) = &open.broken {
             return Err(StoreError::Commit(e.to_string()).into());
@@ -228,7 +235,7 @@ impl Service {
         let Some(txn) = open.txn.as_ref() else {
             return Err(StoreError::Commit("no transaction".into()).into());
         };
-        let result = body(txn).await;
+        let result = body(txn, rows).await;
         let undone = match result {
             Ok((value, events)) if !events.is_empty() => {
                 // Recorded with no await in between: a drop cannot split it. Only a
@@ -301,9 +308,10 @@ impl Service {
 /// zc_change; SAVEPOINT zc_change` ran could otherwise leave the first done and the
 /// second not, with the group still counting on the savepoint it released (the next
 /// member then failed on "no such savepoint", and the whole group with it).
-async fn detached<Fut>(f: Fut) -> Result<OwnedMutexGuard<Open>, ServiceError>
+async fn detached<Fut, T>(f: Fut) -> Result<T, ServiceError>
 where
-    Fut: Future<Output = OwnedMutexGuard<Open>> + Send + 'static,
+    Fut: Future<Output = T> + Send + 'static,
+    T: Send + 'static,
 {
     tokio::spawn(f)
         .await
@@ -313,21 +321,26 @@ where
 /// Makes the group's transaction ready for the next member's change: `BEGIN` for the
 /// first (which takes no savepoint: undoing its change is rolling the transaction
 /// back), a change left half done by a dropped member undone, the last kept savepoint
-/// released, and the member's own savepoint taken. Failures mark the group broken.
+/// released, and the member's own savepoint taken. The member's `first` statement runs
+/// here too, in the same call as its savepoint (after `BEGIN` for the first member), so
+/// that what it did is undone with the member's change even if the member is dropped
+/// meanwhile. Failures, of `first` too, mark the group broken: an error of the joint
+/// call cannot say whether the savepoint was taken.
 async fn prepare(
     store: Store,
     turn: Arc<tokio::sync::Mutex<()>>,
     mut open: OwnedMutexGuard<Open>,
-) -> OwnedMutexGuard<Open> {
+    first: Option<Statement>,
+) -> (OwnedMutexGuard<Open>, FirstRows) {
     if open.broken.is_some() {
-        return open;
+        return (open, None);
     }
     if open.abandoned == Some(Undo::Transaction) {
         // The first member was dropped in the middle of its change: the transaction
         // holds nothing else. This member begins a new one, in the same turn.
         if let Err(e) = roll_back(&mut open).await {
             open.broken = Some(broken(&e));
-            return open;
+            return (open, None);
         }
     }
     if open.txn.is_none() {
@@ -336,26 +349,38 @@ async fn prepare(
             Some(t) => t,
             None => turn.lock_owned().await,
         };
-        match store.begin_write().await {
-            Ok(t) => {
-                open.txn = Some(t);
-                open.turn = Some(turn);
-                open.kept = false;
-                open.abandoned = Some(Undo::Transaction);
+        let txn = match store.begin_write().await {
+            Ok(t) => t,
+            Err(e) => {
+                open.broken = Some(broken(e));
+                return (open, None);
             }
-            Err(e) => open.broken = Some(broken(e)),
-        }
-        return open;
+        };
+        let rows = match first {
+            Some(first) => match txn.query_all_raw(first).await {
+                Ok(rows) => Some(rows),
+                Err(e) => {
+                    open.broken = Some(broken(e));
+                    None
+                }
+            },
+            None => None,
+        };
+        open.txn = Some(txn);
+        open.turn = Some(turn);
+        open.kept = false;
+        open.abandoned = Some(Undo::Transaction);
+        return (open, rows);
     }
     let o = &mut *open;
     let Some(txn) = o.txn.as_ref() else {
         o.broken = Some(broken("no transaction"));
-        return open;
+        return (open, None);
     };
     if o.abandoned == Some(Undo::Savepoint) {
         if let Err(e) = undo(txn, SAVEPOINT).await {
             o.broken = Some(broken(&e));
-            return open;
+            return (open, None);
         }
         o.abandoned = None;
     }
@@ -363,13 +388,30 @@ async fn prepare(
     // taken (or rolled back to the innermost of that name), and the statements stay in
     // the prepared-statement cache.
     let take = if o.kept { RELEASE_AND_TAKE } else { TAKE };
-    if let Err(e) = exec(txn, take, vec![]).await {
-        o.broken = Some(broken(&e));
-        return open;
+    let taken = match first {
+        Some(first) => {
+            let joint = Statement {
+                sql: format!("{take}; {}", first.sql),
+                ..first
+            };
+            txn.query_all_raw(joint)
+                .await
+                .map(Some)
+                .map_err(StoreError::from)
+        }
+        None => exec(txn, take, vec![]).await.map(|_| None),
+    };
+    match taken {
+        Ok(rows) => {
+            open.kept = false;
+            open.abandoned = Some(Undo::Savepoint);
+            (open, rows)
+        }
+        Err(e) => {
+            open.broken = Some(broken(&e));
+            (open, None)
+        }
     }
-    open.kept = false;
-    open.abandoned = Some(Undo::Savepoint);
-    open
 }
 
 /// Undoes the member's change (it is refused, or changes nothing): back to its

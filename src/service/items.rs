@@ -7,7 +7,7 @@ use sea_orm::DatabaseTransaction;
 use serde_json::json;
 
 use super::idempotency::Requested;
-use super::{ItemChange, Service, ServiceError, json};
+use super::{ItemChange, KeyCheck, Service, ServiceError, json};
 use crate::domain::{
     DomainError, Event, EventKind, Item, ItemEventData, ItemPatch, LowStockData, NewItem,
     NewNotification, Principal, Snapshot, StreamKey, Zone, now, zone_name,
@@ -118,7 +118,15 @@ impl Service {
             request_id.as_deref(),
             json!(["update_item", item_id, patch.canonical()]),
         );
-        self.write_checking(by, async |txn, check| {
+        // Without an idempotency key to claim first, the change begins with the stream's
+        // next seq and the item (and the key check, if any), in the same call as its
+        // savepoint in a group. That statement cannot fail on the request's input.
+        let key = KeyCheck::key_of(by);
+        let first = match req.keyed() {
+            true => None,
+            false => Store::next_seq_and_item_first(self.store.backend(), &stream, item_id, key),
+        };
+        self.write_checking(by, first, async |txn, check, rows| {
             if req.keyed() {
                 // A revoked key's replay must be refused, not answered.
                 check.run(txn).await?;
@@ -129,7 +137,10 @@ impl Service {
             // The stream row lock is taken before the item is read: it serialises every
             // change to the zone, so the item read cannot go stale. The key check, if
             // still to make, is folded in first.
-            let read = Store::next_seq_and_item(txn, &stream, item_id, check.pending()).await?;
+            let read = match rows {
+                Some(rows) => Store::seq_and_item_from(txn, rows, &stream, key).await?,
+                None => Store::next_seq_and_item(txn, &stream, item_id, check.pending()).await?,
+            };
             check.settle(read.key_valid)?;
             let seq = read.seq;
             let before = in_zone(read.item, item_id, &stream)?;

@@ -25,7 +25,7 @@ mod streams;
 
 use std::sync::Arc;
 
-use sea_orm::DatabaseTransaction;
+use sea_orm::{ConnectionTrait, DatabaseTransaction, QueryResult, Statement};
 
 use crate::broker::Broker;
 use crate::cursor::History;
@@ -94,6 +94,11 @@ pub struct Service {
 pub(crate) struct KeyCheck(Option<i32>);
 
 impl KeyCheck {
+    /// The key a change by `by` must check: a remembered one.
+    pub(crate) fn key_of(by: &Principal) -> Option<i32> {
+        by.key_id.filter(|_| by.key_remembered)
+    }
+
     /// The key still to check.
     pub(crate) fn pending(&self) -> Option<i32> {
         self.0
@@ -121,6 +126,9 @@ impl KeyCheck {
         Ok(())
     }
 }
+
+/// The rows of a change's first statement, when it gave one (`write_checking`).
+pub(crate) type FirstRows = Option<Vec<QueryResult>>;
 
 /// Events of one transaction, published together after it commits.
 type Outcome<T> = Result<(T, Vec<Event>), ServiceError>;
@@ -163,7 +171,7 @@ impl Service {
     where
         F: AsyncFnOnce(&DatabaseTransaction) -> Outcome<T>,
     {
-        self.write_checking(by, async |txn, check| {
+        self.write_checking(by, None, async |txn, check, _| {
             check.run(txn).await?;
             body(txn).await
         })
@@ -173,17 +181,24 @@ impl Service {
     /// `write`, with the key check handed to `body`, which makes it before it reads or
     /// writes anything, in its own statement (`KeyCheck::run`) or folded into its first
     /// (`KeyCheck::settle`). A body that returns without making it is refused.
+    ///
+    /// `first`, when given, is the change's first statement: it runs in the same call
+    /// as the statement that begins the change's savepoint in a group (`commit`), or
+    /// right after `BEGIN`, and `body` gets its rows. An error of it fails the whole
+    /// group (it cannot be told from an error of the savepoint's statement), so it must
+    /// be one that client input cannot make fail.
     pub(crate) async fn write_checking<T, F>(
         &self,
         by: &Principal,
+        first: Option<Statement>,
         body: F,
     ) -> Result<T, ServiceError>
     where
-        F: AsyncFnOnce(&DatabaseTransaction, &mut KeyCheck) -> Outcome<T>,
+        F: AsyncFnOnce(&DatabaseTransaction, &mut KeyCheck, FirstRows) -> Outcome<T>,
     {
-        let mut check = KeyCheck(by.key_id.filter(|_| by.key_remembered));
-        let body = async move |txn: &DatabaseTransaction| {
-            let outcome = body(txn, &mut check).await?;
+        let mut check = KeyCheck(KeyCheck::key_of(by));
+        let body = async move |txn: &DatabaseTransaction, rows: FirstRows| {
+            let outcome = body(txn, &mut check, rows).await?;
             if check.pending().is_some() {
                 return Err(StoreError::Corrupt("a change did not check its key".into()).into());
             }
@@ -191,8 +206,8 @@ impl Service {
         };
         let started = std::time::Instant::now();
         let result = match &self.groups {
-            Some(groups) => self.write_grouped(groups, body).await,
-            None => self.write_alone(body).await,
+            Some(groups) => self.write_grouped(groups, first, body).await,
+            None => self.write_alone(first, body).await,
         };
         metrics::histogram!("zonecast_write_duration_seconds")
             .record(started.elapsed().as_secs_f64());
@@ -200,12 +215,22 @@ impl Service {
     }
 
     /// `write` in a transaction of its own.
-    async fn write_alone<T, F>(&self, body: F) -> Result<T, ServiceError>
+    async fn write_alone<T, F>(&self, first: Option<Statement>, body: F) -> Result<T, ServiceError>
     where
-        F: AsyncFnOnce(&DatabaseTransaction) -> Outcome<T>,
+        F: AsyncFnOnce(&DatabaseTransaction, FirstRows) -> Outcome<T>,
     {
         let txn = self.store.begin_write().await?;
-        match body(&txn).await {
+        let rows = match first {
+            Some(first) => match txn.query_all_raw(first).await {
+                Ok(rows) => Some(rows),
+                Err(e) => {
+                    txn.rollback().await?;
+                    return Err(e.into());
+                }
+            },
+            None => None,
+        };
+        match body(&txn, rows).await {
             // Nothing appended (a replayed idempotency key, a change that changes
             // nothing): roll back, or the seq taken under the lock would be committed
             // without its event, leaving a gap.

@@ -13,7 +13,9 @@
 
 use chrono::{DateTime, Utc};
 use entity::item;
-use sea_orm::{ConnectionTrait, DatabaseTransaction, DbBackend, FromQueryResult};
+use sea_orm::{
+    ConnectionTrait, DatabaseTransaction, DbBackend, FromQueryResult, QueryResult, Statement,
+};
 
 use super::log::to_u64;
 use super::stock::to_item;
@@ -60,18 +62,38 @@ impl Store {
         item_id: i32,
         key: Option<i32>,
     ) -> Result<SeqAndItem, StoreError> {
-        if txn.get_database_backend() != DbBackend::Sqlite {
-            let key_valid = match key {
-                Some(id) => Some(Self::key_valid_in(txn, id).await?),
-                None => None,
-            };
-            let seq = Self::next_seq(txn, stream).await?;
-            let item = Self::item_in(txn, item_id).await?;
-            return Ok(SeqAndItem {
-                key_valid,
-                seq,
-                item,
-            });
+        match Self::next_seq_and_item_first(txn.get_database_backend(), stream, item_id, key) {
+            Some(first) => {
+                let rows = txn.query_all_raw(first).await?;
+                Self::seq_and_item_from(txn, rows, stream, key).await
+            }
+            None => {
+                let key_valid = match key {
+                    Some(id) => Some(Self::key_valid_in(txn, id).await?),
+                    None => None,
+                };
+                let seq = Self::next_seq(txn, stream).await?;
+                let item = Self::item_in(txn, item_id).await?;
+                Ok(SeqAndItem {
+                    key_valid,
+                    seq,
+                    item,
+                })
+            }
+        }
+    }
+
+    /// `next_seq_and_item` as one statement, for whoever begins the change's
+    /// transaction or savepoint to run in the same call (`seq_and_item_from` reads its
+    /// rows). `None` on PostgreSQL, where it is several.
+    pub fn next_seq_and_item_first(
+        backend: DbBackend,
+        stream: &StreamKey,
+        item_id: i32,
+        key: Option<i32>,
+    ) -> Option<Statement> {
+        if backend != DbBackend::Sqlite {
+            return None;
         }
         let mut values = vec![stream.to_string().into(), item_id.into()];
         let sql = match key {
@@ -81,9 +103,16 @@ impl Store {
             }
             None => NEXT_SEQ_AND_ITEM,
         };
-        let rows = txn
-            .query_all_raw(stmt(DbBackend::Sqlite, sql, values))
-            .await?;
+        Some(stmt(DbBackend::Sqlite, sql, values))
+    }
+
+    /// What the rows of `next_seq_and_item_first` say.
+    pub async fn seq_and_item_from(
+        txn: &DatabaseTransaction,
+        rows: Vec<QueryResult>,
+        stream: &StreamKey,
+        key: Option<i32>,
+    ) -> Result<SeqAndItem, StoreError> {
         // No key row: the key is gone, so not valid.
         let (mut key_valid, mut seq, mut item) = (key.map(|_| false), None, None);
         for row in rows {
