@@ -38,6 +38,11 @@ impl<'a> Requested<'a> {
         Requested { id, keyed }
     }
 
+    /// The request id, stored on the event the request appends.
+    pub(crate) fn id(&self) -> Option<String> {
+        self.id.map(str::to_owned)
+    }
+
     /// Whether the request carries an idempotency key (`claim` has something to do).
     pub(crate) fn keyed(&self) -> bool {
         self.keyed.is_some()
@@ -98,7 +103,7 @@ impl<'a> Requested<'a> {
         data: String,
         at: DateTime<Utc>,
     ) -> Result<Event, ServiceError> {
-        let id = self.id.map(str::to_owned);
+        let id = self.id();
         let ev = Store::save_and_append(txn, item, stream, seq, kind, data, id, at).await?;
         self.settle(txn, &ev).await?;
         Ok(ev)
@@ -114,7 +119,7 @@ impl<'a> Requested<'a> {
         data: String,
         at: DateTime<Utc>,
     ) -> Result<Event, ServiceError> {
-        let id = self.id.map(str::to_owned);
+        let id = self.id();
         let ev = Store::append(txn, stream, seq, kind, data, id, at).await?;
         self.settle(txn, &ev).await?;
         Ok(ev)

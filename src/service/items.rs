@@ -126,10 +126,11 @@ impl Service {
             true => None,
             false => Store::next_seq_and_item_first(self.store.backend(), &stream, item_id, key),
         };
-        self.write_checking(by, first, async |txn, check, rows| {
+        let folded = first.is_some();
+        self.write_change(by, first, async |txn, change| {
             if req.keyed() {
                 // A revoked key's replay must be refused, not answered.
-                check.run(txn).await?;
+                change.check.run(txn).await?;
                 if let Some(done) = req.claim(txn).await? {
                     return Ok((ItemChange::from_event(&done)?, vec![]));
                 }
@@ -137,11 +138,14 @@ impl Service {
             // The stream row lock is taken before the item is read: it serialises every
             // change to the zone, so the item read cannot go stale. The key check, if
             // still to make, is folded in first.
-            let read = match rows {
+            let read = match change.first.take() {
                 Some(rows) => Store::seq_and_item_from(txn, rows, &stream, key).await?,
-                None => Store::next_seq_and_item(txn, &stream, item_id, check.pending()).await?,
+                None => {
+                    let key = change.check.pending();
+                    Store::next_seq_and_item(txn, &stream, item_id, key).await?
+                }
             };
-            check.settle(read.key_valid)?;
+            change.check.settle(read.key_valid)?;
             let seq = read.seq;
             let before = in_zone(read.item, item_id, &stream)?;
             let at = now();
@@ -165,12 +169,22 @@ impl Service {
                 EventKind::ItemUpdated
             };
             let reason = patch.reason().map(str::to_owned);
-            let data = ItemEventData::new(&after, Some(&before), reason, actor);
-            let ev = req
-                .save_and_append(txn, &after, &stream, seq, kind, json(&data)?, at)
-                .await?;
+            let data = json(&ItemEventData::new(&after, Some(&before), reason, actor))?;
+            let crossing = !before.is_low() && after.is_low();
+            let ev = if folded && !crossing {
+                // The change's last statement, and nothing reads what it writes before
+                // the commit: it runs in the next call on the transaction (in a group,
+                // with the next change's savepoint).
+                let (last, ev) =
+                    Store::save_and_append_last(&after, &stream, seq, kind, data, req.id(), at)?;
+                change.defer(last);
+                ev
+            } else {
+                req.save_and_append(txn, &after, &stream, seq, kind, data, at)
+                    .await?
+            };
             let mut events = vec![];
-            if !before.is_low() && after.is_low() {
+            if crossing {
                 events.push(low_stock_alert(txn, &after, ev.seq, at).await?);
                 // Each watcher of the zone gets a notification, in the same transaction.
                 let alert = NewNotification::stock_alert(&after, ev.seq);

@@ -127,11 +127,34 @@ impl KeyCheck {
     }
 }
 
-/// The rows of a change's first statement, when it gave one (`write_checking`).
+/// The rows of a change's first statement, when it gave one (`write_change`).
 pub(crate) type FirstRows = Option<Vec<QueryResult>>;
+
+/// What a change's body gets besides its transaction (`write_change`).
+pub(crate) struct Change {
+    /// The key to check before anything else.
+    pub(crate) check: KeyCheck,
+    /// The rows of the first statement the change gave, which has run.
+    pub(crate) first: FirstRows,
+    last: Option<Statement>,
+}
+
+impl Change {
+    /// Leaves the change's last statement, one made by `Store::save_and_append_last`,
+    /// to run later in its transaction, before the commit: in a group, in the same
+    /// call as the next member's savepoint (`commit`). For a statement nothing after it
+    /// in the change reads or depends on; an error of it fails the whole group, so it
+    /// must be one that client input cannot make fail.
+    pub(crate) fn defer(&mut self, last: Statement) {
+        self.last = Some(last);
+    }
+}
 
 /// Events of one transaction, published together after it commits.
 type Outcome<T> = Result<(T, Vec<Event>), ServiceError>;
+
+/// A change's outcome and the last statement it deferred (`Change::defer`).
+type Done<T> = Result<(T, Vec<Event>, Option<Statement>), ServiceError>;
 
 fn json<T: serde::Serialize>(v: &T) -> Result<String, ServiceError> {
     serde_json::to_string(v).map_err(|e| StoreError::Corrupt(e.to_string()).into())
@@ -171,38 +194,44 @@ impl Service {
     where
         F: AsyncFnOnce(&DatabaseTransaction) -> Outcome<T>,
     {
-        self.write_checking(by, None, async |txn, check, _| {
-            check.run(txn).await?;
+        self.write_change(by, None, async |txn, change| {
+            change.check.run(txn).await?;
             body(txn).await
         })
         .await
     }
 
-    /// `write`, with the key check handed to `body`, which makes it before it reads or
-    /// writes anything, in its own statement (`KeyCheck::run`) or folded into its first
-    /// (`KeyCheck::settle`). A body that returns without making it is refused.
-    ///
-    /// `first`, when given, is the change's first statement: it runs in the same call
-    /// as the statement that begins the change's savepoint in a group (`commit`), or
-    /// right after `BEGIN`, and `body` gets its rows. An error of it fails the whole
-    /// group (it cannot be told from an error of the savepoint's statement), so it must
-    /// be one that client input cannot make fail.
-    pub(crate) async fn write_checking<T, F>(
+    /// `write`, with more left to the change (`Change`):
+    /// - the key check, which it makes before it reads or writes anything, in its own
+    ///   statement (`KeyCheck::run`) or folded into its first (`KeyCheck::settle`); a
+    ///   change that returns without making it is refused;
+    /// - `first`, when given, the change's first statement: it runs in the same call as
+    ///   the statement that begins the change's savepoint in a group (`commit`), or
+    ///   right after `BEGIN`, and the change gets its rows. An error of it fails the
+    ///   whole group (it cannot be told from an error of the savepoint's statement), so
+    ///   it must be one that client input cannot make fail;
+    /// - its last statement, which it may defer (`Change::defer`).
+    pub(crate) async fn write_change<T, F>(
         &self,
         by: &Principal,
         first: Option<Statement>,
         body: F,
     ) -> Result<T, ServiceError>
     where
-        F: AsyncFnOnce(&DatabaseTransaction, &mut KeyCheck, FirstRows) -> Outcome<T>,
+        F: AsyncFnOnce(&DatabaseTransaction, &mut Change) -> Outcome<T>,
     {
-        let mut check = KeyCheck(KeyCheck::key_of(by));
-        let body = async move |txn: &DatabaseTransaction, rows: FirstRows| {
-            let outcome = body(txn, &mut check, rows).await?;
-            if check.pending().is_some() {
+        let check = KeyCheck(KeyCheck::key_of(by));
+        let body = async move |txn: &DatabaseTransaction, rows: FirstRows| -> Done<T> {
+            let mut change = Change {
+                check,
+                first: rows,
+                last: None,
+            };
+            let (value, events) = body(txn, &mut change).await?;
+            if change.check.pending().is_some() {
                 return Err(StoreError::Corrupt("a change did not check its key".into()).into());
             }
-            Ok(outcome)
+            Ok((value, events, change.last))
         };
         let started = std::time::Instant::now();
         let result = match &self.groups {
@@ -217,7 +246,7 @@ impl Service {
     /// `write` in a transaction of its own.
     async fn write_alone<T, F>(&self, first: Option<Statement>, body: F) -> Result<T, ServiceError>
     where
-        F: AsyncFnOnce(&DatabaseTransaction, FirstRows) -> Outcome<T>,
+        F: AsyncFnOnce(&DatabaseTransaction, FirstRows) -> Done<T>,
     {
         let txn = self.store.begin_write().await?;
         let rows = match first {
@@ -234,14 +263,21 @@ impl Service {
             // Nothing appended (a replayed idempotency key, a change that changes
             // nothing): roll back, or the seq taken under the lock would be committed
             // without its event, leaving a gap.
-            Ok((value, events)) if events.is_empty() => {
+            Ok((value, events, _)) if events.is_empty() => {
                 txn.rollback().await?;
                 Ok(value)
             }
-            Ok((value, events)) => {
-                if let Err(e) = self.broker.before_commit(&txn, &events).await {
+            Ok((value, events, last)) => {
+                let ready = async {
+                    if let Some(last) = last {
+                        Store::saved_and_appended(&txn.query_all_raw(last).await?, 1)?;
+                    }
+                    self.broker.before_commit(&txn, &events).await?;
+                    Ok::<_, ServiceError>(())
+                };
+                if let Err(e) = ready.await {
                     txn.rollback().await?;
-                    return Err(e.into());
+                    return Err(e);
                 }
                 txn.commit().await?;
                 self.published(events);

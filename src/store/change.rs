@@ -38,11 +38,13 @@ const KEY_NEXT_SEQ_AND_ITEM: &str = concat!(
     next_seq_and_item!()
 );
 
+/// Each of its two statements returns a row saying it was done (`saved_and_appended`),
+/// so that the check holds when it runs in a call with others.
 const SAVE_AND_APPEND: &str = "\
     UPDATE items SET sku = $1, name = $2, quantity = $3, low_stock_threshold = $4, version = $5, \
-    updated_at = $6 WHERE id = $7; \
+    updated_at = $6 WHERE id = $7 RETURNING 'saved' AS part; \
     INSERT INTO events (stream, seq, type, data, request_id, created_at) \
-    VALUES ($8, $9, $10, $11, $12, $13)";
+    VALUES ($8, $9, $10, $11, $12, $13) RETURNING 'appended' AS part";
 
 /// What `next_seq_and_item` read.
 pub struct SeqAndItem {
@@ -119,7 +121,9 @@ impl Store {
             match row.try_get::<String>("", "part")?.as_str() {
                 "key" => key_valid = Some(row.try_get::<bool>("", "valid")?),
                 "seq" => seq = Some(to_u64(row.try_get("", "last_seq")?, "last_seq")?),
-                _ => item = Some(to_item(item::Model::from_query_result(&row, "")?)),
+                "item" => item = Some(to_item(item::Model::from_query_result(&row, "")?)),
+                // Rows of statements run in the same call (`saved_and_appended`).
+                _ => {}
             }
         }
         let seq = match seq {
@@ -151,6 +155,24 @@ impl Store {
             Self::save_item(txn, it).await?;
             return Self::append(txn, stream, seq, kind, data, request_id, at).await;
         }
+        let (last, ev) = Self::save_and_append_last(it, stream, seq, kind, data, request_id, at)?;
+        Self::saved_and_appended(&txn.query_all_raw(last).await?, 1)?;
+        Ok(ev)
+    }
+
+    /// `save_and_append` on SQLite as a statement for later in the transaction (a
+    /// grouped change's last, run in the next call, `service::commit`), and the event
+    /// it appends. `saved_and_appended` checks its rows.
+    #[allow(clippy::too_many_arguments)]
+    pub fn save_and_append_last(
+        it: &Item,
+        stream: &StreamKey,
+        seq: u64,
+        kind: EventKind,
+        data: String,
+        request_id: Option<String>,
+        at: DateTime<Utc>,
+    ) -> Result<(Statement, Event), StoreError> {
         let seq_i = i64::try_from(seq).map_err(|_| StoreError::Corrupt("seq overflow".into()))?;
         let values = vec![
             it.sku.clone().into(),
@@ -167,17 +189,27 @@ impl Store {
             request_id.into(),
             at.into(),
         ];
-        let changed = txn
-            .execute_raw(stmt(DbBackend::Sqlite, SAVE_AND_APPEND, values))
-            .await?
-            .rows_affected();
-        // One row updated, one inserted.
-        if changed != 2 {
+        let last = stmt(DbBackend::Sqlite, SAVE_AND_APPEND, values);
+        Ok((last, Event::render(stream, seq, kind, at, data)))
+    }
+
+    /// Checks that `rows` hold what `n` runs of `save_and_append_last` return: each
+    /// updated its item and inserted its event.
+    pub fn saved_and_appended(rows: &[QueryResult], n: usize) -> Result<(), StoreError> {
+        let (mut saved, mut appended) = (0, 0);
+        for row in rows {
+            match row.try_get::<String>("", "part")?.as_str() {
+                "saved" => saved += 1,
+                "appended" => appended += 1,
+                _ => {}
+            }
+        }
+        if (saved, appended) != (n, n) {
             return Err(StoreError::Corrupt(format!(
-                "item {} was not there to update",
-                it.id
+                "{saved} items saved and {appended} events appended, not {n}: an item was not \
+                 there to update"
             )));
         }
-        Ok(Event::render(stream, seq, kind, at, data))
+        Ok(())
     }
 }
