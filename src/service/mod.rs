@@ -234,9 +234,11 @@ impl Service {
             Ok((value, events, change.last))
         };
         let started = std::time::Instant::now();
+        // Boxed: the change's future is large, and poem moves the handler's future
+        // into a box at each of its layers; this way they move a pointer.
         let result = match &self.groups {
-            Some(groups) => self.write_grouped(groups, first, body).await,
-            None => self.write_alone(first, body).await,
+            Some(groups) => Box::pin(self.write_grouped(groups, first, body)).await,
+            None => Box::pin(self.write_alone(first, body)).await,
         };
         metrics::histogram!("zonecast_write_duration_seconds")
             .record(started.elapsed().as_secs_f64());

@@ -38,13 +38,16 @@ const KEY_NEXT_SEQ_AND_ITEM: &str = concat!(
     next_seq_and_item!()
 );
 
-/// Each of its two statements returns a row saying it was done (`saved_and_appended`),
-/// so that the check holds when it runs in a call with others.
+/// The update is followed by a row saying it changed the item (`saved_and_appended`),
+/// a check that holds when the statement runs in a call with others; the insert either
+/// inserts its row or fails. (`RETURNING` would do it too, at about 40k instructions
+/// more per change: SQLite gathers returned rows in a table of their own.)
 const SAVE_AND_APPEND: &str = "\
     UPDATE items SET sku = $1, name = $2, quantity = $3, low_stock_threshold = $4, version = $5, \
-    updated_at = $6 WHERE id = $7 RETURNING 'saved' AS part; \
+    updated_at = $6 WHERE id = $7; \
+    SELECT 'saved' AS part WHERE changes() = 1; \
     INSERT INTO events (stream, seq, type, data, request_id, created_at) \
-    VALUES ($8, $9, $10, $11, $12, $13) RETURNING 'appended' AS part";
+    VALUES ($8, $9, $10, $11, $12, $13)";
 
 /// What `next_seq_and_item` read.
 pub struct SeqAndItem {
@@ -194,20 +197,17 @@ impl Store {
     }
 
     /// Checks that `rows` hold what `n` runs of `save_and_append_last` return: each
-    /// updated its item and inserted its event.
+    /// updated its item (and inserted its event, or the call failed).
     pub fn saved_and_appended(rows: &[QueryResult], n: usize) -> Result<(), StoreError> {
-        let (mut saved, mut appended) = (0, 0);
+        let mut saved = 0;
         for row in rows {
-            match row.try_get::<String>("", "part")?.as_str() {
-                "saved" => saved += 1,
-                "appended" => appended += 1,
-                _ => {}
+            if row.try_get::<String>("", "part")? == "saved" {
+                saved += 1;
             }
         }
-        if (saved, appended) != (n, n) {
+        if saved != n {
             return Err(StoreError::Corrupt(format!(
-                "{saved} items saved and {appended} events appended, not {n}: an item was not \
-                 there to update"
+                "{saved} items saved, not {n}: an item was not there to update"
             )));
         }
         Ok(())
