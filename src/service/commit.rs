@@ -299,15 +299,11 @@ impl Service {
             if events.is_empty() {
                 return txn.rollback().await.map_err(broken);
             }
-            if let Some(last) = open.last.take() {
-                let done = match txn.query_all_raw(last).await {
-                    Ok(rows) => Store::saved_and_appended(&rows, 1),
-                    Err(e) => Err(e.into()),
-                };
-                if let Err(e) = done {
-                    let _ = txn.rollback().await;
-                    return Err(broken(e));
-                }
+            if let Some(last) = open.last.take()
+                && let Err(e) = Store::run_last(&txn, last).await
+            {
+                let _ = txn.rollback().await;
+                return Err(broken(e));
             }
             if let Err(e) = self.broker.before_commit(&txn, &events).await {
                 let _ = txn.rollback().await;

@@ -272,7 +272,7 @@ impl Service {
             Ok((value, events, last)) => {
                 let ready = async {
                     if let Some(last) = last {
-                        Store::saved_and_appended(&txn.query_all_raw(last).await?, 1)?;
+                        Store::run_last(&txn, last).await?;
                     }
                     self.broker.before_commit(&txn, &events).await?;
                     Ok::<_, ServiceError>(())

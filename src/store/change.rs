@@ -159,8 +159,13 @@ impl Store {
             return Self::append(txn, stream, seq, kind, data, request_id, at).await;
         }
         let (last, ev) = Self::save_and_append_last(it, stream, seq, kind, data, request_id, at)?;
-        Self::saved_and_appended(&txn.query_all_raw(last).await?, 1)?;
+        Self::run_last(txn, last).await?;
         Ok(ev)
+    }
+
+    /// Runs a statement made by `save_and_append_last` on its own, and checks it.
+    pub async fn run_last(txn: &DatabaseTransaction, last: Statement) -> Result<(), StoreError> {
+        Self::saved_and_appended(&txn.query_all_raw(last).await?, 1)
     }
 
     /// `save_and_append` on SQLite as a statement for later in the transaction (a
