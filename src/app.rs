@@ -193,7 +193,9 @@ impl Application {
         metrics::gauge!("zonecast_node_info", "node" => node.clone(),
             "broker" => config.broker_kind().as_str())
         .set(1.0);
-        let service = Service::new(store, broker, Arc::new(Stats::default()));
+        let service = Service::new(store, broker, Arc::new(Stats::default())).with_pace(
+            crate::pace::Pace::new(config.fanout_backlog, config.fanout_wait),
+        );
         // Several nodes may start at once on a new database: one at a time seeds it and
         // makes the first admin key; the others then find both done.
         let setup = service.store.setup_lock().await.map_err(db_error)?;

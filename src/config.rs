@@ -226,6 +226,16 @@ pub struct ServeArgs {
     #[arg(long, env = "ZONECAST_WS_QUEUE", default_value_t = 256)]
     pub ws_queue: usize,
 
+    /// Deliveries (events still to write × watchers) a stream's fan-out on this node
+    /// may be behind a change before the change's answer waits for it (at most
+    /// --fanout-wait; one event behind never waits); 0 = never wait.
+    #[arg(long, env = "ZONECAST_FANOUT_BACKLOG", default_value_t = crate::pace::DEFAULT_BACKLOG)]
+    pub fanout_backlog: u64,
+
+    /// Longest a change's answer waits for the fan-out (see --fanout-backlog).
+    #[arg(long, env = "ZONECAST_FANOUT_WAIT", default_value = "200ms", value_parser = duration)]
+    pub fanout_wait: Duration,
+
     /// HS256 secret for JWTs (`sub`, `role`, `zones`, `exp`); without it only API keys
     /// are accepted.
     #[arg(long, env = "ZONECAST_JWT_SECRET", hide_env_values = true)]

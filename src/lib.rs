@@ -17,6 +17,9 @@
 //! - `telemetry` (0): logging setup.
 //! - `config` (1): command line and environment.
 //! - `observe` (1): metrics and the connection registry behind `/api/stats`.
+//! - `pace` (1): how far each stream's fan-out on this node has written; a change's
+//!   answer waits while it is too far behind (reported by `transport`, awaited by
+//!   `service`).
 //! - `store` (1): the only place with SQL: stock rows, the change log, keys,
 //!   notifications, idempotency keys.
 //! - `cache` (2): recent events per stream, for replays without queries.
@@ -58,6 +61,7 @@ pub mod hub;
 pub mod limits;
 pub mod observe;
 pub mod ops;
+pub mod pace;
 pub mod pages;
 pub mod server;
 pub mod service;

@@ -87,6 +87,7 @@ pub const COUNTERS: &[(&str, &[(&str, &str)])] = &[
     ("zonecast_bus_dropped_total", &[("reason", "notify_failed")]),
     ("zonecast_bus_dropped_total", &[("reason", "malformed")]),
     ("zonecast_sweeps_total", &[]),
+    ("zonecast_fanout_wait_timeouts_total", &[]),
 ];
 
 /// The event types of each stream kind, for `zonecast_events_appended_total`.

@@ -29,8 +29,9 @@ use sea_orm::{ConnectionTrait, DatabaseTransaction, QueryResult, Statement};
 
 use crate::broker::Broker;
 use crate::cursor::History;
-use crate::domain::{DomainError, Event, Item, ItemEventData, Principal, ZoneScope};
+use crate::domain::{DomainError, Event, Item, ItemEventData, Principal, StreamKey, ZoneScope};
 use crate::observe::Stats;
+use crate::pace::Pace;
 use crate::store::{Store, StoreError};
 
 #[derive(Debug, thiserror::Error)]
@@ -87,6 +88,8 @@ pub struct Service {
     known_zones: Arc<facts::Facts<i32, ()>>,
     /// The zone of each item changed lately (items never change zones).
     item_zones: Arc<facts::Facts<i32, i32>>,
+    /// How far this node's fan-out may fall behind a writer (`pace`).
+    pace: Arc<Pace>,
 }
 
 /// A remembered key (`Principal::key_remembered`) that a change must find valid in its
@@ -170,7 +173,19 @@ impl Service {
             store,
             broker,
             stats,
+            pace: Arc::default(),
         }
+    }
+
+    /// With `pace` instead of the default one.
+    pub fn with_pace(mut self, pace: Pace) -> Self {
+        self.pace = Arc::new(pace);
+        self
+    }
+
+    /// Where this node's fan-out says how far it has written (`pace`).
+    pub fn pace(&self) -> &Pace {
+        &self.pace
     }
 
     /// The broker this node publishes to and subscribes through.
@@ -221,6 +236,9 @@ impl Service {
         F: AsyncFnOnce(&DatabaseTransaction, &mut Change) -> Outcome<T>,
     {
         let check = KeyCheck(KeyCheck::key_of(by));
+        // Where the change's events went, for the fan-out's pace (`Pace::wait`).
+        let appended: std::sync::Mutex<Vec<(StreamKey, u64)>> = Default::default();
+        let appended_to = &appended;
         let body = async move |txn: &DatabaseTransaction, rows: FirstRows| -> Done<T> {
             let mut change = Change {
                 check,
@@ -228,6 +246,8 @@ impl Service {
                 last: None,
             };
             let (value, events) = body(txn, &mut change).await?;
+            *appended_to.lock().unwrap_or_else(|e| e.into_inner()) =
+                events.iter().map(|e| (e.stream.clone(), e.seq)).collect();
             if change.check.pending().is_some() {
                 return Err(StoreError::Corrupt("a change did not check its key".into()).into());
             }
@@ -242,6 +262,10 @@ impl Service {
         };
         metrics::histogram!("zonecast_write_duration_seconds")
             .record(started.elapsed().as_secs_f64());
+        if result.is_ok() {
+            let appended = appended.into_inner().unwrap_or_else(|e| e.into_inner());
+            self.pace.wait(&appended).await;
+        }
         result
     }
 

@@ -395,6 +395,11 @@ impl Group {
         }
         self.low = self.members.iter().map(|m| m.at).min().unwrap_or(self.pos);
         let low = self.low;
+        self.fanout
+            .state()
+            .service
+            .pace()
+            .written(&self.stream, low, self.members.len());
         self.frames.retain(|f| f.after > low);
         self.delivery.written();
     }

@@ -222,6 +222,7 @@ impl Fanout {
         if groups.get(stream).is_some_and(|s| Arc::ptr_eq(s, shared)) {
             groups.remove(stream);
             self.0.state.service.connections().fanout_group(false);
+            self.0.state.service.pace().ended(stream);
         }
         true
     }
@@ -234,6 +235,7 @@ impl Fanout {
         if groups.get(stream).is_some_and(|s| Arc::ptr_eq(s, shared)) {
             groups.remove(stream);
             self.0.state.service.connections().fanout_group(false);
+            self.0.state.service.pace().ended(stream);
         }
         drop(groups);
         for (p, who) in lock(&shared.inbox).drain(..) {
@@ -272,9 +274,10 @@ fn never() -> Instant {
 /// After a pass that began at `pass`: if events arrived while it ran, the stream comes
 /// faster than passes go round. The next batch gathers for about as long as the pass
 /// took, so each write carries more (fewer writes, for the server and for every
-/// reader); an idle stream never waits.
-async fn gather(cursor: &mut crate::cursor::Cursor, lagging: bool, pass: Instant) {
-    if lagging || cursor.pending() {
+/// reader); an idle stream never waits. Nor does one whose writers wait for its next
+/// pass (`held`, see `pace`): nothing more comes until it goes.
+async fn gather(cursor: &mut crate::cursor::Cursor, lagging: bool, held: bool, pass: Instant) {
+    if !held && (lagging || cursor.pending()) {
         tokio::time::sleep(pass.elapsed().min(MAX_GATHER)).await;
     }
 }
@@ -346,13 +349,13 @@ async fn run(fanout: Fanout, shared: Arc<Shared>, stream: StreamKey, start: u64)
             () = std::future::ready(()), if g.lagging() => {
                 let pass = Instant::now();
                 g.fan_out(|| cursor.try_next()).await;
-                gather(&mut cursor, g.lagging(), pass).await;
+                gather(&mut cursor, g.lagging(), state.service.pace().holding(&stream), pass).await;
             }
             taken = collect(&mut cursor, MAX_CHUNK, |_, item| g.take(item)) => match taken {
                 Ok(_) => {
                     let pass = Instant::now();
                     g.fan_out(|| cursor.try_next()).await;
-                    gather(&mut cursor, g.lagging(), pass).await;
+                    gather(&mut cursor, g.lagging(), state.service.pace().holding(&stream), pass).await;
                 }
                 Err(e) => {
                     tracing::warn!(stream = %stream, error = %e, "ending the stream's connections");

@@ -359,12 +359,19 @@ async fn an_event_taken_mid_pass_reaches_the_rest_of_that_pass_and_the_others_in
     assert_eq!(g.pos, 12);
     assert!(g.lagging(), "the first member has only 11");
     assert_eq!(g.low, 11);
+    let pace = rig.fanout.state().service.pace();
+    assert_eq!(
+        pace.written_up_to(&stream),
+        Some(11),
+        "writers see where all are"
+    );
     assert_eq!(read_ids(&mut clients[1], 2).await, vec![11, 12]);
     assert_eq!(read_ids(&mut clients[2], 2).await, vec![11, 12]);
     assert_eq!(read_ids(&mut ahead, 1).await, vec![12]);
     // The next pass brings the first level, and nobody else is written 12 again.
     g.fan_out(|| None).await;
     assert!(!g.lagging());
+    assert_eq!(pace.written_up_to(&stream), Some(12));
     assert!(g.frames.is_empty(), "nothing kept that every member has");
     pass(&mut g, items(&stream, 13..=13)).await;
     assert_eq!(read_ids(&mut clients[0], 3).await, vec![11, 12, 13]);
@@ -430,4 +437,64 @@ fn a_burst_of_departures_is_swept_at_most_once_per_interval() {
     // After a quiet spell, at once again.
     assert!(s.gone(t0 + 5 * SWEEP_EVERY));
     assert_eq!(s.due, None);
+}
+
+/// A change is answered once its stream's group is within the backlog of it: here the
+/// group stands at 0 with one member and the backlog is one delivery, so the change's
+/// event (seq 7, after the demo zone's six) is committed and published, and its answer
+/// waits until the group has written up to 6.
+#[tokio::test]
+async fn a_change_is_answered_once_the_fan_out_is_within_the_backlog_of_it() {
+    let rig = rig().await;
+    let state = rig.fanout.state();
+    let service = Service::new(
+        state.service.store.clone(),
+        Arc::new(MemoryBroker::new(crate::broker::Local::new(
+            64, 1000, 100_000,
+        ))),
+        Arc::default(),
+    )
+    .with_pace(crate::pace::Pace::new(1, Duration::from_secs(60)));
+    let bound = Duration::from_secs(10);
+    let zone = tokio::time::timeout(bound, service.seed_demo())
+        .await
+        .expect("seeded in time")
+        .expect("seed")
+        .expect("a fresh store gets the demo zone");
+    let stream = StreamKey::Zone(zone.id);
+    let snapshot = service.store.snapshot(zone.id).await.expect("snapshot");
+    let item = snapshot
+        .and_then(|s| s.items.first().map(|i| i.id))
+        .expect("an item");
+    let mut cursor = service.cursor(&stream);
+    cursor.seek(Start::After(6)).await.expect("seek");
+    service.pace().written(&stream, 0, 1);
+    let mut change = tokio::spawn({
+        let service = service.clone();
+        async move {
+            let patch = crate::domain::ItemPatch::parse(None, Some(-1), None, None, None, None)
+                .expect("patch");
+            service
+                .update_item(item, patch, None, &Principal::system("test"))
+                .await
+        }
+    });
+    let published = tokio::time::timeout(bound, cursor.next())
+        .await
+        .expect("published in time")
+        .expect("event");
+    assert!(matches!(published, Item::Event(e) if e.seq == 7));
+    assert!(
+        tokio::time::timeout(Duration::from_millis(300), &mut change)
+            .await
+            .is_err(),
+        "answered while the fan-out was 7 events behind"
+    );
+    service.pace().written(&stream, 6, 1);
+    let answered = tokio::time::timeout(bound, change)
+        .await
+        .expect("answered once the fan-out is within 1")
+        .expect("task")
+        .expect("the change");
+    assert_eq!(answered.event_id, 7);
 }
