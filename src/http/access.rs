@@ -5,6 +5,7 @@
 //! Credentials are read from `Authorization: Bearer`, `X-API-Key`, or `?access_token=`
 //! (browsers' EventSource and WebSocket cannot set headers). None is ever logged.
 
+use poem::http::StatusCode;
 use poem::{Endpoint, IntoResponse, Request, Response};
 use serde::Deserialize;
 
@@ -114,9 +115,28 @@ pub async fn authenticate<E: Endpoint>(next: E, mut req: Request) -> poem::Resul
     } else {
         principal.name.clone()
     };
+    let remembered = principal.key_remembered;
     req.extensions_mut().insert(RateKey(rate_key));
     req.extensions_mut().insert(principal);
-    next.call(req).await.map(IntoResponse::into_response)
+    let answered = next.call(req).await.map(IntoResponse::into_response);
+    // A remembered key is checked in the change's transaction; a refusal made before
+    // it (an unknown item, a zone the key may not write, a malformed body) must not
+    // answer for a key revoked elsewhere since: look the key up, and say 401 if so.
+    // Refusals are rare, so the lookup costs the hot path nothing.
+    let status = match &answered {
+        Ok(r) => r.status(),
+        Err(e) => e.status(),
+    };
+    if remembered
+        && status.is_client_error()
+        && status != StatusCode::UNAUTHORIZED
+        && status != StatusCode::TOO_MANY_REQUESTS
+        && let Err(e @ (AuthError::Invalid | AuthError::Rejected(_))) =
+            state.auth.authenticate(token.as_deref()).await
+    {
+        return Ok(error_response(e));
+    }
+    answered
 }
 
 #[cfg(test)]

@@ -491,6 +491,23 @@ async fn an_item_change_after_a_revocation_elsewhere_is_refused_and_applies_noth
         )
         .await
         .assert_problem(401, "unauthorized");
+        // Refusals made before the change's transaction say 401 too, not 404 or 400.
+        app.request_as(
+            Some(&key),
+            Method::PATCH,
+            "/api/items/999999",
+            Some(json!({ "delta": 5 })),
+        )
+        .await
+        .assert_problem(401, "unauthorized");
+        app.request_as(
+            Some(&key),
+            Method::PATCH,
+            &patch,
+            Some(json!({ "delta": "five" })),
+        )
+        .await
+        .assert_problem(401, "unauthorized");
 
         let after = app.get(&format!("/api/zones/{zone}/events")).await.json();
         assert_eq!(after, before, "no event was appended ({})", db.url);
