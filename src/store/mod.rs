@@ -74,6 +74,28 @@ fn connect_options(url: &str, max: u32) -> ConnectOptions {
     opts
 }
 
+/// Applies the pending migrations; their names. On PostgreSQL several nodes (and
+/// `zonecast migrate`) may start at once on one database: the first to take the lock
+/// migrates, in one transaction; the others then find nothing pending.
+async fn apply_migrations(db: &DatabaseConnection) -> Result<Vec<String>, StoreError> {
+    if db.get_database_backend() == DbBackend::Postgres {
+        let txn = db.begin().await?;
+        txn.execute_raw(Statement::from_string(
+            DbBackend::Postgres,
+            "SELECT pg_advisory_xact_lock(hashtext('zonecast-migrate:' || current_schema()))",
+        ))
+        .await?;
+        let pending = pending_names(&txn).await?;
+        Migrator::up(&txn, None).await?;
+        txn.commit().await?;
+        Ok(pending)
+    } else {
+        let pending = pending_names(db).await?;
+        Migrator::up(db, None).await?;
+        Ok(pending)
+    }
+}
+
 /// sea-orm's message, without the wrapper texts it repeats from its own causes
 /// (`Connection Error: error returned from database: …`).
 fn db_message(e: &DbErr) -> String {
@@ -101,24 +123,7 @@ impl Store {
     pub async fn open(url: &str) -> Result<Self, StoreError> {
         let sqlite = url.starts_with("sqlite:");
         let db = Database::connect(connect_options(url, if sqlite { 8 } else { 16 })).await?;
-        let pending = if db.get_database_backend() == DbBackend::Postgres {
-            // Several nodes may start at once on one database: the first to take the
-            // lock migrates, in one transaction; the others then find nothing pending.
-            let txn = db.begin().await?;
-            txn.execute_raw(Statement::from_string(
-                DbBackend::Postgres,
-                "SELECT pg_advisory_xact_lock(hashtext('zonecast-migrate:' || current_schema()))",
-            ))
-            .await?;
-            let pending = pending_names(&txn).await?;
-            Migrator::up(&txn, None).await?;
-            txn.commit().await?;
-            pending
-        } else {
-            let pending = pending_names(&db).await?;
-            Migrator::up(&db, None).await?;
-            pending
-        };
+        let pending = apply_migrations(&db).await?;
         if pending.is_empty() {
             tracing::debug!("database schema is up to date");
         } else {
@@ -141,13 +146,12 @@ impl Store {
     }
 
     /// Applies pending migrations and returns their count (for `zonecast migrate`).
+    /// `zonecast migrate`: what `open` does first, on its own. With the same
+    /// connection settings (SQLite's busy timeout: a server may be writing) and the
+    /// same lock on PostgreSQL (nodes may be starting and migrating meanwhile).
     pub async fn migrate(url: &str) -> Result<usize, StoreError> {
-        let mut opts = ConnectOptions::new(url.to_owned());
-        opts.sqlx_logging(false);
-        let db = Database::connect(opts).await?;
-        let pending = Migrator::get_pending_migrations(&db).await?.len();
-        Migrator::up(&db, None).await?;
-        Ok(pending)
+        let db = Database::connect(connect_options(url, 1)).await?;
+        Ok(apply_migrations(&db).await?.len())
     }
 
     pub fn backend(&self) -> DbBackend {

@@ -453,3 +453,53 @@ async fn the_server_runs_without_transparent_huge_pages() {
         .map(str::trim);
     assert_eq!(thp, Some("0"), "{status}");
 }
+
+/// `zonecast migrate` takes the same lock as a starting node on PostgreSQL, so an
+/// operator's migration and a node's cannot run at once. While another connection
+/// holds the lock, `migrate` waits; once it is released, `migrate` finds nothing
+/// pending and exits 0.
+#[tokio::test]
+async fn zonecast_migrate_waits_for_the_lock_a_starting_node_takes() {
+    let Some(db) = postgres_db().await else {
+        return;
+    };
+    let migrate = || {
+        tokio::process::Command::new(env!("CARGO_BIN_EXE_zonecast"))
+            .args(["migrate", "--database-url", db.url.as_str()])
+            .stdout(std::process::Stdio::piped())
+            .kill_on_drop(true)
+            .output()
+    };
+    let first = within("a first migration", migrate())
+        .await
+        .expect("run zonecast migrate");
+    assert!(first.status.success(), "{first:?}");
+
+    use sea_orm::{ConnectionTrait, TransactionTrait};
+    let holder = sea_orm::Database::connect(db.url.as_str())
+        .await
+        .expect("connect");
+    let txn = holder.begin().await.expect("begin");
+    txn.execute_unprepared(
+        "SELECT pg_advisory_xact_lock(hashtext('zonecast-migrate:' || current_schema()))",
+    )
+    .await
+    .expect("take the migration lock");
+    let mut second = tokio::spawn(migrate());
+    assert!(
+        tokio::time::timeout(Duration::from_secs(1), &mut second)
+            .await
+            .is_err(),
+        "zonecast migrate ran while a node held the migration lock"
+    );
+    txn.commit().await.expect("release the lock");
+    let out = within("the migration after the lock", second)
+        .await
+        .expect("task")
+        .expect("run zonecast migrate");
+    assert!(out.status.success(), "{out:?}");
+    assert_eq!(
+        String::from_utf8_lossy(&out.stdout).trim(),
+        "applied 0 migration(s)"
+    );
+}
