@@ -9,7 +9,7 @@ use super::ServiceError;
 use chrono::{DateTime, Utc};
 
 use crate::domain::{DomainError, Event, EventKind, Item, Principal, StreamKey, now};
-use crate::store::{KeyClaim, Store};
+use crate::store::{KeyClaim, NewEvent, Store};
 
 /// An idempotency key with its owner and the fingerprint of the request it came with.
 struct Keyed<'a> {
@@ -103,10 +103,29 @@ impl<'a> Requested<'a> {
         data: String,
         at: DateTime<Utc>,
     ) -> Result<Event, ServiceError> {
-        let id = self.id();
-        let ev = Store::save_and_append(txn, item, stream, seq, kind, data, id, at).await?;
+        let new = self.event(stream, seq, kind, data, at);
+        let ev = Store::save_and_append(txn, item, new).await?;
         self.settle(txn, &ev).await?;
         Ok(ev)
+    }
+
+    /// The change's event, with the request id.
+    fn event<'s>(
+        &self,
+        stream: &'s StreamKey,
+        seq: u64,
+        kind: EventKind,
+        data: String,
+        at: DateTime<Utc>,
+    ) -> NewEvent<'s> {
+        NewEvent {
+            stream,
+            seq,
+            kind,
+            data,
+            request_id: self.id(),
+            at,
+        }
     }
 
     /// Appends the change's event, with the request id, and settles the key on it.
@@ -119,8 +138,8 @@ impl<'a> Requested<'a> {
         data: String,
         at: DateTime<Utc>,
     ) -> Result<Event, ServiceError> {
-        let id = self.id();
-        let ev = Store::append(txn, stream, seq, kind, data, id, at).await?;
+        let new = self.event(stream, seq, kind, data, at);
+        let ev = Store::append(txn, new).await?;
         self.settle(txn, &ev).await?;
         Ok(ev)
     }

@@ -12,7 +12,7 @@ use crate::domain::{
     DomainError, Event, EventKind, Item, ItemEventData, ItemPatch, LowStockData, NewItem,
     NewNotification, Principal, Snapshot, StreamKey, Zone, now, zone_name,
 };
-use crate::store::Store;
+use crate::store::{NewEvent, Store};
 
 impl Service {
     pub async fn create_zone(&self, by: &Principal, name: &str) -> Result<Zone, ServiceError> {
@@ -175,8 +175,15 @@ impl Service {
                 // The change's last statement, and nothing reads what it writes before
                 // the commit: it runs in the next call on the transaction (in a group,
                 // with the next change's savepoint).
-                let (last, ev) =
-                    Store::save_and_append_last(&after, &stream, seq, kind, data, req.id(), at)?;
+                let new = NewEvent {
+                    stream: &stream,
+                    seq,
+                    kind,
+                    data,
+                    request_id: req.id(),
+                    at,
+                };
+                let (last, ev) = Store::save_and_append_last(&after, new)?;
                 change.defer(last);
                 ev
             } else {
@@ -295,5 +302,13 @@ async fn low_stock_alert(
         low_stock_threshold: item.low_stock_threshold,
         zone_event_id,
     })?;
-    Ok(Store::append(txn, &stream, seq, EventKind::LowStockAlert, data, None, at).await?)
+    let new = NewEvent {
+        stream: &stream,
+        seq,
+        kind: EventKind::LowStockAlert,
+        data,
+        request_id: None,
+        at,
+    };
+    Ok(Store::append(txn, new).await?)
 }

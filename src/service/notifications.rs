@@ -15,7 +15,7 @@ use crate::domain::{
     DomainError, Event, EventKind, NewNotification, Notification, Principal, ReadState, Role,
     StreamKey, format_time, now,
 };
-use crate::store::{Store, StoreError};
+use crate::store::{NewEvent, Store, StoreError};
 
 pub(super) fn own_user(by: &Principal) -> Result<&str, DomainError> {
     if by.anonymous {
@@ -40,7 +40,25 @@ async fn append(
     at: DateTime<Utc>,
 ) -> Result<Event, StoreError> {
     let seq = Store::next_seq(txn, stream).await?;
-    Store::append(txn, stream, seq, kind, json_text(data), None, at).await
+    Store::append(txn, event(stream, seq, kind, json_text(data), at)).await
+}
+
+/// A user-stream event: these carry no request id.
+fn event(
+    stream: &StreamKey,
+    seq: u64,
+    kind: EventKind,
+    data: String,
+    at: DateTime<Utc>,
+) -> NewEvent<'_> {
+    NewEvent {
+        stream,
+        seq,
+        kind,
+        data,
+        request_id: None,
+        at,
+    }
 }
 
 /// The user's `unread_count` event after a change to their notifications.
@@ -68,12 +86,13 @@ pub(crate) async fn notify_in(
     let n = Store::insert_notification(txn, user, new, at).await?;
     let created = Store::append(
         txn,
-        &stream,
-        seq,
-        EventKind::Notification,
-        json_text(&n.to_json()),
-        None,
-        at,
+        event(
+            &stream,
+            seq,
+            EventKind::Notification,
+            json_text(&n.to_json()),
+            at,
+        ),
     )
     .await?;
     let unread = Store::unread_in(txn, user).await?;
@@ -157,12 +176,13 @@ impl Service {
             let read = json!({"ids": ids, "read_at": format_time(&at)});
             let e1 = Store::append(
                 txn,
-                &stream,
-                seq,
-                EventKind::NotificationRead,
-                json_text(&read),
-                None,
-                at,
+                event(
+                    &stream,
+                    seq,
+                    EventKind::NotificationRead,
+                    json_text(&read),
+                    at,
+                ),
             )
             .await?;
             let e2 = append_unread(txn, &stream, unread, at).await?;

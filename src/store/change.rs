@@ -11,7 +11,6 @@
 //! Same contract as the calls they fold (`next_seq`, `item_in`, `save_item`, `append`):
 //! the seq comes from the stream row under its lock, in the caller's transaction.
 
-use chrono::{DateTime, Utc};
 use entity::item;
 use sea_orm::{
     ConnectionTrait, DatabaseTransaction, DbBackend, FromQueryResult, QueryResult, Statement,
@@ -19,8 +18,8 @@ use sea_orm::{
 
 use super::log::to_u64;
 use super::stock::to_item;
-use super::{Store, StoreError, stmt};
-use crate::domain::{Event, EventKind, Item, StreamKey};
+use super::{NewEvent, Store, StoreError, stmt};
+use crate::domain::{Event, Item, StreamKey};
 
 /// The seq row is told from the item row (and the key row) by its first column.
 macro_rules! next_seq_and_item {
@@ -143,22 +142,16 @@ impl Store {
     }
 
     /// Saves the item and appends its event, as `save_item` and `append` do.
-    #[allow(clippy::too_many_arguments)]
     pub async fn save_and_append(
         txn: &DatabaseTransaction,
         it: &Item,
-        stream: &StreamKey,
-        seq: u64,
-        kind: EventKind,
-        data: String,
-        request_id: Option<String>,
-        at: DateTime<Utc>,
+        new: NewEvent<'_>,
     ) -> Result<Event, StoreError> {
         if txn.get_database_backend() != DbBackend::Sqlite {
             Self::save_item(txn, it).await?;
-            return Self::append(txn, stream, seq, kind, data, request_id, at).await;
+            return Self::append(txn, new).await;
         }
-        let (last, ev) = Self::save_and_append_last(it, stream, seq, kind, data, request_id, at)?;
+        let (last, ev) = Self::save_and_append_last(it, new)?;
         Self::run_last(txn, last).await?;
         Ok(ev)
     }
@@ -171,17 +164,10 @@ impl Store {
     /// `save_and_append` on SQLite as a statement for later in the transaction (a
     /// grouped change's last, run in the next call, `service::commit`), and the event
     /// it appends. `saved_and_appended` checks its rows.
-    #[allow(clippy::too_many_arguments)]
     pub fn save_and_append_last(
         it: &Item,
-        stream: &StreamKey,
-        seq: u64,
-        kind: EventKind,
-        data: String,
-        request_id: Option<String>,
-        at: DateTime<Utc>,
+        new: NewEvent<'_>,
     ) -> Result<(Statement, Event), StoreError> {
-        let seq_i = i64::try_from(seq).map_err(|_| StoreError::Corrupt("seq overflow".into()))?;
         let values = vec![
             it.sku.clone().into(),
             it.name.clone().into(),
@@ -190,15 +176,15 @@ impl Store {
             it.version.into(),
             it.updated_at.into(),
             it.id.into(),
-            stream.to_string().into(),
-            seq_i.into(),
-            kind.as_str().into(),
-            data.clone().into(),
-            request_id.into(),
-            at.into(),
+            new.stream.to_string().into(),
+            new.seq_i64()?.into(),
+            new.kind.as_str().into(),
+            new.data.clone().into(),
+            new.request_id.clone().into(),
+            new.at.into(),
         ];
         let last = stmt(DbBackend::Sqlite, SAVE_AND_APPEND, values);
-        Ok((last, Event::render(stream, seq, kind, at, data)))
+        Ok((last, new.event()))
     }
 
     /// Checks that `rows` hold what `n` runs of `save_and_append_last` return: each

@@ -12,6 +12,28 @@ use sea_orm::{
 use super::{Store, StoreError, exec, stmt, unique};
 use crate::domain::{Event, EventKind, LogBounds, StreamKey};
 
+/// An event to append: what `Store::append` and the item changes' joint statements
+/// write. `seq` must come from `next_seq` in the same transaction.
+pub struct NewEvent<'a> {
+    pub stream: &'a StreamKey,
+    pub seq: u64,
+    pub kind: EventKind,
+    pub data: String,
+    pub request_id: Option<String>,
+    pub at: DateTime<Utc>,
+}
+
+impl NewEvent<'_> {
+    pub(super) fn seq_i64(&self) -> Result<i64, StoreError> {
+        i64::try_from(self.seq).map_err(|_| StoreError::Corrupt("seq overflow".into()))
+    }
+
+    /// The event as appended.
+    pub(super) fn event(self) -> Event {
+        Event::render(self.stream, self.seq, self.kind, self.at, self.data)
+    }
+}
+
 pub(super) fn to_u64(v: i64, what: &str) -> Result<u64, StoreError> {
     u64::try_from(v).map_err(|_| StoreError::Corrupt(format!("negative {what}: {v}")))
 }
@@ -63,28 +85,19 @@ impl Store {
         )))
     }
 
-    /// Appends one event; `seq` must come from `next_seq` in the same transaction.
-    pub async fn append(
-        txn: &DatabaseTransaction,
-        stream: &StreamKey,
-        seq: u64,
-        kind: EventKind,
-        data: String,
-        request_id: Option<String>,
-        at: DateTime<Utc>,
-    ) -> Result<Event, StoreError> {
-        let seq_i = i64::try_from(seq).map_err(|_| StoreError::Corrupt("seq overflow".into()))?;
+    /// Appends one event.
+    pub async fn append(txn: &DatabaseTransaction, new: NewEvent<'_>) -> Result<Event, StoreError> {
         event::Entity::insert(event::ActiveModel {
-            stream: Set(stream.to_string()),
-            seq: Set(seq_i),
-            kind: Set(kind.as_str().to_owned()),
-            data: Set(data.clone()),
-            request_id: Set(request_id),
-            created_at: Set(at),
+            stream: Set(new.stream.to_string()),
+            seq: Set(new.seq_i64()?),
+            kind: Set(new.kind.as_str().to_owned()),
+            data: Set(new.data.clone()),
+            request_id: Set(new.request_id.clone()),
+            created_at: Set(new.at),
         })
         .exec_without_returning(txn)
         .await?;
-        Ok(Event::render(stream, seq, kind, at, data))
+        Ok(new.event())
     }
 
     /// One event of the log, read in `txn`.

@@ -27,6 +27,7 @@ use sea_orm::{
 pub use bus::{Listener, MAX_PAYLOAD};
 pub use idempotency::KeyClaim;
 pub use keys::ApiKey;
+pub use log::NewEvent;
 
 /// Storage failures. `Display` carries the database's own message, once: the cause is
 /// not also exposed as `source()`, so an error chain printed at the top (`main`) does

@@ -467,47 +467,32 @@ async fn an_item_change_after_a_revocation_elsewhere_is_refused_and_applies_noth
         app.revoke_in_database(&name).await;
 
         replay().await.assert_problem(401, "unauthorized");
-        app.request_as(
-            Some(&key),
-            Method::PATCH,
-            &patch,
-            Some(json!({ "delta": 5 })),
-        )
-        .await
-        .assert_problem(401, "unauthorized");
-        app.request_as(
-            Some(&key),
-            Method::POST,
-            &items,
-            Some(json!({"sku": "S3", "name": "three", "quantity": 1})),
-        )
-        .await
-        .assert_problem(401, "unauthorized");
-        app.request_as(
-            Some(&key),
-            Method::DELETE,
-            &format!("/api/items/{doomed}"),
-            None,
-        )
-        .await
-        .assert_problem(401, "unauthorized");
-        // Refusals made before the change's transaction say 401 too, not 404 or 400.
-        app.request_as(
-            Some(&key),
-            Method::PATCH,
-            "/api/items/999999",
-            Some(json!({ "delta": 5 })),
-        )
-        .await
-        .assert_problem(401, "unauthorized");
-        app.request_as(
-            Some(&key),
-            Method::PATCH,
-            &patch,
-            Some(json!({ "delta": "five" })),
-        )
-        .await
-        .assert_problem(401, "unauthorized");
+        let deleted = format!("/api/items/{doomed}");
+        for (method, path, body) in [
+            (Method::PATCH, patch.as_str(), Some(json!({ "delta": 5 }))),
+            (
+                Method::POST,
+                items.as_str(),
+                Some(json!({"sku": "S3", "name": "three", "quantity": 1})),
+            ),
+            (Method::DELETE, deleted.as_str(), None),
+            // Refusals made before the change's transaction say 401 too, not 404 or
+            // 400: an unknown item, a malformed body.
+            (
+                Method::PATCH,
+                "/api/items/999999",
+                Some(json!({ "delta": 5 })),
+            ),
+            (
+                Method::PATCH,
+                patch.as_str(),
+                Some(json!({ "delta": "five" })),
+            ),
+        ] {
+            app.request_as(Some(&key), method, path, body)
+                .await
+                .assert_problem(401, "unauthorized");
+        }
 
         let after = app.get(&format!("/api/zones/{zone}/events")).await.json();
         assert_eq!(after, before, "no event was appended ({})", db.url);
