@@ -128,9 +128,10 @@ impl Pace {
             changes
                 .iter()
                 .filter_map(|(stream, seq)| {
-                    let rx = map.get(stream)?.subscribe();
-                    let behind = !self.close_enough(&rx.borrow(), *seq);
-                    behind.then_some((rx, *seq))
+                    // Only a writer that will wait subscribes: `holding` counts them.
+                    let tx = map.get(stream)?;
+                    let behind = !self.close_enough(&tx.borrow(), *seq);
+                    behind.then(|| (tx.subscribe(), *seq))
                 })
                 .collect()
         };
