@@ -14,7 +14,7 @@ use crate::cursor::Item;
 use crate::domain::{Event, Principal, StreamKey};
 use crate::observe::{Stats, Transport};
 use crate::transport::batch::MAX_CHUNK;
-use crate::transport::send::{Sent, try_send};
+use crate::transport::send::{RawSocket, Sent};
 use crate::transport::ws_socket::{self, Delivered};
 use crate::transport::{Delivery, render};
 
@@ -117,6 +117,9 @@ pub(super) struct Member {
     /// The stream position it has been written up to (for an early member, the seq
     /// its own cursor wrote last).
     at: u64,
+    /// An SSE member's socket, written past tokio (see `RawSocket`): open while `who`
+    /// holds its connection, and a member that would block is handed back.
+    raw: Option<RawSocket>,
     _place: Place,
 }
 
@@ -131,6 +134,10 @@ enum Wrote {
 impl Member {
     fn new(who: Joiner, at: u64, shared: &Arc<Shared>, stats: &Arc<Stats>) -> Self {
         stats.fanout_member(true);
+        let raw = match &who {
+            Joiner::Sse(f) => Some(RawSocket::of(&f.conn.tcp)),
+            Joiner::Ws { .. } => None,
+        };
         let watcher = match &who {
             Joiner::Sse(f) => {
                 let (conn, shared) = (f.conn.clone(), shared.clone());
@@ -142,6 +149,7 @@ impl Member {
         Member {
             who,
             at,
+            raw,
             _place: Place {
                 watcher,
                 stats: stats.clone(),
@@ -151,7 +159,7 @@ impl Member {
 
     fn write(&self, stream: &StreamKey, batch: &Batch) -> Wrote {
         match &self.who {
-            Joiner::Sse(f) => match try_send(&f.conn.tcp, &batch.sse) {
+            Joiner::Sse(_) => match self.raw.map_or(Sent::Gone, |s| s.try_send(&batch.sse)) {
                 Sent::All => Wrote::All,
                 Sent::Part(n) => Wrote::Back(batch.sse.slice(n..)),
                 Sent::Gone => Wrote::Gone,
