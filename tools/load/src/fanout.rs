@@ -14,7 +14,7 @@ use anyhow::{Context, bail};
 use tokio::sync::{Mutex, watch};
 
 use crate::report::{CpuWindow, latency_line, print_cpu};
-use crate::server::{Kind, RestPublisher, Server, Transport, WsPublisher};
+use crate::server::{Kind, Publishers, RestPublisher, Server, Transport, WsPublisher};
 use crate::subscribe::{Arrivals, Opening, Sub, source, within_bounds};
 
 #[derive(clap::Args)]
@@ -139,13 +139,15 @@ pub async fn run(a: Args) -> anyhow::Result<()> {
     let mut tasks = Vec::new();
     let tick = (a.rate > 0).then(|| Duration::from_secs_f64(1.0 / a.rate as f64));
     let per = a.changes.div_ceil(publishers);
+    let pool = Arc::new(Publishers::new(publisher.clone(), topic.clone()));
     for p in 0..publishers {
         let count = per.min(a.changes.saturating_sub(p * per));
-        let (server, topic, sent, numbered) = (
+        let (server, topic, sent, numbered, pool) = (
             publisher.clone(),
             topic.clone(),
             sent.clone(),
             numbered.clone(),
+            pool.clone(),
         );
         let via_ws = a.publish_via == "ws";
         tasks.push(tokio::spawn(async move {
@@ -180,10 +182,10 @@ pub async fn run(a: Args) -> anyhow::Result<()> {
                     // At a rate, each change is its own request so a slow answer does
                     // not delay the next change.
                     None if interval.is_some() => {
-                        let (server, topic, sent) = (server.clone(), topic.clone(), sent.clone());
+                        let (pool, sent) = (pool.clone(), sent.clone());
                         pending.push(tokio::spawn(async move {
-                            let seq = server.publish(&topic, n).await?;
-                            sent.lock().await.insert(seq, at);
+                            let (seq, written) = pool.publish(n).await?;
+                            sent.lock().await.insert(seq, written);
                             anyhow::Ok(())
                         }));
                     }

@@ -5,6 +5,7 @@
 //! (`{"seq":N}`), so both servers are checked for missing, duplicated and
 //! out-of-order deliveries the same way.
 
+use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::{Context, bail};
@@ -265,6 +266,49 @@ impl RestPublisher {
             }
             Kind::Nchan => Ok((n, at)),
         }
+    }
+}
+
+/// The most publishing connections a run at a rate keeps open at once.
+const MAX_PUBLISHERS: usize = 64;
+
+/// Kept-alive publishing connections for changes at a rate: each change takes an idle
+/// one, or opens one while fewer than `MAX_PUBLISHERS` are busy, so a slow answer does
+/// not delay the next change; each request is written by hand (`RestPublisher`), its
+/// time taken as it goes out rather than when its tick came.
+pub struct Publishers {
+    server: Server,
+    topic: Arc<Topic>,
+    idle: std::sync::Mutex<Vec<RestPublisher>>,
+    room: tokio::sync::Semaphore,
+}
+
+impl Publishers {
+    pub fn new(server: Server, topic: Arc<Topic>) -> Publishers {
+        Publishers {
+            server,
+            topic,
+            idle: std::sync::Mutex::default(),
+            room: tokio::sync::Semaphore::new(MAX_PUBLISHERS),
+        }
+    }
+
+    fn idle(&self) -> std::sync::MutexGuard<'_, Vec<RestPublisher>> {
+        // Pushes and pops leave the list whole: a poisoned lock is usable.
+        self.idle.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// One change: its seq, and when its request was written.
+    pub async fn publish(&self, n: u64) -> anyhow::Result<(u64, std::time::Instant)> {
+        let _busy = self.room.acquire().await?;
+        let kept = self.idle().pop();
+        let mut p = match kept {
+            Some(p) => p,
+            None => RestPublisher::connect(&self.server, &self.topic).await?,
+        };
+        let done = p.publish(n).await?;
+        self.idle().push(p);
+        Ok(done)
     }
 }
 
