@@ -189,7 +189,9 @@ impl WsConn {
         if out.queue.is_empty()
             && let Some(d) = &self.direct
         {
-            match super::send::try_send(&d.tcp, &bytes) {
+            // Past tokio (see `RawSocket`): what would block is queued, and the task
+            // flushes it through tokio, which learns the socket's readiness again.
+            match super::send::RawSocket::of(&d.tcp).try_send(&bytes) {
                 super::send::Sent::All => return,
                 super::send::Sent::Part(n) => {
                     out.started = n > 0;
