@@ -193,39 +193,49 @@ pub struct Stream {
     framing: Framing,
 }
 
+thread_local! {
+    /// The buffer every socket read on this thread goes into. What a read returns is
+    /// handed on before its task next waits, so no connection needs one of its own:
+    /// ten thousand subscribers each with a 64 KiB buffer had the kernel copy every
+    /// read into memory the tool's core had not touched for a whole pass.
+    static SCRATCH: std::cell::RefCell<Vec<u8>> = std::cell::RefCell::new(vec![0; 64 * 1024]);
+}
+
 /// A response's socket once its head has been read: the bytes that came with the
 /// head first, then one stamped read at a time. SSE and WebSocket subscriptions
 /// both read through it.
 pub struct Body {
     pub tcp: TcpStream,
-    /// The bytes read with the head wait at the start of `buf`: this many, read at
-    /// `early_at`.
-    early: usize,
+    /// The bytes read with the head, handed on first (as read at `early_at`).
+    early: Vec<u8>,
     early_at: At,
-    buf: Vec<u8>,
 }
 
 impl Body {
     pub fn new(tcp: TcpStream, early: Vec<u8>) -> Body {
-        let mut buf = early;
-        let n = buf.len();
-        buf.resize(n.max(64 * 1024), 0);
         Body {
             tcp,
-            early: n,
+            early,
             early_at: At::now(),
-            buf,
         }
     }
 
-    /// Reads once: the bytes and when they arrived; `None` once the peer has closed.
-    pub async fn read(&mut self) -> std::io::Result<Option<(&[u8], At)>> {
-        let early = std::mem::take(&mut self.early);
-        if early > 0 {
-            return Ok(Some((&self.buf[..early], self.early_at)));
+    /// Reads once and hands the bytes, with when they arrived, to `f`; `None` once the
+    /// peer has closed.
+    pub async fn read<R>(&mut self, f: impl FnOnce(&[u8], At) -> R) -> std::io::Result<Option<R>> {
+        if !self.early.is_empty() {
+            let early = std::mem::take(&mut self.early);
+            return Ok(Some(f(&early, self.early_at)));
         }
-        let (n, at) = crate::stamp::recv(&self.tcp, &mut self.buf).await?;
-        Ok((n > 0).then(|| (&self.buf[..n], at)))
+        loop {
+            self.tcp.readable().await?;
+            // No wait between the read and `f`: nothing else on this thread runs in
+            // between to overwrite the buffer.
+            let read = SCRATCH.with_borrow_mut(|buf| crate::stamp::try_read(&self.tcp, buf))?;
+            if let Some((n, at)) = read {
+                return Ok((n > 0).then(|| SCRATCH.with_borrow(|buf| f(&buf[..n], at))));
+            }
+        }
     }
 }
 
@@ -256,10 +266,12 @@ impl Stream {
     /// Reads once and hands the body bytes to `body`, with when they arrived; `false`
     /// once the body has ended.
     pub async fn read(&mut self, body: &mut impl FnMut(&[u8], At)) -> anyhow::Result<bool> {
-        let Some((input, at)) = self.body.read().await? else {
-            return Ok(false);
-        };
-        self.framing.feed(input, &mut |b| body(b, at))
+        let framing = &mut self.framing;
+        let fed = self
+            .body
+            .read(|input, at| framing.feed(input, &mut |b| body(b, at)))
+            .await?;
+        fed.unwrap_or(Ok(false))
     }
 }
 

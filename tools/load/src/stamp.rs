@@ -144,7 +144,19 @@ fn try_recv(tcp: &TcpStream, buf: &mut [u8]) -> io::Result<(usize, Option<u128>)
 }
 
 /// Reads once (waiting until there is something) into `buf`: how many bytes, and when
-/// they arrived.
+/// they arrived. (`sse::Body` reads into a shared buffer through `try_read`.)
+#[cfg(test)]
+pub async fn recv(tcp: &TcpStream, buf: &mut [u8]) -> io::Result<(usize, At)> {
+    loop {
+        tcp.readable().await?;
+        if let Some(got) = try_read(tcp, buf)? {
+            return Ok(got);
+        }
+    }
+}
+
+/// One read into `buf` without waiting, once `readable` said so: how many bytes and
+/// when they arrived, or `None` if the socket had nothing after all.
 ///
 /// A read that leaves room in `buf` has taken all the socket held, so the socket's
 /// readiness is cleared with it: otherwise the next call would spend a `recvmsg` on
@@ -152,32 +164,29 @@ fn try_recv(tcp: &TcpStream, buf: &mut [u8]) -> io::Result<(usize, Option<u128>)
 /// half the tool's `recvmsg` calls). Bytes that land after the read raise a new
 /// edge-triggered event, and tokio clears only the readiness the read saw (its tick),
 /// never a newer one.
-pub async fn recv(tcp: &TcpStream, buf: &mut [u8]) -> io::Result<(usize, At)> {
-    let (n, stamp) = loop {
-        tcp.readable().await?;
-        let mut drained = None;
-        match tcp.try_io(Interest::READABLE, || {
-            let (n, stamp) = try_recv(tcp, buf)?;
-            if n > 0 && n < buf.len() {
-                drained = Some((n, stamp));
-                return Err(io::ErrorKind::WouldBlock.into());
-            }
-            Ok((n, stamp))
-        }) {
-            Ok(got) => break got,
-            Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
-                if let Some(got) = drained {
-                    break got;
-                }
-            }
-            Err(e) => return Err(e),
+pub fn try_read(tcp: &TcpStream, buf: &mut [u8]) -> io::Result<Option<(usize, At)>> {
+    let mut drained = None;
+    let got = match tcp.try_io(Interest::READABLE, || {
+        let (n, stamp) = try_recv(tcp, buf)?;
+        if n > 0 && n < buf.len() {
+            drained = Some((n, stamp));
+            return Err(io::ErrorKind::WouldBlock.into());
         }
+        Ok((n, stamp))
+    }) {
+        Ok(got) => got,
+        Err(e) if e.kind() == io::ErrorKind::WouldBlock => match drained {
+            Some(got) => got,
+            None => return Ok(None),
+        },
+        Err(e) => return Err(e),
     };
+    let (n, stamp) = got;
     if n > 0 {
         READS.fetch_add(1, Ordering::Relaxed);
         UNSTAMPED.fetch_add(u64::from(stamp.is_none()), Ordering::Relaxed);
     }
-    Ok((n, At::new(Instant::now(), stamp)))
+    Ok(Some((n, At::new(Instant::now(), stamp))))
 }
 
 static READS: AtomicU64 = AtomicU64::new(0);

@@ -185,10 +185,15 @@ impl Stream {
     /// Reads once and hands each whole text message to `text`, with when its last
     /// bytes arrived; `false` once the connection has closed.
     pub async fn read(&mut self, text: &mut impl FnMut(&[u8], At)) -> anyhow::Result<bool> {
-        let Some((bytes, at)) = self.body.read().await? else {
+        let frames = &mut self.frames;
+        let fed = self
+            .body
+            .read(|bytes, at| frames.feed(bytes, &mut |m| text(m, at)))
+            .await?;
+        let Some(controls) = fed else {
             return Ok(false);
         };
-        let controls = self.frames.feed(bytes, &mut |m| text(m, at))?;
+        let controls = controls?;
         for c in controls {
             match c {
                 Control::Pong(p) => self.body.tcp.write_all(&p).await?,
