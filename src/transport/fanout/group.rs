@@ -1,6 +1,7 @@
 //! One stream's group: its members, SSE or WebSocket, and the rules for joining,
 //! writing a batch and handing back (see the module above for the promise they keep).
 
+use std::cell::Cell;
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
 
@@ -120,6 +121,8 @@ pub(super) struct Member {
     /// An SSE member's socket, written past tokio (see `RawSocket`): open while `who`
     /// holds its connection, and a member that would block is handed back.
     raw: Option<RawSocket>,
+    /// A WebSocket member's view of its connection's subscriptions (`WsConn::deliver`).
+    seen: Cell<u64>,
     _place: Place,
 }
 
@@ -150,6 +153,7 @@ impl Member {
             who,
             at,
             raw,
+            seen: Cell::new(u64::MAX),
             _place: Place {
                 watcher,
                 stats: stats.clone(),
@@ -164,7 +168,7 @@ impl Member {
                 Sent::Part(n) => Wrote::Back(batch.sse.slice(n..)),
                 Sent::Gone => Wrote::Gone,
             },
-            Joiner::Ws { conn, sub } => match conn.deliver(stream, *sub, &batch.ws) {
+            Joiner::Ws { conn, sub } => match conn.deliver(stream, *sub, &self.seen, &batch.ws) {
                 Delivered::Yes => Wrote::All,
                 // Nothing of it was queued: the connection takes the stream from
                 // before the batch.
