@@ -236,8 +236,9 @@ fn core_names(cores: &[usize]) -> String {
 /// A process pinned to cores of its own (as the benchmarks run it) also gets those
 /// cores' busy share: everything that ran there, the kernel's work on its behalf that
 /// `/proc/PID/stat` leaves out included. For the tool, that is what says whether its
-/// core had anything left.
-pub fn print_cpu(window: &CpuUsed, threads: usize, deliveries: u64) {
+/// core had anything left. Returns whether the tool was saturated.
+pub fn print_cpu(window: &CpuUsed, threads: usize, deliveries: u64) -> bool {
+    let mut any_saturated = false;
     let secs = window.secs;
     // ", 1.23 µs CPU per delivery", `what` being "CPU" or the cores' time.
     let per = |cores: f64, what: &str| {
@@ -271,6 +272,7 @@ pub fn print_cpu(window: &CpuUsed, threads: usize, deliveries: u64) {
                 println!("{}", pinned_line(p, false));
                 saturated |= p.busy > 0.9 * p.cores.len() as f64;
             }
+            any_saturated |= saturated;
             if saturated {
                 println!(
                     "WARNING: the load generator was saturated ({:.2} of {threads} threads{}): \
@@ -294,6 +296,7 @@ pub fn print_cpu(window: &CpuUsed, threads: usize, deliveries: u64) {
             }
         }
     }
+    any_saturated
 }
 
 #[cfg(test)]
