@@ -2,7 +2,7 @@
 //! What every fan-out write and every handed-over socket's write is made of.
 
 use std::io;
-use std::os::fd::{AsRawFd, RawFd};
+use std::os::fd::AsRawFd;
 
 use tokio::net::TcpStream;
 
@@ -20,41 +20,30 @@ pub fn try_send(tcp: &TcpStream, buf: &[u8]) -> Sent {
     send_with(buf, |b| tcp.try_write(b))
 }
 
-/// A socket a fan-out pass writes to by its descriptor, past tokio.
+/// Writes as much of `buf` as the socket takes now, by its descriptor, past tokio.
 ///
 /// tokio's `try_write` first reads the socket's readiness, which lives in a block of
 /// its own: in a pass over ten thousand sockets that is a cache miss per socket (5 %
 /// of the server's core at 10,000 subscribers, `perf`), for a check the kernel makes
 /// anyway. Writing past tokio leaves its readiness as it was, possibly stale after a
-/// write that would have blocked; so the socket must then be written through tokio
-/// (`try_send`, `writable`), whose first write learns it again. A fan-out hands such a
-/// socket back to its own task, which does.
-#[derive(Clone, Copy)]
-pub struct RawSocket(RawFd);
-
-impl RawSocket {
-    /// The descriptor of `tcp`, valid while `tcp` is open: the caller keeps it so.
-    pub fn of(tcp: &TcpStream) -> RawSocket {
-        RawSocket(tcp.as_raw_fd())
-    }
-
-    /// Writes as much of `buf` as the socket takes now.
-    pub fn try_send(self, buf: &[u8]) -> Sent {
-        send_with(buf, |b| {
-            // SAFETY: `b` is a live slice of `b.len()` bytes; the descriptor is open
-            // (`of`). `send` on a bad descriptor fails with an error, not undefined
-            // behaviour.
-            let n = unsafe {
-                libc::send(
-                    self.0,
-                    b.as_ptr().cast(),
-                    b.len(),
-                    libc::MSG_DONTWAIT | libc::MSG_NOSIGNAL,
-                )
-            };
-            usize::try_from(n).map_err(|_| io::Error::last_os_error())
-        })
-    }
+/// write that would have blocked; so what is left must then be written through tokio
+/// (`try_send`, `writable`), whose first write learns it again. The fan-out hands such
+/// a socket back to its own task, which does.
+pub fn try_send_past_tokio(tcp: &TcpStream, buf: &[u8]) -> Sent {
+    let fd = tcp.as_raw_fd();
+    send_with(buf, |b| {
+        // SAFETY: `b` is a live slice of `b.len()` bytes, and `fd` is `tcp`'s, open
+        // while `tcp` is borrowed.
+        let n = unsafe {
+            libc::send(
+                fd,
+                b.as_ptr().cast(),
+                b.len(),
+                libc::MSG_DONTWAIT | libc::MSG_NOSIGNAL,
+            )
+        };
+        usize::try_from(n).map_err(|_| io::Error::last_os_error())
+    })
 }
 
 fn send_with(buf: &[u8], mut write: impl FnMut(&[u8]) -> io::Result<usize>) -> Sent {
@@ -88,11 +77,10 @@ mod tests {
         let client = tokio::spawn(TcpStream::connect(addr));
         let (tcp, _) = listener.accept().await.expect("accept");
         let mut reader = client.await.expect("join").expect("connect");
-        let raw = RawSocket::of(&tcp);
         let chunk = vec![b'x'; 64 * 1024];
         let mut sent = 0;
         let rest = loop {
-            match raw.try_send(&chunk) {
+            match try_send_past_tokio(&tcp, &chunk) {
                 Sent::All => sent += chunk.len(),
                 Sent::Part(n) => break chunk.len() - n,
                 Sent::Gone => panic!("the socket failed"),

@@ -195,9 +195,9 @@ impl WsConn {
         if out.queue.is_empty()
             && let Some(d) = &self.direct
         {
-            // Past tokio (see `RawSocket`): what would block is queued, and the task
-            // flushes it through tokio, which learns the socket's readiness again.
-            match super::send::RawSocket::of(&d.tcp).try_send(&bytes) {
+            // Past tokio (`try_send_past_tokio`): what would block is queued, and the
+            // task flushes it through tokio, which learns the socket's readiness again.
+            match super::send::try_send_past_tokio(&d.tcp, &bytes) {
                 super::send::Sent::All => return,
                 super::send::Sent::Part(n) => {
                     out.started = n > 0;

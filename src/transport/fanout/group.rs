@@ -15,7 +15,7 @@ use crate::cursor::Item;
 use crate::domain::{Event, Principal, StreamKey};
 use crate::observe::{Stats, Transport};
 use crate::transport::batch::MAX_CHUNK;
-use crate::transport::send::{RawSocket, Sent};
+use crate::transport::send::{Sent, try_send_past_tokio};
 use crate::transport::ws_socket::{self, Delivered};
 use crate::transport::{Delivery, render};
 
@@ -118,9 +118,6 @@ pub(super) struct Member {
     /// The stream position it has been written up to (for an early member, the seq
     /// its own cursor wrote last).
     at: u64,
-    /// An SSE member's socket, written past tokio (see `RawSocket`): open while `who`
-    /// holds its connection, and a member that would block is handed back.
-    raw: Option<RawSocket>,
     /// A WebSocket member's view of its connection's subscriptions (`WsConn::deliver`).
     seen: Cell<u64>,
     _place: Place,
@@ -137,10 +134,6 @@ enum Wrote {
 impl Member {
     fn new(who: Joiner, at: u64, shared: &Arc<Shared>, stats: &Arc<Stats>) -> Self {
         stats.fanout_member(true);
-        let raw = match &who {
-            Joiner::Sse(f) => Some(RawSocket::of(&f.conn.tcp)),
-            Joiner::Ws { .. } => None,
-        };
         let watcher = match &who {
             Joiner::Sse(f) => {
                 let (conn, shared) = (f.conn.clone(), shared.clone());
@@ -152,7 +145,6 @@ impl Member {
         Member {
             who,
             at,
-            raw,
             seen: Cell::new(u64::MAX),
             _place: Place {
                 watcher,
@@ -163,7 +155,8 @@ impl Member {
 
     fn write(&self, stream: &StreamKey, batch: &Batch) -> Wrote {
         match &self.who {
-            Joiner::Sse(_) => match self.raw.map_or(Sent::Gone, |s| s.try_send(&batch.sse)) {
+            // Past tokio (`try_send_past_tokio`): one that would block is handed back.
+            Joiner::Sse(f) => match try_send_past_tokio(&f.conn.tcp, &batch.sse) {
                 Sent::All => Wrote::All,
                 Sent::Part(n) => Wrote::Back(batch.sse.slice(n..)),
                 Sent::Gone => Wrote::Gone,
