@@ -14,7 +14,7 @@ use anyhow::{Context, bail};
 use tokio::sync::{Mutex, watch};
 
 use crate::report::{CpuWindow, latency_line, print_cpu};
-use crate::server::{Kind, Publishers, RestPublisher, Server, Transport, WsPublisher};
+use crate::server::{Kind, Publishers, Server, Transport, WsPublisher};
 use crate::subscribe::{Arrivals, Opening, Sub, source, within_bounds};
 
 #[derive(clap::Args)]
@@ -156,12 +156,6 @@ pub async fn run(a: Args) -> anyhow::Result<()> {
             } else {
                 None
             };
-            // Back to back over REST: requests written in this task's own turn.
-            let mut rest = if !via_ws && tick.is_none() {
-                Some(RestPublisher::connect(&server, &topic).await?)
-            } else {
-                None
-            };
             let mut interval = tick.map(|t| {
                 let mut i = tokio::time::interval(t);
                 i.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Burst);
@@ -189,11 +183,10 @@ pub async fn run(a: Args) -> anyhow::Result<()> {
                             anyhow::Ok(())
                         }));
                     }
+                    // Back to back over REST: written in this task's own turn, on
+                    // a connection of the pool it alone uses while it waits.
                     None => {
-                        let Some(rest) = &mut rest else {
-                            bail!("no publisher");
-                        };
-                        let (seq, written) = rest.publish(n).await?;
+                        let (seq, written) = pool.publish(n).await?;
                         sent.lock().await.insert(seq, written);
                     }
                 }

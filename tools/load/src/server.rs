@@ -269,13 +269,14 @@ impl RestPublisher {
     }
 }
 
-/// The most publishing connections a run at a rate keeps open at once.
+/// The most publishing connections a run keeps open at once.
 const MAX_PUBLISHERS: usize = 64;
 
-/// Kept-alive publishing connections for changes at a rate: each change takes an idle
-/// one, or opens one while fewer than `MAX_PUBLISHERS` are busy, so a slow answer does
-/// not delay the next change; each request is written by hand (`RestPublisher`), its
-/// time taken as it goes out rather than when its tick came.
+/// Kept-alive connections for changes over REST: each change takes an idle one, or
+/// opens one while fewer than `MAX_PUBLISHERS` are busy, so at a rate a slow answer
+/// does not delay the next change, and back to back each publisher in flight keeps
+/// one. Each request is written by hand (`RestPublisher`), its time taken as it goes
+/// out rather than when its turn came.
 pub struct Publishers {
     server: Server,
     topic: Arc<Topic>,
