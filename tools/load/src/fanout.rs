@@ -15,7 +15,7 @@ use tokio::sync::{Mutex, watch};
 
 use crate::report::{CpuWindow, latency_line, print_cpu};
 use crate::server::{Kind, Publishers, Server, Transport, WsPublisher};
-use crate::subscribe::{Arrivals, Opening, Sub, source, within_bounds};
+use crate::subscribe::{Arrivals, Opening, Sub, Table, source, within_bounds};
 
 #[derive(clap::Args)]
 pub struct Args {
@@ -115,6 +115,7 @@ pub async fn run(a: Args) -> anyhow::Result<()> {
     let (stop_tx, stop) = watch::channel(false);
     // At most `--connect-concurrency` connecting at once.
     let mut opening = Opening::new(a.connect_concurrency, stop);
+    let table = Table::new(start, last, a.subscribers);
     for i in 0..a.subscribers {
         let sub = Sub {
             transport: a.transport,
@@ -124,7 +125,7 @@ pub async fn run(a: Args) -> anyhow::Result<()> {
                 .to_owned(),
             from: source(i, a.source_addresses),
         };
-        opening.spawn(&topic, sub, last);
+        opening.spawn(&topic, sub, Arrivals::new(&table, i), last);
     }
     opening.wait(a.subscribers, deadline).await?;
     let subs = opening.tasks;
@@ -207,7 +208,7 @@ pub async fn run(a: Args) -> anyhow::Result<()> {
     // what never arrived is counted as missing rather than hidden behind a timeout.
     let mut all: Vec<Arrivals> = Vec::with_capacity(subs.len());
     let mut timed_out = false;
-    for mut s in subs {
+    for (i, mut s) in subs.into_iter().enumerate() {
         let left = deadline.saturating_duration_since(Instant::now());
         let r = match tokio::time::timeout(left, &mut s).await {
             Ok(r) => r,
@@ -221,7 +222,7 @@ pub async fn run(a: Args) -> anyhow::Result<()> {
         };
         all.push(
             r.context("subscriber task")?
-                .unwrap_or_else(|| Arrivals::new(start, last)),
+                .unwrap_or_else(|| Arrivals::new(&table, i)),
         );
     }
     // The measured phase is over: what follows is the tool's own bookkeeping.

@@ -9,7 +9,7 @@ use tokio::sync::watch;
 
 use crate::report::rss_kib;
 use crate::server::{Kind, Server, Transport};
-use crate::subscribe::{Opening, Sub, source};
+use crate::subscribe::{Arrivals, Opening, Sub, Table, source};
 
 #[derive(clap::Args)]
 pub struct Args {
@@ -46,6 +46,8 @@ pub async fn run(a: Args) -> anyhow::Result<()> {
     let pid = a.server_pid.to_string();
     let (stop_tx, stop) = watch::channel(false);
     let mut opening = Opening::new(256, stop);
+    // Nothing in particular is expected: what arrives is only counted.
+    let table = Table::new(topic.start, u64::MAX, 1);
     let base = a.url.as_str().trim_end_matches('/').to_owned();
     let open = |opening: &mut Opening, range: std::ops::Range<usize>| {
         for i in range {
@@ -54,7 +56,7 @@ pub async fn run(a: Args) -> anyhow::Result<()> {
                 base: base.clone(),
                 from: source(i, a.source_addresses),
             };
-            opening.spawn(&topic, sub, u64::MAX);
+            opening.spawn(&topic, sub, Arrivals::new(&table, 0), u64::MAX);
         }
     };
     open(&mut opening, 0..WARM_UP);

@@ -11,7 +11,7 @@ use tokio::sync::watch;
 
 use crate::report::{CpuWindow, latency_line, print_cpu};
 use crate::server::{Kind, Server, Transport};
-use crate::subscribe::{Sub, source, subscribe, within_bounds};
+use crate::subscribe::{Arrivals, Sub, Table, source, subscribe, within_bounds};
 
 #[derive(clap::Args)]
 pub struct Args {
@@ -54,6 +54,7 @@ pub async fn run(a: Args) -> anyhow::Result<()> {
         "storm: {} SSE clients, each {} events behind, reconnect at once",
         a.clients, a.behind
     );
+    let table = Table::new(topic.start, last, a.clients);
     let cpu = CpuWindow::start(&a.server_pid);
     let began = Instant::now();
     let clients: Vec<_> = (0..a.clients)
@@ -63,7 +64,15 @@ pub async fn run(a: Args) -> anyhow::Result<()> {
                 base: base.clone(),
                 from: source(i, a.source_addresses),
             };
-            tokio::spawn(subscribe(topic.clone(), sub, last, || {}, stop.clone()))
+            let out = Arrivals::new(&table, i);
+            tokio::spawn(subscribe(
+                topic.clone(),
+                sub,
+                out,
+                last,
+                || {},
+                stop.clone(),
+            ))
         })
         .collect();
     let mut caught_up = Vec::with_capacity(clients.len());

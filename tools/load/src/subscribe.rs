@@ -3,7 +3,7 @@
 
 use std::collections::HashSet;
 use std::net::{IpAddr, Ipv4Addr};
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, OnceLock};
 use std::time::{Duration, Instant};
 
@@ -50,23 +50,64 @@ fn instant(us: u32) -> Instant {
     epoch() + Duration::from_micros(u64::from(us))
 }
 
-/// What one subscriber received of seqs `first..=last`: when each first arrived,
-/// indexed by seq, and what broke the order.
+/// When each subscriber of a run first received each seq of `first..first + seqs`:
+/// one table for them all, eight bytes per expected delivery (the read and the kernel's
+/// time, `micros` plus one each; 0: not arrived), allocated and touched before the run.
 ///
-/// Eight bytes per expected delivery, allocated up front and touched as they arrive:
-/// a run of 10,000 subscribers and 3,000 changes keeps 240 MB, where a list of every
-/// arrival with its two `Instant`s kept 1.2 GB and spent a tenth of the tool's core
-/// faulting fresh pages in, on the core that must keep up with the server.
-pub struct Arrivals {
+/// Laid out seq by seq, a subscriber to a column: one pass of the server over its
+/// subscribers reaches them in about the order they connected, which is the order
+/// of the columns, so the tool's reads of one pass write neighbouring slots. With a
+/// table per subscriber, each read wrote a slot on a page of its own: at 10,000
+/// subscribers a cache and TLB miss per delivery, a tenth of the tool's core.
+pub struct Table {
     first: u64,
-    /// `[read, kernel]` in `micros`, plus one (0: not arrived).
-    times: Vec<[u32; 2]>,
-    /// Seqs outside `first..=last` (never expected; kept to count repeats).
+    seqs: usize,
+    width: usize,
+    cells: Box<[AtomicU64]>,
+}
+
+impl Table {
+    /// For `width` subscribers expecting `start+1..=last`. More than
+    /// `MAX_DELIVERIES` in all (an idle connection's range, up to `u64::MAX`) gets no
+    /// cells: what arrives is only counted, as outside the range.
+    pub fn new(start: u64, last: u64, width: usize) -> Arc<Table> {
+        let seqs = usize::try_from(last.saturating_sub(start))
+            .ok()
+            .filter(|&n| n.saturating_mul(width) <= MAX_DELIVERIES)
+            .unwrap_or(0);
+        // Zeros written here, not a zeroed allocation: that maps the zero page, and
+        // the first arrival on each page would fault a fresh one in during the run, on
+        // the tool's core.
+        let cells = std::iter::repeat_with(|| AtomicU64::new(0))
+            .take(seqs * width)
+            .collect();
+        Arc::new(Table {
+            first: start + 1,
+            seqs,
+            width,
+            cells,
+        })
+    }
+
+    fn cell(&self, seq: u64, column: usize) -> Option<&AtomicU64> {
+        let i = usize::try_from(seq.checked_sub(self.first)?).ok()?;
+        if i >= self.seqs || column >= self.width {
+            return None;
+        }
+        self.cells.get(i * self.width + column)
+    }
+}
+
+/// What one subscriber received: its column of a `Table`, and what broke the order.
+pub struct Arrivals {
+    table: Arc<Table>,
+    column: usize,
+    /// Seqs outside the table (never expected; kept to count repeats).
     outside: HashSet<u64>,
     prev: u64,
     /// The last `At` recorded, as stored: the events of one read share it, so it is
     /// converted once per read rather than twice per event.
-    stored: Option<(At, [u32; 2])>,
+    stored: Option<(At, u64)>,
     last_seq: Option<u64>,
     last_read: Option<Instant>,
     dup: u64,
@@ -74,30 +115,13 @@ pub struct Arrivals {
 }
 
 impl Arrivals {
-    /// Expecting `start+1..=last`. A range longer than `MAX_DELIVERIES` (an idle
-    /// connection's, up to `u64::MAX`) gets no table: what arrives is only counted, as
-    /// outside it.
-    pub fn new(start: u64, last: u64) -> Arrivals {
-        let n = usize::try_from(last.saturating_sub(start))
-            .ok()
-            .filter(|&n| n <= MAX_DELIVERIES)
-            .unwrap_or(0);
-        // A zeroed allocation maps the zero page: the first arrival on each page would
-        // fault a fresh one in, during the run, on the tool's core. One write per page
-        // here faults them in before it (`black_box`: a zero the compiler cannot see,
-        // so the store is kept).
-        let mut times = vec![[0u32; 2]; n];
-        for t in times
-            .iter_mut()
-            .step_by(4096 / std::mem::size_of::<[u32; 2]>())
-        {
-            *t = std::hint::black_box([0; 2]);
-        }
+    /// Column `column` of `table`.
+    pub fn new(table: &Arc<Table>, column: usize) -> Arrivals {
         Arrivals {
-            first: start + 1,
-            times,
+            table: table.clone(),
+            column,
             outside: HashSet::new(),
-            prev: start,
+            prev: table.first - 1,
             stored: None,
             last_seq: None,
             last_read: None,
@@ -108,24 +132,22 @@ impl Arrivals {
 
     /// Seq `seq` arrived, at `at`.
     pub fn record(&mut self, seq: u64, at: At) {
-        let slot = seq
-            .checked_sub(self.first)
-            .and_then(|i| usize::try_from(i).ok())
-            .and_then(|i| self.times.get_mut(i));
-        let again = match slot {
-            Some(t) if t[0] != 0 => true,
-            Some(t) => {
-                *t = match self.stored {
+        let again = match self.table.cell(seq, self.column) {
+            // Only this subscriber writes its column: a load and a store, no
+            // read-modify-write.
+            Some(cell) if cell.load(Ordering::Relaxed) != 0 => true,
+            Some(cell) => {
+                let stored = match self.stored {
                     Some((a, stored)) if a == at => stored,
                     _ => {
-                        let stored = [
-                            micros(at.read).saturating_add(1),
-                            micros(at.kernel).saturating_add(1),
-                        ];
+                        let read = micros(at.read).saturating_add(1);
+                        let kernel = micros(at.kernel).saturating_add(1);
+                        let stored = (u64::from(read) << 32) | u64::from(kernel);
                         self.stored = Some((at, stored));
                         stored
                     }
                 };
+                cell.store(stored, Ordering::Relaxed);
                 false
             }
             None => !self.outside.insert(seq),
@@ -147,19 +169,27 @@ impl Arrivals {
         self.last_read
     }
 
+    /// This subscriber's cells, by seq.
+    fn column(&self) -> impl Iterator<Item = (u64, u64)> + '_ {
+        let t = &*self.table;
+        (0..t.seqs).map(move |i| {
+            let cell = t.cells[i * t.width + self.column].load(Ordering::Relaxed);
+            (t.first + i as u64, cell)
+        })
+    }
+
     /// Missing, duplicated and out-of-order deliveries.
     pub fn check(&self) -> (u64, u64, u64) {
-        let missing = self.times.iter().filter(|t| t[0] == 0).count() as u64;
+        let missing = self.column().filter(|&(_, c)| c == 0).count() as u64;
         (missing, self.dup, self.disorder)
     }
 
     /// Every expected seq that arrived: `(seq, read, kernel)`, the first time.
     pub fn each(&self) -> impl Iterator<Item = (u64, Instant, Instant)> + '_ {
-        self.times
-            .iter()
-            .enumerate()
-            .filter(|(_, t)| t[0] != 0)
-            .map(|(i, t)| (self.first + i as u64, instant(t[0] - 1), instant(t[1] - 1)))
+        self.column().filter(|&(_, c)| c != 0).map(|(seq, c)| {
+            let (read, kernel) = ((c >> 32) as u32, c as u32);
+            (seq, instant(read - 1), instant(kernel - 1))
+        })
     }
 }
 
@@ -212,11 +242,12 @@ fn first_failure<E: std::fmt::Display>(e: E) {
     }
 }
 
-/// Watches `topic` until seq `until` has arrived or `stop` turns true; calls `opened`
-/// once its stream is open. `None`: it could not connect.
+/// Watches `topic` until seq `until` has arrived or `stop` turns true, recording into
+/// `out`; calls `opened` once its stream is open. `None`: it could not connect.
 pub async fn subscribe(
     topic: Arc<Topic>,
     sub: Sub,
+    mut out: Arrivals,
     until: u64,
     opened: impl FnOnce() + Send,
     mut stop: watch::Receiver<bool>,
@@ -233,7 +264,6 @@ pub async fn subscribe(
                 .map_err(first_failure)
                 .ok()?;
             opened();
-            let mut out = Arrivals::new(topic.start, until);
             let mut line = Vec::with_capacity(64);
             // Made once: a new one per read registered with the channel every time.
             let stopped = stop.wait_for(|s| *s);
@@ -290,7 +320,6 @@ pub async fn subscribe(
                 .map_err(first_failure)
                 .ok()?;
             opened();
-            let mut out = Arrivals::new(topic.start, until);
             // Made once: a new one per read registered with the channel every time.
             let stopped = stop.wait_for(|s| *s);
             tokio::pin!(stopped);
@@ -347,8 +376,8 @@ impl Opening {
         }
     }
 
-    /// Opens one more subscriber, watching until seq `until`.
-    pub fn spawn(&mut self, topic: &Arc<Topic>, sub: Sub, until: u64) {
+    /// Opens one more subscriber, watching until seq `until`, recording into `out`.
+    pub fn spawn(&mut self, topic: &Arc<Topic>, sub: Sub, out: Arrivals, until: u64) {
         let (topic, ready, gate, stop) = (
             topic.clone(),
             self.ready.clone(),
@@ -361,7 +390,7 @@ impl Opening {
                 drop(permit);
                 ready.fetch_add(1, Ordering::Relaxed);
             };
-            subscribe(topic, sub, until, opened, stop).await
+            subscribe(topic, sub, out, until, opened, stop).await
         }));
     }
 
@@ -423,8 +452,11 @@ mod tests {
 
     #[test]
     fn missing_duplicated_and_out_of_order_are_counted() {
+        // Times count from the epoch: a subscriber sets it before anything can arrive.
+        epoch();
         let at = At::now();
-        let mut a = Arrivals::new(0, 5);
+        let table = Table::new(0, 5, 3);
+        let mut a = Arrivals::new(&table, 1);
         for seq in [1, 2, 2, 4, 3, 9, 9] {
             a.record(seq, at);
         }
@@ -433,9 +465,23 @@ mod tests {
         assert_eq!(a.last_seq(), Some(9));
         let seqs: Vec<u64> = a.each().map(|(s, ..)| s).collect();
         assert_eq!(seqs, [1, 2, 3, 4]);
+        // The columns beside it are other subscribers': nothing of this one's is theirs.
+        let (mut left, mut right) = (Arrivals::new(&table, 0), Arrivals::new(&table, 2));
+        assert_eq!(left.check(), (5, 0, 0));
+        assert_eq!(right.check(), (5, 0, 0));
+        right.record(5, at);
+        assert_eq!(right.check(), (4, 0, 0));
+        assert_eq!(a.check(), (1, 2, 3));
+        left.record(1, at);
+        assert_eq!(left.check(), (4, 0, 0));
+        // A time is kept as it was given, to the microsecond.
+        let (_, read, kernel) = right.each().next().expect("seq 5");
+        let us = |t: Instant, u: Instant| t.max(u).duration_since(t.min(u)).as_micros();
+        assert!(us(read, at.read) <= 1 && us(kernel, at.kernel) <= 1);
         // An idle connection expects nothing in particular, and holds no table for it.
-        let mut idle = Arrivals::new(7, u64::MAX);
-        assert!(idle.times.is_empty());
+        let idle_table = Table::new(7, u64::MAX, 2);
+        assert!(idle_table.cells.is_empty());
+        let mut idle = Arrivals::new(&idle_table, 1);
         idle.record(8, at);
         idle.record(8, at);
         assert_eq!(idle.check(), (0, 1, 1));
