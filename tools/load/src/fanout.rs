@@ -64,6 +64,12 @@ pub struct Args {
     /// that both servers deliver as many bytes; 0 sends a bare `{"seq":N}`.
     #[arg(long, default_value_t = 260)]
     nchan_message_bytes: usize,
+    /// How subscribers acknowledge what they read: `prompt` (a Linux client's way,
+    /// about an ACK per delivery) or `delayed` (Windows' and macOS's way). Delayed ACKs
+    /// halve the tool's own work per read, and show what a server that waits for ACKs
+    /// before it sends more (Nagle's algorithm) costs its subscribers.
+    #[arg(long, value_enum, default_value = "prompt")]
+    acks: crate::stamp::Acks,
     /// Worker threads of the tool itself.
     #[arg(long, default_value_t = 1)]
     pub threads: usize,
@@ -76,6 +82,7 @@ pub async fn run(a: Args) -> anyhow::Result<()> {
         "--subscribers × --changes",
     )?;
     let deadline = Instant::now() + a.timeout;
+    crate::stamp::set_acks(a.acks);
     if a.server == Kind::Zonecast && a.key.is_empty() {
         bail!("--key (or ZONECAST_KEY): an admin key of the zonecast server");
     }
@@ -89,7 +96,7 @@ pub async fn run(a: Args) -> anyhow::Result<()> {
     let topic = Arc::new(publisher.topic("zonecast-load fanout").await?);
     let (start, last) = (topic.start, topic.start + a.changes as u64);
     println!(
-        "fanout: {:?} — {} {:?} subscribers via {} node(s) from {} address(es), {} changes at {} over {}",
+        "fanout: {:?} — {} {:?} subscribers via {} node(s) from {} address(es), {} changes at {} over {}, {} ACKs",
         a.server,
         a.subscribers,
         a.transport,
@@ -101,7 +108,11 @@ pub async fn run(a: Args) -> anyhow::Result<()> {
         } else {
             format!("{}/s", a.rate)
         },
-        a.publish_via
+        a.publish_via,
+        match a.acks {
+            crate::stamp::Acks::Prompt => "prompt",
+            crate::stamp::Acks::Delayed => "delayed",
+        }
     );
     if a.server == Kind::Nchan && (a.rate > 0 || a.in_flight > 1) {
         println!(

@@ -19,7 +19,7 @@
 
 use std::io;
 use std::sync::OnceLock;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use tokio::io::Interest;
@@ -182,11 +182,59 @@ pub fn try_read(tcp: &TcpStream, buf: &mut [u8]) -> io::Result<Option<(usize, At
         Err(e) => return Err(e),
     };
     let (n, stamp) = got;
+    if n > 0 && DELAYED_ACKS.load(Ordering::Relaxed) {
+        delay_acks_on(tcp);
+    }
     if n > 0 {
         READS.fetch_add(1, Ordering::Relaxed);
         UNSTAMPED.fetch_add(u64::from(stamp.is_none()), Ordering::Relaxed);
     }
     Ok(Some((n, At::new(Instant::now(), stamp))))
+}
+
+/// How the tool's subscribers acknowledge what they read.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum Acks {
+    /// As a Linux client that only reads: an ACK as soon as a read drains a small
+    /// segment, so about one per delivery.
+    Prompt,
+    /// As clients that delay their ACKs (Windows and macOS do by default): one for
+    /// every other segment, or when the delayed-ACK timer runs out.
+    Delayed,
+}
+
+static DELAYED_ACKS: AtomicBool = AtomicBool::new(false);
+
+/// How this process's subscribers acknowledge, from now on.
+pub fn set_acks(acks: Acks) {
+    DELAYED_ACKS.store(acks == Acks::Delayed, Ordering::Relaxed);
+}
+
+/// Puts `tcp` in Linux's delayed-ACK ("pingpong") mode: its next read no longer
+/// sends an ACK for a single small segment. The kernel leaves the mode whenever its
+/// delayed-ACK timer runs out, so this is done again after each read (one
+/// `setsockopt`, cheaper than the ACK it saves: on loopback an ACK runs the
+/// server's TCP input on the tool's core).
+fn delay_acks_on(tcp: &TcpStream) {
+    #[cfg(target_os = "linux")]
+    {
+        use std::os::fd::AsRawFd;
+        let off: libc::c_int = 0;
+        // SAFETY: as in `enable`. A refusal leaves ACKs prompt, which is only slower.
+        unsafe {
+            libc::setsockopt(
+                tcp.as_raw_fd(),
+                libc::IPPROTO_TCP,
+                libc::TCP_QUICKACK,
+                (&off as *const libc::c_int).cast(),
+                std::mem::size_of::<libc::c_int>() as libc::socklen_t,
+            );
+        }
+    }
+    #[cfg(not(target_os = "linux"))]
+    {
+        let _ = tcp;
+    }
 }
 
 static READS: AtomicU64 = AtomicU64::new(0);
@@ -291,6 +339,53 @@ mod tests {
             writer.write_all(&[round]).await.expect("write");
             assert_eq!(read(&mut buf).await, [round]);
         }
+    }
+
+    /// Whether `tcp` would ACK a read at once (Linux reports the mode through
+    /// `TCP_QUICKACK`).
+    #[cfg(target_os = "linux")]
+    fn acks_promptly(tcp: &TcpStream) -> bool {
+        use std::os::fd::AsRawFd;
+        let mut on: libc::c_int = -1;
+        let mut len = std::mem::size_of::<libc::c_int>() as libc::socklen_t;
+        // SAFETY: `tcp` is open; `on` and `len` are live and of the length given.
+        let rc = unsafe {
+            libc::getsockopt(
+                tcp.as_raw_fd(),
+                libc::IPPROTO_TCP,
+                libc::TCP_QUICKACK,
+                (&mut on as *mut libc::c_int).cast(),
+                &mut len,
+            )
+        };
+        assert_eq!(rc, 0, "getsockopt TCP_QUICKACK");
+        on != 0
+    }
+
+    /// A subscriber told to delay its ACKs is in the kernel's delayed-ACK mode after
+    /// each read; without it, a socket that only reads ACKs promptly. (The only test
+    /// that sets the process-wide mode; the others do not look at ACKs.)
+    #[cfg(target_os = "linux")]
+    #[tokio::test]
+    async fn delayed_acks_hold_read_after_read() {
+        let (reader, mut writer) = connected().await;
+        let mut buf = [0u8; 16];
+        let mut read_one = async |byte: u8| {
+            writer.write_all(&[byte]).await.expect("write");
+            let (n, _) = tokio::time::timeout(Duration::from_secs(5), recv(&reader, &mut buf))
+                .await
+                .expect("in time")
+                .expect("recv");
+            assert_eq!(n, 1);
+        };
+        read_one(0).await;
+        assert!(acks_promptly(&reader));
+        set_acks(Acks::Delayed);
+        for round in 1..6u8 {
+            read_one(round).await;
+            assert!(!acks_promptly(&reader), "round {round}");
+        }
+        set_acks(Acks::Prompt);
     }
 
     /// A read from a socket that does not ask for stamps is counted as unstamped.
