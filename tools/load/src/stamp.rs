@@ -216,25 +216,11 @@ pub fn set_acks(acks: Acks) {
 /// `setsockopt`, cheaper than the ACK it saves: on loopback an ACK runs the
 /// server's TCP input on the tool's core).
 fn delay_acks_on(tcp: &TcpStream) {
+    // A refusal leaves ACKs prompt, which is only slower.
     #[cfg(target_os = "linux")]
-    {
-        use std::os::fd::AsRawFd;
-        let off: libc::c_int = 0;
-        // SAFETY: as in `enable`. A refusal leaves ACKs prompt, which is only slower.
-        unsafe {
-            libc::setsockopt(
-                tcp.as_raw_fd(),
-                libc::IPPROTO_TCP,
-                libc::TCP_QUICKACK,
-                (&off as *const libc::c_int).cast(),
-                std::mem::size_of::<libc::c_int>() as libc::socklen_t,
-            );
-        }
-    }
+    let _ = socket2::SockRef::from(tcp).set_tcp_quickack(false);
     #[cfg(not(target_os = "linux"))]
-    {
-        let _ = tcp;
-    }
+    let _ = tcp;
 }
 
 static READS: AtomicU64 = AtomicU64::new(0);
@@ -345,21 +331,9 @@ mod tests {
     /// `TCP_QUICKACK`).
     #[cfg(target_os = "linux")]
     fn acks_promptly(tcp: &TcpStream) -> bool {
-        use std::os::fd::AsRawFd;
-        let mut on: libc::c_int = -1;
-        let mut len = std::mem::size_of::<libc::c_int>() as libc::socklen_t;
-        // SAFETY: `tcp` is open; `on` and `len` are live and of the length given.
-        let rc = unsafe {
-            libc::getsockopt(
-                tcp.as_raw_fd(),
-                libc::IPPROTO_TCP,
-                libc::TCP_QUICKACK,
-                (&mut on as *mut libc::c_int).cast(),
-                &mut len,
-            )
-        };
-        assert_eq!(rc, 0, "getsockopt TCP_QUICKACK");
-        on != 0
+        socket2::SockRef::from(tcp)
+            .tcp_quickack()
+            .expect("getsockopt TCP_QUICKACK")
     }
 
     /// A subscriber told to delay its ACKs is in the kernel's delayed-ACK mode after
