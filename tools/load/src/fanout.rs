@@ -148,70 +148,76 @@ pub async fn run(a: Args) -> anyhow::Result<()> {
     let began = Instant::now();
     let numbered = Arc::new(AtomicU64::new(0));
     let publishers = if a.rate > 0 { 1 } else { a.in_flight.max(1) };
-    let mut tasks = Vec::new();
-    let tick = (a.rate > 0).then(|| Duration::from_secs_f64(1.0 / a.rate as f64));
-    let per = a.changes.div_ceil(publishers);
-    let pool = Arc::new(Publishers::new(publisher.clone(), topic.clone()));
-    for p in 0..publishers {
-        let count = per.min(a.changes.saturating_sub(p * per));
-        let (server, topic, sent, numbered, pool) = (
-            publisher.clone(),
-            topic.clone(),
-            sent.clone(),
-            numbered.clone(),
-            pool.clone(),
-        );
-        let via_ws = a.publish_via == "ws";
-        tasks.push(tokio::spawn(async move {
-            let mut ws = if via_ws {
-                Some(WsPublisher::connect(&server, &topic).await?)
-            } else {
-                None
-            };
-            let mut interval = tick.map(|t| {
-                let mut i = tokio::time::interval(t);
-                i.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Burst);
-                i
-            });
-            let mut pending = Vec::new();
-            for _ in 0..count {
-                if let Some(i) = &mut interval {
-                    i.tick().await;
-                }
-                let n = numbered.fetch_add(1, Ordering::Relaxed) + 1;
-                let at = Instant::now();
-                match &mut ws {
-                    Some(ws) => {
-                        let seq = ws.publish(n).await?;
-                        sent.lock().await.insert(seq, at);
+    let (sent_by, publisher_by, topic_by) = (sent.clone(), publisher.clone(), topic.clone());
+    let publishing = async move {
+        let (sent, publisher, topic) = (sent_by, publisher_by, topic_by);
+        let mut tasks = Vec::new();
+        let tick = (a.rate > 0).then(|| Duration::from_secs_f64(1.0 / a.rate as f64));
+        let per = a.changes.div_ceil(publishers);
+        let pool = Arc::new(Publishers::new(publisher.clone(), topic.clone()));
+        for p in 0..publishers {
+            let count = per.min(a.changes.saturating_sub(p * per));
+            let (server, topic, sent, numbered, pool) = (
+                publisher.clone(),
+                topic.clone(),
+                sent.clone(),
+                numbered.clone(),
+                pool.clone(),
+            );
+            let via_ws = a.publish_via == "ws";
+            tasks.push(tokio::spawn(async move {
+                let mut ws = if via_ws {
+                    Some(WsPublisher::connect(&server, &topic).await?)
+                } else {
+                    None
+                };
+                let mut interval = tick.map(|t| {
+                    let mut i = tokio::time::interval(t);
+                    i.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Burst);
+                    i
+                });
+                let mut pending = Vec::new();
+                for _ in 0..count {
+                    if let Some(i) = &mut interval {
+                        i.tick().await;
                     }
-                    // At a rate, each change is its own request so a slow answer does
-                    // not delay the next change.
-                    None if interval.is_some() => {
-                        let (pool, sent) = (pool.clone(), sent.clone());
-                        pending.push(tokio::spawn(async move {
+                    let n = numbered.fetch_add(1, Ordering::Relaxed) + 1;
+                    let at = Instant::now();
+                    match &mut ws {
+                        Some(ws) => {
+                            let seq = ws.publish(n).await?;
+                            sent.lock().await.insert(seq, at);
+                        }
+                        // At a rate, each change is its own request so a slow answer does
+                        // not delay the next change.
+                        None if interval.is_some() => {
+                            let (pool, sent) = (pool.clone(), sent.clone());
+                            pending.push(tokio::spawn(async move {
+                                let (seq, written) = pool.publish(n).await?;
+                                sent.lock().await.insert(seq, written);
+                                anyhow::Ok(())
+                            }));
+                        }
+                        // Back to back over REST: written in this task's own turn, on
+                        // a connection of the pool it alone uses while it waits.
+                        None => {
                             let (seq, written) = pool.publish(n).await?;
                             sent.lock().await.insert(seq, written);
-                            anyhow::Ok(())
-                        }));
-                    }
-                    // Back to back over REST: written in this task's own turn, on
-                    // a connection of the pool it alone uses while it waits.
-                    None => {
-                        let (seq, written) = pool.publish(n).await?;
-                        sent.lock().await.insert(seq, written);
+                        }
                     }
                 }
-            }
-            for p in pending {
-                p.await??;
-            }
-            anyhow::Ok(())
-        }));
-    }
-    for t in tasks {
-        t.await??;
-    }
+                for p in pending {
+                    p.await??;
+                }
+                anyhow::Ok(())
+            }));
+        }
+        for t in tasks {
+            t.await??;
+        }
+        anyhow::Ok(())
+    };
+    on_a_thread_of_its_own("publish", publishing)?.await?;
     let published = began.elapsed();
 
     // Collect.
@@ -313,4 +319,69 @@ pub async fn run(a: Args) -> anyhow::Result<()> {
         bail!("subscribers saw a wrong sequence");
     }
     Ok(())
+}
+
+/// Runs `work` on a new thread with a runtime of its own, started now; what it
+/// returned, once it has. The publishers run so: on the subscribers' thread a publish
+/// waited its turn behind thousands of reads, and a busy tool published back to back
+/// more slowly than the server answered (10,000 subscribers: 29–30 changes/s where
+/// the server took 43–44).
+fn on_a_thread_of_its_own(
+    name: &str,
+    work: impl Future<Output = anyhow::Result<()>> + Send + 'static,
+) -> anyhow::Result<impl Future<Output = anyhow::Result<()>>> {
+    let (done_tx, done_rx) = tokio::sync::oneshot::channel();
+    std::thread::Builder::new()
+        .name(name.to_owned())
+        .spawn(move || {
+            let done = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .map_err(anyhow::Error::from)
+                .and_then(|rt| rt.block_on(work));
+            let _ = done_tx.send(done);
+        })?;
+    let name = name.to_owned();
+    Ok(async move {
+        done_rx
+            .await
+            .with_context(|| format!("the {name} thread ended without an answer"))?
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The work runs while the thread that started it is busy and never yields.
+    #[test]
+    fn work_on_its_own_thread_runs_while_the_starting_thread_is_busy() {
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .expect("runtime");
+        rt.block_on(async {
+            let (ran_tx, ran_rx) = std::sync::mpsc::channel();
+            let done = on_a_thread_of_its_own("test", async move {
+                tokio::task::yield_now().await;
+                ran_tx.send(()).expect("send");
+                anyhow::Ok(())
+            })
+            .expect("thread");
+            // Busy: this thread does not go back to its runtime until the work has run.
+            ran_rx
+                .recv_timeout(Duration::from_secs(5))
+                .expect("the work ran on another thread");
+            tokio::time::timeout(Duration::from_secs(5), done)
+                .await
+                .expect("in time")
+                .expect("done");
+            let failed =
+                on_a_thread_of_its_own("test", async { anyhow::bail!("refused") }).expect("thread");
+            let err = tokio::time::timeout(Duration::from_secs(5), failed)
+                .await
+                .expect("in time");
+            assert!(err.is_err_and(|e| e.to_string() == "refused"));
+        });
+    }
 }
