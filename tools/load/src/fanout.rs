@@ -148,74 +148,75 @@ pub async fn run(a: Args) -> anyhow::Result<()> {
     let began = Instant::now();
     let numbered = Arc::new(AtomicU64::new(0));
     let publishers = if a.rate > 0 { 1 } else { a.in_flight.max(1) };
-    let (sent_by, publisher_by, topic_by) = (sent.clone(), publisher.clone(), topic.clone());
-    let publishing = async move {
-        let (sent, publisher, topic) = (sent_by, publisher_by, topic_by);
-        let mut tasks = Vec::new();
-        let tick = (a.rate > 0).then(|| Duration::from_secs_f64(1.0 / a.rate as f64));
-        let per = a.changes.div_ceil(publishers);
-        let pool = Arc::new(Publishers::new(publisher.clone(), topic.clone()));
-        for p in 0..publishers {
-            let count = per.min(a.changes.saturating_sub(p * per));
-            let (server, topic, sent, numbered, pool) = (
-                publisher.clone(),
-                topic.clone(),
-                sent.clone(),
-                numbered.clone(),
-                pool.clone(),
-            );
-            let via_ws = a.publish_via == "ws";
-            tasks.push(tokio::spawn(async move {
-                let mut ws = if via_ws {
-                    Some(WsPublisher::connect(&server, &topic).await?)
-                } else {
-                    None
-                };
-                let mut interval = tick.map(|t| {
-                    let mut i = tokio::time::interval(t);
-                    i.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Burst);
-                    i
-                });
-                let mut pending = Vec::new();
-                for _ in 0..count {
-                    if let Some(i) = &mut interval {
-                        i.tick().await;
-                    }
-                    let n = numbered.fetch_add(1, Ordering::Relaxed) + 1;
-                    let at = Instant::now();
-                    match &mut ws {
-                        Some(ws) => {
-                            let seq = ws.publish(n).await?;
-                            sent.lock().await.insert(seq, at);
+    let publishing = {
+        let (sent, publisher, topic) = (sent.clone(), publisher.clone(), topic.clone());
+        async move {
+            let mut tasks = Vec::new();
+            let tick = (a.rate > 0).then(|| Duration::from_secs_f64(1.0 / a.rate as f64));
+            let per = a.changes.div_ceil(publishers);
+            let pool = Arc::new(Publishers::new(publisher.clone(), topic.clone()));
+            for p in 0..publishers {
+                let count = per.min(a.changes.saturating_sub(p * per));
+                let (server, topic, sent, numbered, pool) = (
+                    publisher.clone(),
+                    topic.clone(),
+                    sent.clone(),
+                    numbered.clone(),
+                    pool.clone(),
+                );
+                let via_ws = a.publish_via == "ws";
+                tasks.push(tokio::spawn(async move {
+                    let mut ws = if via_ws {
+                        Some(WsPublisher::connect(&server, &topic).await?)
+                    } else {
+                        None
+                    };
+                    let mut interval = tick.map(|t| {
+                        let mut i = tokio::time::interval(t);
+                        i.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Burst);
+                        i
+                    });
+                    let mut pending = Vec::new();
+                    for _ in 0..count {
+                        if let Some(i) = &mut interval {
+                            i.tick().await;
                         }
-                        // At a rate, each change is its own request so a slow answer does
-                        // not delay the next change.
-                        None if interval.is_some() => {
-                            let (pool, sent) = (pool.clone(), sent.clone());
-                            pending.push(tokio::spawn(async move {
+                        let n = numbered.fetch_add(1, Ordering::Relaxed) + 1;
+                        let at = Instant::now();
+                        match &mut ws {
+                            Some(ws) => {
+                                let seq = ws.publish(n).await?;
+                                sent.lock().await.insert(seq, at);
+                            }
+                            // At a rate, each change is its own request so a slow answer does
+                            // not delay the next change.
+                            None if interval.is_some() => {
+                                let (pool, sent) = (pool.clone(), sent.clone());
+                                pending.push(tokio::spawn(async move {
+                                    let (seq, written) = pool.publish(n).await?;
+                                    sent.lock().await.insert(seq, written);
+                                    anyhow::Ok(())
+                                }));
+                            }
+                            // Back to back over REST: written in this task's own turn, on
+                            // a connection of the pool it alone uses while it waits.
+                            None => {
                                 let (seq, written) = pool.publish(n).await?;
                                 sent.lock().await.insert(seq, written);
-                                anyhow::Ok(())
-                            }));
-                        }
-                        // Back to back over REST: written in this task's own turn, on
-                        // a connection of the pool it alone uses while it waits.
-                        None => {
-                            let (seq, written) = pool.publish(n).await?;
-                            sent.lock().await.insert(seq, written);
+                            }
                         }
                     }
-                }
-                for p in pending {
-                    p.await??;
-                }
-                anyhow::Ok(())
-            }));
+                    for p in pending {
+                        p.await??;
+                    }
+                    anyhow::Ok(())
+                }));
+            }
+            for t in tasks {
+                t.await??;
+            }
+            anyhow::Ok(())
         }
-        for t in tasks {
-            t.await??;
-        }
-        anyhow::Ok(())
     };
     on_a_thread_of_its_own("publish", publishing)?.await?;
     let published = began.elapsed();
