@@ -1,0 +1,145 @@
+#!/usr/bin/env bash
+# One sitting of the fan-out workloads of BENCHMARKS.md, on zonecast and on the Nchan
+# peer, each run on a fresh server pinned to one core with `zonecast-load` pinned to
+# the other; then one summary line per run.
+#
+#   tools/load/sitting.sh [--order zn|nz|z|n] [--small] [--acks prompt|delayed] [WORKLOAD...]
+#
+# WORKLOAD: sse80 ws40 b2b1k sse10k ws10k (the default: all five). --order: which
+# server runs first in each pair (z: zonecast only, n: Nchan only). --small: a few
+# subscribers and changes (CI runs it so, to keep the script working).
+# Environment: ZONECAST_BIN, LOAD_BIN (default target/release/…), SERVER_CORE (0),
+# TOOL_CORE (1), PORT (18080, zonecast's), NCHAN_RUN (the peer's run.sh, default
+# ../shared/peers/nchan/run.sh next to this repository), OUT (a directory for the
+# full reports; default a new temporary one).
+# Needs: a release build (`cargo build --release --workspace`); for Nchan,
+# `apt-get install -y nginx-light libnginx-mod-nchan`. Do not run it beside other
+# work on the machine (a build, CI): every figure is a share of one core.
+set -euo pipefail
+REPO=$(cd "$(dirname "$0")/../.." && pwd)
+ORDER=zn SMALL=0 ACKS=prompt
+WORKLOADS=()
+while [ $# -gt 0 ]; do
+    case "$1" in
+        --order) ORDER=$2; shift 2 ;;
+        --small) SMALL=1; shift ;;
+        --acks) ACKS=$2; shift 2 ;;
+        -h|--help) sed -n '2,17p' "$0"; exit 0 ;;
+        sse80|ws40|b2b1k|sse10k|ws10k) WORKLOADS+=("$1"); shift ;;
+        *) echo "unknown argument: $1 (see --help)" >&2; exit 2 ;;
+    esac
+done
+[ ${#WORKLOADS[@]} -gt 0 ] || WORKLOADS=(sse80 ws40 b2b1k sse10k ws10k)
+case "$ORDER" in zn|nz|z|n) ;; *) echo "--order: zn, nz, z or n" >&2; exit 2 ;; esac
+ZONECAST_BIN=${ZONECAST_BIN:-$REPO/target/release/zonecast}
+LOAD_BIN=${LOAD_BIN:-$REPO/target/release/zonecast-load}
+SERVER_CORE=${SERVER_CORE:-0} TOOL_CORE=${TOOL_CORE:-1} PORT=${PORT:-18080}
+NCHAN_RUN=${NCHAN_RUN:-$REPO/../shared/peers/nchan/run.sh}
+OUT=${OUT:-$(mktemp -d /tmp/zonecast-sitting.XXXXXX)}
+mkdir -p "$OUT"
+for bin in "$ZONECAST_BIN" "$LOAD_BIN"; do
+    [ -x "$bin" ] || { echo "$bin missing: cargo build --release --workspace" >&2; exit 1; }
+done
+if [[ $ORDER == *n* ]] && [ ! -x "$NCHAN_RUN" ]; then
+    echo "the Nchan peer's run.sh is not at $NCHAN_RUN (set NCHAN_RUN, or --order z)" >&2
+    exit 1
+fi
+ulimit -n 20000
+
+# The arguments of one workload for one server (Nchan publishes back to back more
+# slowly, so it gets fewer changes for about as long a run).
+args() {
+    local w=$1 who=$2 subs changes rate transport=sse
+    case "$w" in
+        sse80) subs=1000 changes=2400 rate=80 ;;
+        ws40) subs=1000 changes=1200 rate=40 transport=ws ;;
+        b2b1k) subs=1000 changes=3000 rate=0; [ "$who" = n ] && changes=1000 ;;
+        sse10k) subs=10000 changes=1000 rate=0; [ "$who" = n ] && changes=300 ;;
+        ws10k) subs=10000 changes=1000 rate=0 transport=ws; [ "$who" = n ] && changes=300 ;;
+    esac
+    if [ "$SMALL" = 1 ]; then
+        subs=$((subs / 100)) changes=$((changes / 20))
+        [ "$rate" = 0 ] || rate=$((rate / 4))
+    fi
+    echo --subscribers "$subs" --changes "$changes" --rate "$rate" --transport "$transport" --acks "$ACKS"
+}
+
+ZC_PID=
+stop_zonecast() {
+    [ -n "$ZC_PID" ] || return 0
+    kill "$ZC_PID" 2>/dev/null || true
+    for _ in $(seq 100); do kill -0 "$ZC_PID" 2>/dev/null || break; sleep 0.1; done
+    kill -9 "$ZC_PID" 2>/dev/null || true
+    ZC_PID=
+}
+stop_nchan() { [[ $ORDER == *n* ]] && "$NCHAN_RUN" stop >/dev/null 2>&1 || true; }
+trap 'stop_zonecast; stop_nchan' EXIT
+
+# A fresh zonecast on SERVER_CORE with an empty SQLite file; sets ZC_PID and ZC_KEY.
+start_zonecast() {
+    local dir=$OUT/zonecast
+    rm -rf "$dir" && mkdir -p "$dir"
+    taskset -c "$SERVER_CORE" "$ZONECAST_BIN" --bind "127.0.0.1:$PORT" \
+        --database-url "sqlite://$dir/zc.db?mode=rwc" --no-demo --admin-key-file "$dir/key" \
+        --write-rate 0 --connect-rate 0 --max-connections 19000 --max-connections-per-ip 19000 \
+        > "$dir/server.log" 2>&1 &
+    ZC_PID=$!
+    for _ in $(seq 100); do
+        curl -sf "http://127.0.0.1:$PORT/readyz" >/dev/null 2>&1 && break
+        kill -0 "$ZC_PID" 2>/dev/null || { cat "$dir/server.log" >&2; exit 1; }
+        sleep 0.1
+    done
+    curl -sf "http://127.0.0.1:$PORT/readyz" >/dev/null || { echo "zonecast did not get ready" >&2; exit 1; }
+    ZC_KEY=$(cat "$dir/key")
+}
+
+# A fresh Nchan on SERVER_CORE; sets NC_PID (its worker).
+start_nchan() {
+    stop_nchan
+    rm -f /tmp/zc-bench-nchan/*.pid
+    CPU=$SERVER_CORE setsid "$NCHAN_RUN" > "$OUT/nchan.log" 2>&1 &
+    for _ in $(seq 100); do [ -s /tmp/zc-bench-nchan/worker.pid ] && break; sleep 0.1; done
+    # One worker (the peer's configuration); the file lists them space-separated.
+    read -r NC_PID _ < /tmp/zc-bench-nchan/worker.pid 2>/dev/null || NC_PID=
+    [ -n "$NC_PID" ] || { echo "Nchan did not start:" >&2; cat "$OUT/nchan.log" >&2; exit 1; }
+}
+
+# The figures of one report, on one line.
+summary() {
+    awk -v name="$1" '
+        /^deliveries:/ { d = $3; sub(/^\(/, "", d); sub(/\/s\);$/, "", d); bad = $5 "/" $7 "/" $11; gsub(/,/, "", bad) }
+        /^publish → receive:/ { for (i = 1; i <= NF; i++) if ($i == "p99") r = $(i + 1) }
+        /^publish → socket:/ { for (i = 1; i <= NF; i++) if ($i == "p99") s = $(i + 1) }
+        /^server [0-9]+:/ { for (i = 1; i <= NF; i++) if ($i == "µs") c = $(i - 1) }
+        /^load generator CPU:/ { t = $4 }
+        END { printf "%-24s %10s/s  p99 %6s / %6s ms  %5s µs/delivery  tool %s  missing/dup/disorder %s\n",
+                     name, d, r, s, c, t, bad }' "$2"
+}
+
+FAILED=0
+run() {
+    local w=$1 who=$2 report
+    report="$OUT/$w-$who.txt"
+    if [ "$who" = z ]; then
+        start_zonecast
+        # shellcheck disable=SC2046
+        taskset -c "$TOOL_CORE" "$LOAD_BIN" fanout --publish "http://127.0.0.1:$PORT" --key "$ZC_KEY" \
+            --server-pid "$ZC_PID" $(args "$w" z) > "$report" 2>&1 || { echo "the run failed: $report"; FAILED=1; }
+        stop_zonecast
+    else
+        start_nchan
+        # shellcheck disable=SC2046
+        taskset -c "$TOOL_CORE" "$LOAD_BIN" fanout --server nchan --publish http://127.0.0.1:8091 \
+            --server-pid "$NC_PID" $(args "$w" n) > "$report" 2>&1 || { echo "the run failed: $report"; FAILED=1; }
+        stop_nchan
+    fi
+    summary "$w $([ "$who" = z ] && echo zonecast || echo nchan)" "$report" | tee -a "$OUT/summary.txt"
+}
+
+echo "sitting $(date -u +%FT%TZ): order $ORDER, acks $ACKS, server core $SERVER_CORE, tool core $TOOL_CORE; reports in $OUT"
+for w in "${WORKLOADS[@]}"; do
+    for who in $(echo "$ORDER" | fold -w1); do
+        run "$w" "$who"
+    done
+done
+exit "$FAILED"
