@@ -109,10 +109,9 @@ pub async fn run(a: Args) -> anyhow::Result<()> {
             format!("{}/s", a.rate)
         },
         a.publish_via,
-        match a.acks {
-            crate::stamp::Acks::Prompt => "prompt",
-            crate::stamp::Acks::Delayed => "delayed",
-        }
+        // The flag's own spelling.
+        clap::ValueEnum::to_possible_value(&a.acks)
+            .map_or_else(String::new, |v| v.get_name().to_owned())
     );
     if a.server == Kind::Nchan && (a.rate > 0 || a.in_flight > 1) {
         println!(

@@ -182,10 +182,10 @@ pub fn try_read(tcp: &TcpStream, buf: &mut [u8]) -> io::Result<Option<(usize, At
         Err(e) => return Err(e),
     };
     let (n, stamp) = got;
-    if n > 0 && DELAYED_ACKS.load(Ordering::Relaxed) {
-        delay_acks_on(tcp);
-    }
     if n > 0 {
+        if DELAYED_ACKS.load(Ordering::Relaxed) {
+            delay_acks_on(tcp);
+        }
         READS.fetch_add(1, Ordering::Relaxed);
         UNSTAMPED.fetch_add(u64::from(stamp.is_none()), Ordering::Relaxed);
     }
