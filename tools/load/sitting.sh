@@ -3,15 +3,17 @@
 # peer, each run on a fresh server pinned to one core with `zonecast-load` pinned to
 # the other; then one summary line per run.
 #
-#   tools/load/sitting.sh [--order zn|nz|z|n] [--small] [--acks prompt|delayed] [WORKLOAD...]
+#   tools/load/sitting.sh [--order zn|nz|z|n|znf|...] [--small] [--acks prompt|delayed] [WORKLOAD...]
 #
-# WORKLOAD: sse80 ws40 b2b1k sse10k ws10k (the default: all five). --order: which
-# server runs first in each pair (z: zonecast only, n: Nchan only). --small: a few
-# subscribers and changes (CI runs it so, to keep the script working).
+# WORKLOAD: sse80 ws40 b2b1k sse10k ws10k (the default: all five). --order: the
+# servers each workload runs on, in that order: z zonecast, n Nchan, f the floor
+# (`zonecast-load floor`: one write per delivery and nothing else, driven as Nchan is;
+# its CPU per delivery is what any server pays here). --small: a few subscribers
+# and changes (CI runs it so, to keep the script working).
 # Environment: ZONECAST_BIN, LOAD_BIN (default target/release/…), SERVER_CORE (0),
-# TOOL_CORE (1), PORT (18080, zonecast's), NCHAN_RUN (the peer's run.sh, default
-# ../shared/peers/nchan/run.sh next to this repository), OUT (a directory for the
-# full reports; default a new temporary one).
+# TOOL_CORE (1), PORT (18080, zonecast's; the floor's is PORT+10), NCHAN_RUN (the
+# peer's run.sh, default ../shared/peers/nchan/run.sh next to this repository), OUT
+# (a directory for the full reports; default a new temporary one).
 # Needs: a release build (`cargo build --release --workspace`); for Nchan,
 # `apt-get install -y nginx-light libnginx-mod-nchan`. Do not run it beside other
 # work on the machine (a build, CI): every figure is a share of one core.
@@ -24,13 +26,13 @@ while [ $# -gt 0 ]; do
         --order) ORDER=$2; shift 2 ;;
         --small) SMALL=1; shift ;;
         --acks) ACKS=$2; shift 2 ;;
-        -h|--help) sed -n '2,17p' "$0"; exit 0 ;;
+        -h|--help) sed -n '2,19p' "$0"; exit 0 ;;
         sse80|ws40|b2b1k|sse10k|ws10k) WORKLOADS+=("$1"); shift ;;
         *) echo "unknown argument: $1 (see --help)" >&2; exit 2 ;;
     esac
 done
 [ ${#WORKLOADS[@]} -gt 0 ] || WORKLOADS=(sse80 ws40 b2b1k sse10k ws10k)
-case "$ORDER" in zn|nz|z|n) ;; *) echo "--order: zn, nz, z or n" >&2; exit 2 ;; esac
+[[ $ORDER =~ ^[znf]+$ ]] || { echo "--order: letters z (zonecast), n (Nchan), f (the floor)" >&2; exit 2; }
 ZONECAST_BIN=${ZONECAST_BIN:-$REPO/target/release/zonecast}
 LOAD_BIN=${LOAD_BIN:-$REPO/target/release/zonecast-load}
 SERVER_CORE=${SERVER_CORE:-0} TOOL_CORE=${TOOL_CORE:-1} PORT=${PORT:-18080}
@@ -53,9 +55,9 @@ args() {
     case "$w" in
         sse80) subs=1000 changes=2400 rate=80 ;;
         ws40) subs=1000 changes=1200 rate=40 transport=ws ;;
-        b2b1k) subs=1000 changes=3000 rate=0; [ "$who" = n ] && changes=1000 ;;
-        sse10k) subs=10000 changes=1000 rate=0; [ "$who" = n ] && changes=300 ;;
-        ws10k) subs=10000 changes=1000 rate=0 transport=ws; [ "$who" = n ] && changes=300 ;;
+        b2b1k) subs=1000 changes=3000 rate=0; [ "$who" = z ] || changes=1000 ;;
+        sse10k) subs=10000 changes=1000 rate=0; [ "$who" = z ] || changes=300 ;;
+        ws10k) subs=10000 changes=1000 rate=0 transport=ws; [ "$who" = z ] || changes=300 ;;
     esac
     if [ "$SMALL" = 1 ]; then
         subs=$((subs / 100)) changes=$((changes / 20))
@@ -73,7 +75,14 @@ stop_zonecast() {
     ZC_PID=
 }
 stop_nchan() { [[ $ORDER == *n* ]] && "$NCHAN_RUN" stop >/dev/null 2>&1 || true; }
-trap 'stop_zonecast; stop_nchan' EXIT
+FLOOR_PID=
+stop_floor() {
+    [ -n "$FLOOR_PID" ] || return 0
+    kill "$FLOOR_PID" 2>/dev/null || true
+    wait "$FLOOR_PID" 2>/dev/null || true
+    FLOOR_PID=
+}
+trap 'stop_zonecast; stop_nchan; stop_floor' EXIT
 
 # A fresh zonecast on SERVER_CORE with an empty SQLite file; sets ZC_PID and ZC_KEY.
 start_zonecast() {
@@ -104,6 +113,19 @@ start_nchan() {
     [ -n "$NC_PID" ] || { echo "Nchan did not start:" >&2; cat "$OUT/nchan.log" >&2; exit 1; }
 }
 
+# A fresh floor server on SERVER_CORE, at PORT+10; sets FLOOR_PID and FLOOR_URL.
+start_floor() {
+    local addr=127.0.0.1:$((PORT + 10))
+    taskset -c "$SERVER_CORE" "$LOAD_BIN" floor --bind "$addr" > "$OUT/floor.log" 2>&1 &
+    FLOOR_PID=$! FLOOR_URL=http://$addr
+    for _ in $(seq 100); do
+        grep -q listening "$OUT/floor.log" 2>/dev/null && return 0
+        kill -0 "$FLOOR_PID" 2>/dev/null || break
+        sleep 0.1
+    done
+    echo "the floor did not start:" >&2; cat "$OUT/floor.log" >&2; exit 1
+}
+
 # The figures of one report, on one line.
 summary() {
     awk -v name="$1" '
@@ -120,20 +142,27 @@ FAILED=0
 run() {
     local w=$1 who=$2 report
     report="$OUT/$w-$who.txt"
-    if [ "$who" = z ]; then
+    case "$who" in
+    z)
         start_zonecast
         # shellcheck disable=SC2046
         taskset -c "$TOOL_CORE" "$LOAD_BIN" fanout --publish "http://127.0.0.1:$PORT" --key "$ZC_KEY" \
             --server-pid "$ZC_PID" $(args "$w" z) > "$report" 2>&1 || { echo "the run failed: $report"; FAILED=1; }
-        stop_zonecast
-    else
+        stop_zonecast ;;
+    n)
         start_nchan
         # shellcheck disable=SC2046
         taskset -c "$TOOL_CORE" "$LOAD_BIN" fanout --server nchan --publish http://127.0.0.1:8091 \
             --server-pid "$NC_PID" $(args "$w" n) > "$report" 2>&1 || { echo "the run failed: $report"; FAILED=1; }
-        stop_nchan
-    fi
-    summary "$w $([ "$who" = z ] && echo zonecast || echo nchan)" "$report" | tee -a "$OUT/summary.txt"
+        stop_nchan ;;
+    f)
+        start_floor
+        # shellcheck disable=SC2046
+        taskset -c "$TOOL_CORE" "$LOAD_BIN" fanout --server nchan --publish "$FLOOR_URL" \
+            --server-pid "$FLOOR_PID" $(args "$w" f) > "$report" 2>&1 || { echo "the run failed: $report"; FAILED=1; }
+        stop_floor ;;
+    esac
+    summary "$w $(case "$who" in z) echo zonecast ;; n) echo nchan ;; f) echo floor ;; esac)" "$report" | tee -a "$OUT/summary.txt"
 }
 
 echo "sitting $(date -u +%FT%TZ): order $ORDER, acks $ACKS, server core $SERVER_CORE, tool core $TOOL_CORE; reports in $OUT"

@@ -7,6 +7,7 @@
 //! this is a benchmark tool, not a way to load someone else's server.
 
 mod fanout;
+mod floor;
 mod idle;
 mod report;
 mod server;
@@ -39,6 +40,9 @@ enum Mode {
     /// N SSE clients, each some events behind, reconnect at once: time to catch up,
     /// and the log reads it cost.
     Storm(storm::Args),
+    /// A minimal server for `fanout --server nchan`: one write per delivery and
+    /// nothing else, so its CPU per delivery is the floor any server pays here.
+    Floor(floor::Args),
 }
 
 /// A duration flag: `20s`, `500ms`, `2m`.
@@ -81,7 +85,12 @@ fn main() -> anyhow::Result<()> {
         Mode::Writes(a) => a.threads,
         Mode::Idle(a) => a.threads,
         Mode::Storm(a) => a.threads,
+        // Threads of its own, no runtime: nothing between a publish and its writes.
+        Mode::Floor(_) => 0,
     };
+    if let Mode::Floor(a) = cli.mode {
+        return floor::run(a);
+    }
     // One thread: everything on the thread that runs `main`. A one-worker
     // multi-threaded runtime adds a second thread (the one blocked in `block_on`) and
     // its work-stealing queues, and the tool's core is what a fan-out run must spare.
@@ -101,6 +110,7 @@ fn main() -> anyhow::Result<()> {
             Mode::Writes(a) => writes::run(a).await,
             Mode::Idle(a) => idle::run(a).await,
             Mode::Storm(a) => storm::run(a).await,
+            Mode::Floor(_) => Ok(()),
         }
     })
 }
