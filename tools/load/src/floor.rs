@@ -250,23 +250,7 @@ fn connection(mut tcp: TcpStream, slot: Slot) -> anyhow::Result<()> {
 fn frame(wire: Wire, body: &[u8]) -> Vec<u8> {
     match wire {
         Wire::Sse => [b"data: ", body, b"\n\n"].concat(),
-        Wire::Ws => {
-            let mut f = Vec::with_capacity(body.len() + 10);
-            f.push(0x81);
-            match body.len() {
-                n if n < 126 => f.push(n as u8),
-                n if n <= usize::from(u16::MAX) => {
-                    f.push(126);
-                    f.extend_from_slice(&(n as u16).to_be_bytes());
-                }
-                n => {
-                    f.push(127);
-                    f.extend_from_slice(&(n as u64).to_be_bytes());
-                }
-            }
-            f.extend_from_slice(body);
-            f
-        }
+        Wire::Ws => crate::wsread::server_frame(true, 1, body),
     }
 }
 
@@ -300,10 +284,16 @@ mod tests {
         addr
     }
 
-    fn request(addr: SocketAddr, req: &str) -> TcpStream {
-        let mut tcp = TcpStream::connect(addr).expect("connect");
+    /// A connection whose reads fail after 5 s rather than hang.
+    fn connect(addr: SocketAddr) -> TcpStream {
+        let tcp = TcpStream::connect(addr).expect("connect");
         tcp.set_read_timeout(Some(Duration::from_secs(5)))
             .expect("timeout");
+        tcp
+    }
+
+    fn request(addr: SocketAddr, req: &str) -> TcpStream {
+        let mut tcp = connect(addr);
         tcp.write_all(req.as_bytes()).expect("write");
         tcp
     }
@@ -320,8 +310,7 @@ mod tests {
         got
     }
 
-    fn publish_to(addr: SocketAddr, publisher: &mut TcpStream, channel: &str, body: &str) {
-        let _ = addr;
+    fn publish_to(publisher: &mut TcpStream, channel: &str, body: &str) {
         publisher
             .write_all(
                 format!(
@@ -352,12 +341,9 @@ mod tests {
         let mut other = request(addr, "GET /sub/b HTTP/1.1\r\nHost: x\r\n\r\n");
         read_until(&mut other, b"\r\n\r\n");
 
-        let mut publisher = TcpStream::connect(addr).expect("connect");
-        publisher
-            .set_read_timeout(Some(Duration::from_secs(5)))
-            .expect("timeout");
-        publish_to(addr, &mut publisher, "a", r#"{"seq":1}"#);
-        publish_to(addr, &mut publisher, "a", r#"{"seq":2}"#);
+        let mut publisher = connect(addr);
+        publish_to(&mut publisher, "a", r#"{"seq":1}"#);
+        publish_to(&mut publisher, "a", r#"{"seq":2}"#);
 
         let got = read_until(&mut sse, b"data: {\"seq\":2}\n\n");
         assert!(
@@ -375,7 +361,7 @@ mod tests {
         }
         // The other channel's subscriber got nothing: its next bytes are the next
         // publish on its own channel.
-        publish_to(addr, &mut publisher, "b", r#"{"seq":9}"#);
+        publish_to(&mut publisher, "b", r#"{"seq":9}"#);
         let got = read_until(&mut other, b"\n\n");
         assert!(got.ends_with(b"data: {\"seq\":9}\n\n"));
         assert!(memchr::memmem::find(&got, b"seq\":1").is_none());
@@ -388,10 +374,7 @@ mod tests {
         let addr = start(2);
         let mut first = request(addr, "GET /sub/c HTTP/1.1\r\nHost: x\r\n\r\n");
         read_until(&mut first, b"\r\n\r\n");
-        let mut publisher = TcpStream::connect(addr).expect("connect");
-        publisher
-            .set_read_timeout(Some(Duration::from_secs(5)))
-            .expect("timeout");
+        let mut publisher = connect(addr);
         // Two held: a third is closed at once.
         let mut third = request(addr, "GET /sub/c HTTP/1.1\r\nHost: x\r\n\r\n");
         let mut b = [0u8; 16];
@@ -406,7 +389,7 @@ mod tests {
         // The publish that finds it gone (a reset may take one more write to show).
         let deadline = std::time::Instant::now() + Duration::from_secs(5);
         loop {
-            publish_to(addr, &mut publisher, "c", "x");
+            publish_to(&mut publisher, "c", "x");
             let mut again = request(addr, "GET /sub/c HTTP/1.1\r\nHost: x\r\n\r\n");
             let mut head = [0u8; 64];
             if matches!(again.read(&mut head), Ok(n) if n > 0) {

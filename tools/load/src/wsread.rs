@@ -18,6 +18,25 @@ use crate::stamp::At;
 /// Largest message accepted (zonecast's and Nchan's are far smaller).
 const MAX_MESSAGE: usize = 1 << 20;
 
+/// A server's frame (unmasked): FIN, opcode, payload.
+pub fn server_frame(fin: bool, opcode: u8, payload: &[u8]) -> Vec<u8> {
+    let mut f = Vec::with_capacity(payload.len() + 10);
+    f.push(if fin { 0x80 | opcode } else { opcode });
+    match payload.len() {
+        n if n < 126 => f.push(n as u8),
+        n if n <= usize::from(u16::MAX) => {
+            f.push(126);
+            f.extend_from_slice(&(n as u16).to_be_bytes());
+        }
+        n => {
+            f.push(127);
+            f.extend_from_slice(&(n as u64).to_be_bytes());
+        }
+    }
+    f.extend_from_slice(payload);
+    f
+}
+
 /// One frame's head: FIN, opcode, and where its payload lies in the input.
 struct Head {
     fin: bool,
@@ -209,20 +228,7 @@ mod tests {
     use super::*;
 
     fn frame(fin: bool, opcode: u8, payload: &[u8]) -> Vec<u8> {
-        let mut f = vec![(if fin { 0x80 } else { 0 }) | opcode];
-        match payload.len() {
-            n if n < 126 => f.push(n as u8),
-            n if n <= 0xffff => {
-                f.push(126);
-                f.extend_from_slice(&(n as u16).to_be_bytes());
-            }
-            n => {
-                f.push(127);
-                f.extend_from_slice(&(n as u64).to_be_bytes());
-            }
-        }
-        f.extend_from_slice(payload);
-        f
+        server_frame(fin, opcode, payload)
     }
 
     #[test]
