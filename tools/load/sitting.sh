@@ -88,6 +88,11 @@ trap 'stop_zonecast; stop_nchan; stop_floor' EXIT
 start_zonecast() {
     local dir=$OUT/zonecast
     rm -rf "$dir" && mkdir -p "$dir"
+    # A server left running on PORT would answer for the fresh one.
+    if curl -s -o /dev/null "http://127.0.0.1:$PORT/readyz"; then
+        echo "something already listens on 127.0.0.1:$PORT (a server left running?); stop it or set PORT" >&2
+        exit 1
+    fi
     taskset -c "$SERVER_CORE" "$ZONECAST_BIN" --bind "127.0.0.1:$PORT" \
         --database-url "sqlite://$dir/zc.db?mode=rwc" --no-demo --admin-key-file "$dir/key" \
         --write-rate 0 --connect-rate 0 --max-connections 19000 --max-connections-per-ip 19000 \
