@@ -9,7 +9,9 @@
 # servers each workload runs on, in that order: z zonecast, n Nchan, f the floor
 # (`zonecast-load floor`: one write per delivery and nothing else, driven as Nchan is;
 # its CPU per delivery is what any server pays here). --small: a few subscribers
-# and changes (CI runs it so, to keep the script working).
+# and changes (CI runs it so, to keep the script working). At the end, zonecast
+# against each other server that ran: ratios of deliveries/s and CPU per delivery,
+# differences of p99.
 # Environment: ZONECAST_BIN, LOAD_BIN (default target/release/…), SERVER_CORE (0),
 # TOOL_CORE (1), PORT (18080, zonecast's; the floor's is PORT+10), NCHAN_RUN (the
 # peer's run.sh, default ../shared/peers/nchan/run.sh next to this repository), OUT
@@ -26,7 +28,7 @@ while [ $# -gt 0 ]; do
         --order) ORDER=$2; shift 2 ;;
         --small) SMALL=1; shift ;;
         --acks) ACKS=$2; shift 2 ;;
-        -h|--help) sed -n '2,19p' "$0"; exit 0 ;;
+        -h|--help) sed -n '2,21p' "$0"; exit 0 ;;
         sse80|ws40|b2b1k|sse10k|ws10k) WORKLOADS+=("$1"); shift ;;
         *) echo "unknown argument: $1 (see --help)" >&2; exit 2 ;;
     esac
@@ -170,10 +172,33 @@ run() {
     summary "$w $(case "$who" in z) echo zonecast ;; n) echo nchan ;; f) echo floor ;; esac)" "$report" | tee -a "$OUT/summary.txt"
 }
 
+# zonecast against the others, per workload, from the summary lines: deliveries/s and
+# CPU per delivery as ratios, p99 (receive / socket) as differences in ms.
+compare() {
+    awk '
+        { sub(/\/s$/, "", $3); d[$1, $2] = $3; r[$1, $2] = $5; s[$1, $2] = $7; c[$1, $2] = $9
+          if (!($1 in seen)) { seen[$1] = 1; order[++n] = $1 } }
+        END {
+            for (i = 1; i <= n; i++) {
+                w = order[i]
+                if (!((w, "zonecast") in d)) continue
+                for (k = 1; k <= 2; k++) {
+                    o = k == 1 ? "nchan" : "floor"
+                    if (!((w, o) in d) || d[w, o] == 0 || c[w, o] == 0) continue
+                    printf "%-7s zonecast against %-6s deliveries/s %6.2fx  CPU per delivery %5.2fx  p99 %+7.1f / %+7.1f ms\n",
+                        w, o, d[w, "zonecast"] / d[w, o], c[w, "zonecast"] / c[w, o],
+                        r[w, "zonecast"] - r[w, o], s[w, "zonecast"] - s[w, o]
+                }
+            }
+        }' "$1"
+}
+
 echo "sitting $(date -u +%FT%TZ): order $ORDER, acks $ACKS, server core $SERVER_CORE, tool core $TOOL_CORE; reports in $OUT"
+: > "$OUT/summary.txt"
 for w in "${WORKLOADS[@]}"; do
     for who in $(echo "$ORDER" | fold -w1); do
         run "$w" "$who"
     done
 done
+compare "$OUT/summary.txt"
 exit "$FAILED"
