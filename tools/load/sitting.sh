@@ -147,29 +147,22 @@ summary() {
 
 FAILED=0
 run() {
-    local w=$1 who=$2 report
+    local w=$1 who=$2 name report target
     report="$OUT/$w-$who.txt"
+    # Each server: started fresh, and how the tool reaches it (the floor as Nchan).
     case "$who" in
-    z)
-        start_zonecast
-        # shellcheck disable=SC2046
-        taskset -c "$TOOL_CORE" "$LOAD_BIN" fanout --publish "http://127.0.0.1:$PORT" --key "$ZC_KEY" \
-            --server-pid "$ZC_PID" $(args "$w" z) > "$report" 2>&1 || { echo "the run failed: $report"; FAILED=1; }
-        stop_zonecast ;;
-    n)
-        start_nchan
-        # shellcheck disable=SC2046
-        taskset -c "$TOOL_CORE" "$LOAD_BIN" fanout --server nchan --publish http://127.0.0.1:8091 \
-            --server-pid "$NC_PID" $(args "$w" n) > "$report" 2>&1 || { echo "the run failed: $report"; FAILED=1; }
-        stop_nchan ;;
-    f)
-        start_floor
-        # shellcheck disable=SC2046
-        taskset -c "$TOOL_CORE" "$LOAD_BIN" fanout --server nchan --publish "$FLOOR_URL" \
-            --server-pid "$FLOOR_PID" $(args "$w" f) > "$report" 2>&1 || { echo "the run failed: $report"; FAILED=1; }
-        stop_floor ;;
+    z) name=zonecast; start_zonecast
+       target=(--publish "http://127.0.0.1:$PORT" --key "$ZC_KEY" --server-pid "$ZC_PID") ;;
+    n) name=nchan; start_nchan
+       target=(--server nchan --publish http://127.0.0.1:8091 --server-pid "$NC_PID") ;;
+    f) name=floor; start_floor
+       target=(--server nchan --publish "$FLOOR_URL" --server-pid "$FLOOR_PID") ;;
     esac
-    summary "$w $(case "$who" in z) echo zonecast ;; n) echo nchan ;; f) echo floor ;; esac)" "$report" | tee -a "$OUT/summary.txt"
+    # shellcheck disable=SC2046
+    taskset -c "$TOOL_CORE" "$LOAD_BIN" fanout "${target[@]}" $(args "$w" "$who") > "$report" 2>&1 \
+        || { echo "the run failed: $report"; FAILED=1; }
+    "stop_$name"
+    summary "$w $name" "$report" | tee -a "$OUT/summary.txt"
 }
 
 # zonecast against the others, per workload, from the summary lines: deliveries/s and

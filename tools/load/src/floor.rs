@@ -117,7 +117,7 @@ fn serve(listener: TcpListener, max_connections: usize) -> anyhow::Result<()> {
 }
 
 /// One request head: its method, path, and the headers the floor reads.
-#[derive(Debug, Default)]
+#[derive(Debug)]
 struct Head {
     method: String,
     path: String,
@@ -150,26 +150,18 @@ fn read_head(tcp: &mut TcpStream, buf: &mut Vec<u8>) -> anyhow::Result<Option<He
 }
 
 fn parse_head(raw: &[u8]) -> anyhow::Result<Head> {
+    use crate::sse::header;
     let text = std::str::from_utf8(raw).context("request head is not UTF-8")?;
-    let mut lines = text.split("\r\n");
-    let mut first = lines.next().unwrap_or_default().split(' ');
-    let mut head = Head {
+    let mut first = text.lines().next().unwrap_or_default().split(' ');
+    Ok(Head {
         method: first.next().unwrap_or_default().to_owned(),
         path: first.next().unwrap_or_default().to_owned(),
-        ..Head::default()
-    };
-    for line in lines {
-        let Some((name, value)) = line.split_once(':') else {
-            continue;
-        };
-        let value = value.trim();
-        if name.eq_ignore_ascii_case("content-length") {
-            head.content_length = value.parse().context("Content-Length")?;
-        } else if name.eq_ignore_ascii_case("sec-websocket-key") {
-            head.websocket_key = Some(value.to_owned());
-        }
-    }
-    Ok(head)
+        content_length: match header(text, "content-length") {
+            Some(v) => v.parse().context("Content-Length")?,
+            None => 0,
+        },
+        websocket_key: header(text, "sec-websocket-key").map(str::to_owned),
+    })
 }
 
 fn connection(mut tcp: TcpStream, slot: Slot) -> anyhow::Result<()> {
@@ -405,7 +397,7 @@ mod tests {
     #[test]
     fn heads_are_read_whole_and_bounded() {
         let head =
-            parse_head(b"POST /pub/x HTTP/1.1\r\ncontent-length: 12\r\nSec-WebSocket-Key: abc")
+            parse_head(b"POST /pub/x HTTP/1.1\r\ncontent-length: 12\r\nSec-WebSocket-Key: aB+c/==")
                 .expect("parsed");
         assert_eq!(
             (
@@ -415,7 +407,10 @@ mod tests {
             ),
             ("POST", "/pub/x", 12)
         );
-        assert_eq!(head.websocket_key.as_deref(), Some("abc"));
+        // Names in any case; the key's value as sent (base64 is case-sensitive).
+        assert_eq!(head.websocket_key.as_deref(), Some("aB+c/=="));
+        let bare = parse_head(b"GET /sub/x HTTP/1.1\r\nHost: x").expect("parsed");
+        assert_eq!((bare.content_length, bare.websocket_key), (0, None));
         assert!(parse_head(b"POST /pub/x HTTP/1.1\r\nContent-Length: lots").is_err());
         assert_eq!(frame(Wire::Ws, b"hi"), b"\x81\x02hi");
         assert_eq!(frame(Wire::Ws, &[b'x'; 200])[..4], [0x81, 126, 0, 200]);

@@ -147,11 +147,13 @@ pub fn status(head: &str) -> &str {
     head.split(' ').nth(1).unwrap_or("")
 }
 
-/// A header's value in a lower-cased response head.
-fn header<'h>(head: &'h str, name: &str) -> Option<&'h str> {
+/// A header's value in an HTTP head (request or response; `name` in lower case, matched
+/// whatever the head's case; the value as it is).
+pub fn header<'h>(head: &'h str, name: &str) -> Option<&'h str> {
     head.lines()
-        .find_map(|l| l.strip_prefix(name)?.strip_prefix(':'))
-        .map(str::trim)
+        .filter_map(|l| l.split_once(':'))
+        .find(|(n, _)| n.eq_ignore_ascii_case(name))
+        .map(|(_, v)| v.trim())
 }
 
 impl Framing {
